@@ -1,0 +1,1 @@
+"""The aggregator: trains the server half, averages, checkpoints (`aggregator` command)."""

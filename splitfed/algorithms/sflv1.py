@@ -1,0 +1,80 @@
+"""SplitFed V1: clients train in parallel, each against its own copy of the server half.
+
+At the end of the round the server copies and the client halves are each averaged, weighted by
+sample count. With the same batches and optimizers this is FedAvg of the whole network, and the
+tests hold it to exactly that.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from splitfed.algorithms.aggregate import weighted_average
+from splitfed.algorithms.base import Algorithm, RoundTrain
+from splitfed.client import CLIENT_PREFIX
+from splitfed.model import ServerNet
+from splitfed.server import ServerIO
+from splitfed.training import load_numpy_state, make_optimizer, state_to_numpy, unprefixed
+from splitfed.wire import Message, MsgType
+
+
+class SFLV1(Algorithm):
+    name = "sflv1"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        # One server copy and one optimizer per client, kept across rounds like the client's own.
+        self.copies: dict[str, tuple[ServerNet, torch.optim.Optimizer]] = {}
+
+    def _copy_for(self, cid: str) -> tuple[ServerNet, torch.optim.Optimizer]:
+        if cid not in self.copies:
+            net = copy.deepcopy(self.server_net)
+            self.copies[cid] = (net, make_optimizer(net.parameters(), self.train_cfg))
+        net, opt = self.copies[cid]
+        load_numpy_state(net, state_to_numpy(self.server_net))
+        return net, opt
+
+    def run_round(self, io: ServerIO, rnd: int, participants: list[str], timeout: float) -> RoundTrain:
+        result = RoundTrain()
+        copies = {cid: self._copy_for(cid) for cid in participants}
+        updates: dict[str, tuple[dict, int]] = {}  # type: ignore[type-arg]
+        tensors = self.global_tensors()
+        for cid in participants:
+            io.send(cid, MsgType.ROUND_START, self.round_body(cid), tensors)
+
+        def on_message(msg: Message) -> None:
+            if msg.type is MsgType.SMASHED:
+                net, opt = copies[msg.src]
+                grad, loss, correct, n = self.server_step(net, opt, msg, rnd)
+                result.add(loss, correct, n)
+                self.reply_gradients(io, msg, grad, loss)
+            elif msg.type is MsgType.CLIENT_UPDATE:
+                updates[msg.src] = (unprefixed(msg.tensors, CLIENT_PREFIX), int(msg.env.body["n_samples"]))
+                active.discard(msg.src)
+
+        active = set(participants)
+        result.dropped = self.collect(io, active, time.monotonic() + timeout, on_message, f"round {rnd}")
+        done = [cid for cid in participants if cid in updates]
+        result.completed = done
+        if done:
+            weights = [updates[c][1] for c in done]
+            load_numpy_state(self.client_net, weighted_average([updates[c][0] for c in done], weights))
+            servers = [state_to_numpy(copies[c][0]) for c in done]
+            load_numpy_state(self.server_net, weighted_average(servers, weights))
+            self.version += 1
+        return result
+
+    def state(self) -> dict:  # type: ignore[type-arg]
+        s = super().state()
+        s["copies"] = {cid: (net.state_dict(), opt.state_dict()) for cid, (net, opt) in self.copies.items()}
+        return s
+
+    def load_state(self, state: dict) -> None:  # type: ignore[type-arg]
+        super().load_state(state)
+        for cid, (net_state, opt_state) in state.get("copies", {}).items():
+            net, opt = self._copy_for(cid)
+            net.load_state_dict(net_state)
+            opt.load_state_dict(opt_state)

@@ -1,0 +1,86 @@
+"""Checkpoints: the trained halves as safetensors (what `sfl-export` reads) plus resumable state.
+
+`model.safetensors` holds `client.*` and `server.*` tensors with the model configuration in its
+metadata. `state.pt` (optimizer states, per-client server copies) is written and read only by
+this aggregator on its own disk, never received over the network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from splitfed.errors import UserError
+from splitfed.model import ClientNet, ModelConfig, ServerNet, build_split_model
+from splitfed.training import load_numpy_state, state_to_numpy
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+INFO_FILE = "checkpoint.json"
+
+
+def save_checkpoint(
+    directory: Path, algo: Any, info: dict[str, Any]
+) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"client.{k}": v for k, v in state_to_numpy(algo.client_net).items()}
+    tensors.update({f"server.{k}": v for k, v in state_to_numpy(algo.server_net).items()})
+    meta = {"model": algo.model_cfg.model_dump_json(), "algo": algo.name, "round": str(info.get("round", -1))}
+    tmp = directory / (MODEL_FILE + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.replace(directory / MODEL_FILE)
+    tmp = directory / (STATE_FILE + ".tmp")
+    torch.save(algo.state(), tmp)
+    tmp.replace(directory / STATE_FILE)
+    tmp = directory / (INFO_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(directory / INFO_FILE)
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    if "model" not in meta:
+        raise UserError(f"{path}: no model configuration in the checkpoint metadata")
+    return ModelConfig.model_validate_json(meta["model"])
+
+
+def load_model(path: Path) -> tuple[ModelConfig, ClientNet, ServerNet]:
+    """Load the halves from a checkpoint directory or its model.safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}: pass the --out directory of a training run or its model.safetensors")
+    try:
+        cfg = read_model_config(path)
+        tensors = load_file(str(path))
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path}: not a readable checkpoint ({e})") from None
+    client, server = build_split_model(cfg, 0)
+    try:
+        load_numpy_state(client, {k[7:]: v for k, v in tensors.items() if k.startswith("client.")})
+        load_numpy_state(server, {k[7:]: v for k, v in tensors.items() if k.startswith("server.")})
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: weights do not fit the model in its metadata ({e})") from None
+    return cfg, client, server
+
+
+def load_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(algorithm state, info) of the last checkpoint in `directory`, or None."""
+    info_path = directory / INFO_FILE
+    if not info_path.exists() or not (directory / STATE_FILE).exists():
+        return None
+    info = json.loads(info_path.read_text())
+    state = torch.load(directory / STATE_FILE, weights_only=True)
+    return state, info

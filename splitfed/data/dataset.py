@@ -1,0 +1,101 @@
+"""The in-memory data set every loader returns, and the train/test split.
+
+Images are kept as uint8 `(N, C, H, W)` eye-region crops: small enough to cache and to hold a
+whole shard on a Raspberry Pi, and converted to float only per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from splitfed.emotions import EMOTIONS, NUM_CLASSES
+from splitfed.errors import UserError
+
+SplitKind = Literal["subject", "random"]
+
+
+@dataclass
+class EmotionDataset:
+    """Eye-region crops with their emotion labels and, where known, who is in each picture."""
+
+    name: str
+    images: np.ndarray  # uint8 (N, C, H, W)
+    labels: np.ndarray  # int64 (N,), indices into EMOTIONS
+    subjects: np.ndarray | None = None  # str (N,) person ids; None when the source has none
+    meta: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}")
+        if len(self.labels) != len(self.images):
+            raise ValueError("labels and images differ in length")
+        if self.subjects is not None and len(self.subjects) != len(self.images):
+            raise ValueError("subjects and images differ in length")
+        self.labels = self.labels.astype(np.int64, copy=False)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def has_subjects(self) -> bool:
+        return self.subjects is not None
+
+    def subset(self, index: np.ndarray, name: str | None = None) -> EmotionDataset:
+        return EmotionDataset(
+            name=name or self.name,
+            images=self.images[index],
+            labels=self.labels[index],
+            subjects=None if self.subjects is None else self.subjects[index],
+            meta=dict(self.meta),
+        )
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=NUM_CLASSES)
+        return {EMOTIONS[i]: int(c) for i, c in enumerate(counts)}
+
+    def subject_counts(self) -> dict[str, int]:
+        if self.subjects is None:
+            return {}
+        ids, counts = np.unique(self.subjects, return_counts=True)
+        return {str(i): int(c) for i, c in zip(ids, counts)}
+
+
+def default_split(ds: EmotionDataset) -> SplitKind:
+    return "subject" if ds.has_subjects else "random"
+
+
+def train_test_split(
+    ds: EmotionDataset, kind: SplitKind, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[EmotionDataset, EmotionDataset]:
+    """Split into train and test; `subject` keeps every person on one side only."""
+    if len(ds) == 0:
+        raise UserError(f"data set {ds.name!r} is empty")
+    rng = np.random.default_rng([seed, 0x5E1])
+    if kind == "subject":
+        if ds.subjects is None:
+            raise UserError(f"--split subject needs subject ids, and {ds.name!r} has none; use --split random")
+        people = np.unique(ds.subjects)
+        if len(people) < 2:
+            raise UserError(f"--split subject needs at least 2 people, {ds.name!r} has {len(people)}")
+        people = people[rng.permutation(len(people))]
+        n_test = min(len(people) - 1, max(1, int(round(test_fraction * len(people)))))
+        test_people = set(people[:n_test].tolist())
+        is_test = np.array([s in test_people for s in ds.subjects])
+    elif kind == "random":
+        order = rng.permutation(len(ds))
+        n_test = max(1, int(round(test_fraction * len(ds))))
+        is_test = np.zeros(len(ds), dtype=bool)
+        is_test[order[:n_test]] = True
+    else:
+        raise UserError(f"unknown split {kind!r}: use subject or random")
+    train = ds.subset(np.flatnonzero(~is_test), f"{ds.name}:train")
+    test = ds.subset(np.flatnonzero(is_test), f"{ds.name}:test")
+    return train, test

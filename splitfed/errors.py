@@ -1,0 +1,5 @@
+"""Errors that a user can cause and fix: the CLIs print them on one line and exit with code 2."""
+
+
+class UserError(Exception):
+    """A problem with the user's input (path, data, config), reported without a traceback."""

@@ -1,0 +1,143 @@
+"""The split CNN for eye-region crops.
+
+The network is a stack of blocks; `cut` says how many of them run on the device. Both halves are
+built from one seeded full model, so a split run and a centralized run start from the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from splitfed.emotions import NUM_CLASSES
+
+
+class ModelConfig(BaseModel):
+    """Architecture of the split network; stored in every checkpoint and manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_shape: tuple[int, int, int] = Field((1, 48, 96), description="C, H, W of an eye crop")
+    widths: tuple[int, ...] = Field((16, 32, 64, 96), description="channels of each conv block")
+    cut: int = Field(2, ge=1, description="number of conv blocks on the client (the cut layer)")
+    dropout: float = Field(0.3, ge=0.0, lt=1.0, description="dropout before the classifier")
+    num_classes: int = Field(NUM_CLASSES, description="number of emotions")
+
+    def model_post_init(self, _context: object) -> None:
+        if not 1 <= self.cut <= len(self.widths):
+            raise ValueError(f"cut must be between 1 and {len(self.widths)}, got {self.cut}")
+
+
+def _block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class ClientNet(nn.Module):
+    """The device half: conv blocks up to the cut; its output is the smashed data."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class ServerNet(nn.Module):
+    """The aggregator half: the remaining blocks, pooling and the classifier."""
+
+    def __init__(self, blocks: list[nn.Module], width: int, dropout: float, num_classes: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.pool(self.blocks(h)).flatten(1)
+        return self.fc(self.dropout(h))
+
+
+def build_split_model(cfg: ModelConfig, seed: int) -> tuple[ClientNet, ServerNet]:
+    """Build the full network from one seed, then cut it into (client, server)."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        blocks: list[nn.Module] = []
+        c_in = cfg.input_shape[0]
+        for i, w in enumerate(cfg.widths):
+            blocks.append(_block(c_in, w, pool=i < len(cfg.widths) - 1))
+            c_in = w
+        server = ServerNet(blocks[cfg.cut :], c_in, cfg.dropout, cfg.num_classes)
+        client = ClientNet(blocks[: cfg.cut])
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return client, server
+
+
+def smashed_shape(cfg: ModelConfig) -> tuple[int, int, int]:
+    """Shape (C, H, W) of one sample's activations at the cut layer."""
+    _, h, w = cfg.input_shape
+    for _ in range(cfg.cut):
+        h, w = h // 2, w // 2
+    return cfg.widths[cfg.cut - 1], h, w
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def conv_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass for a batch of one (conv and linear layers)."""
+    total = 0
+
+    def hook(m: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            k = m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups)
+            total += out.numel() * k
+        elif isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        module(torch.zeros(1, *input_shape))
+    module.train(was_training)
+    for h in handles:
+        h.remove()
+    return total
+
+
+@contextlib.contextmanager
+def seeded(*key: int) -> Iterator[None]:
+    """Run a block with torch's global RNG seeded from `key`, restoring it afterwards.
+
+    Dropout draws from the global RNG. Seeding every forward pass from (run seed, round, client,
+    step, half) makes the draws independent of which process runs the half and in what order,
+    which is what lets the MQTT deployment reproduce the simulator bit for bit.
+    """
+    state = torch.random.get_rng_state()
+    seed = 0
+    for k in key:
+        seed = (seed * 1_000_003 + int(k) + 1) % (2**63 - 1)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)

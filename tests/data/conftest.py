@@ -1,0 +1,131 @@
+"""Fixtures for the data tests: real photos shipped with scikit-image and matplotlib."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import matplotlib
+import numpy as np
+import pytest
+import skimage.data
+
+from splitfed.data.crop import CropConfig, EyeRegionCropper, default_face_model
+
+
+def _astronaut() -> np.ndarray:
+    return cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+
+
+def _grace_hopper() -> np.ndarray:
+    path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+    image = cv2.imread(path)
+    assert image is not None, f"cannot read {path}"
+    return image
+
+
+@pytest.fixture(scope="session")
+def astronaut_bgr() -> np.ndarray:
+    return _astronaut()
+
+
+@pytest.fixture(scope="session")
+def grace_bgr() -> np.ndarray:
+    return _grace_hopper()
+
+
+@pytest.fixture(scope="session")
+def face_photos() -> dict[str, np.ndarray]:
+    return {"astronaut": _astronaut(), "grace_hopper": _grace_hopper()}
+
+
+def require_face_model() -> Path:
+    """The MediaPipe model, or a test failure that says how to get it (never a skip)."""
+    model = default_face_model()
+    if model is None:
+        pytest.fail(
+            "MediaPipe face model face_detection_short_range.tflite is missing: "
+            "run `python scripts/fetch_face_model.py` once (it puts it in models/)"
+        )
+    return model
+
+
+@pytest.fixture(scope="session")
+def face_model() -> Path:
+    """Fails (does not skip) when the MediaPipe model has not been fetched."""
+    return require_face_model()
+
+
+@pytest.fixture(scope="session")
+def mp_cropper(face_model: Path):
+    with EyeRegionCropper(CropConfig(detector="mediapipe")) as cropper:
+        yield cropper
+
+
+@pytest.fixture(scope="session")
+def haar_cropper():
+    with EyeRegionCropper(CropConfig(detector="haar")) as cropper:
+        yield cropper
+
+
+def _brighter(image: np.ndarray, delta: int) -> np.ndarray:
+    return cv2.convertScaleAbs(image, alpha=1.0, beta=delta)
+
+
+@pytest.fixture(scope="session")
+def kdef_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small KDEF-like tree: 4 usable photos, 1 half-profile, 1 corrupt, 1 faceless, 1 README."""
+    root = tmp_path_factory.mktemp("kdef") / "KDEF"
+    ast, grace = _astronaut(), _grace_hopper()
+    files = {
+        "AF01/AF01AFS.JPG": ast,
+        "AF01/AF01HAS.JPG": _brighter(ast, 20),
+        "AM02/AM02ANS.JPG": grace,
+        "BF01/BF01SUS.JPG": cv2.flip(_brighter(grace, -15), 1),
+        "AF01/AF01HAHL.JPG": cv2.flip(ast, 1),  # half-left angle: excluded by default
+        "AM02/AM02NES.JPG": np.full((400, 300, 3), 128, np.uint8),  # no face
+    }
+    for rel, image in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), image)
+    (root / "AM02" / "AM02DIS.JPG").write_bytes(b"this is not a JPEG" * 50)  # corrupt
+    (root / "README.txt").write_text("not an image\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def folder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder-per-class data set with synonym folder names and a subjects.csv."""
+    root = tmp_path_factory.mktemp("folder") / "faces"
+    ast, grace = _astronaut(), _grace_hopper()
+    files = {
+        "Fear/a.png": ast,
+        "happiness/b.jpg": grace,
+        "happiness/c.jpg": cv2.flip(ast, 1),
+        "SAD/d.png": _brighter(grace, 10),
+    }
+    for rel, image in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), image)
+    (root / "subjects.csv").write_text(
+        "file,subject\nFear/a.png,p1\nhappiness/b.jpg,p2\nhappiness/c.jpg,p1\nSAD/d.png,p2\n"
+    )
+    return root
+
+
+@pytest.fixture
+def fer_csv(tmp_path: Path) -> Path:
+    """A FER2013-style CSV: 6 good rows of random pixels, 1 row with too few pixels."""
+    rng = np.random.default_rng(7)
+    lines = ["emotion,pixels,Usage"]
+    for label, usage in [(0, "Training"), (1, "Training"), (2, "PublicTest"), (3, "Training"),
+                         (5, "PrivateTest"), (6, "Training")]:  # fmt: skip
+        pixels = " ".join(str(v) for v in rng.integers(0, 256, 48 * 48))
+        lines.append(f"{label},{pixels},{usage}")
+    lines.append("4,1 2 3,Training")
+    path = tmp_path / "fer2013.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
