@@ -1,16 +1,24 @@
 """The edge agent's configuration: one pydantic model per concern, YAML file + CLI overrides.
 
-(Initial schema; the MQTT work extends it.)
+`load_config` reads the YAML, lays the command-line overrides over it and validates the
+result; a bad field is reported with its dotted path and, when it came from the file, its
+line. Passwords never live in the YAML: `broker.password_file` names a file, and a relative
+name resolves in `$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splitfed.data.crop import CropConfig
+from splitfed.errors import UserError
 from splitfed.onnx_client import InferenceConfig
+
+ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class _Strict(BaseModel):
@@ -29,9 +37,21 @@ class BrokerConfig(_Strict):
     run_id: str = Field("default", pattern=r"^[A-Za-z0-9_-]+$", description="training run")
     username: str | None = Field(None, description="MQTT user name")
     password_file: str | None = Field(
-        None, description="file with the MQTT password; relative names resolve in $CREDENTIALS_DIRECTORY"
+        None,
+        description="file with the MQTT password; relative names resolve in $CREDENTIALS_DIRECTORY",
     )
     tls: TLSConfig = Field(default_factory=TLSConfig, description="TLS files")
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        "auto", description="MQTT version; auto tries 5 and falls back to 3.1.1"
+    )
+    keepalive: int = Field(
+        10, ge=2, le=600, description="seconds between pings; the last will fires after 1.5x"
+    )
+    session_expiry: int = Field(
+        3600,
+        ge=0,
+        description="seconds the broker keeps this device's session (and queued messages) offline",
+    )
 
 
 class CameraConfig(_Strict):
@@ -40,13 +60,182 @@ class CameraConfig(_Strict):
     width: int = Field(640, ge=64, description="capture width")
     height: int = Field(480, ge=48, description="capture height")
     fps: int = Field(15, ge=1, le=120, description="requested frame rate")
-    watchdog_seconds: float = Field(5.0, gt=0, description="reopen the camera after this long without frames")
+    watchdog_seconds: float = Field(
+        5.0, gt=0, description="reopen the camera after this long without frames"
+    )
+
+
+class DataConfig(_Strict):
+    """The labelled data this device trains on; mirrors `aggregator simulate`'s data flags."""
+
+    dataset: str | None = Field(
+        None,
+        description="synth, a data-set path (KDEF, folder per class, FER2013 CSV), or 'crops' for the "
+        "crops collected on this device; None = the collected crops if there are any",
+    )
+    data_format: Literal["synth", "kdef", "folder", "fer2013"] | None = Field(
+        None, description="force the data-set format instead of detecting it"
+    )
+    shard: str = Field(
+        "0/1", pattern=r"^\d+/\d+$", description="I/N: this device holds shard I of N (0-based)"
+    )
+    partition: str | None = Field(
+        None, description="subject, iid or dirichlet:ALPHA (as the simulator)"
+    )
+    split: Literal["subject", "random"] | None = Field(
+        None, description="held-out split (as the simulator)"
+    )
+    seed: int = Field(0, description="seed of the split and partition; the aggregator's --seed")
+    synth_identities: int = Field(80, ge=2, description="people in the synthetic set")
+
+    def shard_index(self) -> tuple[int, int]:
+        i, n = (int(v) for v in self.shard.split("/"))
+        if n < 1 or not 0 <= i < n:
+            raise UserError(f"--shard {self.shard}: needs 0 <= I < N")
+        return i, n
+
+
+class LiveConfig(_Strict):
+    """Live classification of camera frames (detect -> crop -> client half -> aggregator)."""
+
+    enabled: bool = Field(False, description="run the camera pipeline (--camera turns it on)")
+    queue_size: int = Field(
+        2, ge=1, le=64, description="frames each pipeline queue holds before dropping"
+    )
+    ttl_seconds: float = Field(
+        5.0, gt=0, description="a frame's smashed data expires after this long"
+    )
+    drain_seconds: float = Field(
+        5.0, ge=0, description="at the end of a video file, wait this long for answers"
+    )
+    stats_seconds: float = Field(
+        10.0, gt=0, description="log frames/s, drops and latency this often"
+    )
+    loop_file: bool = Field(
+        False, description="play a video file in a loop instead of stopping at its end"
+    )
+    pace_files: bool = Field(
+        True, description="play video files at camera.fps instead of as fast as possible"
+    )
+
+
+class CollectConfig(_Strict):
+    per_emotion: int = Field(20, ge=1, le=10_000, description="crops stored for each emotion")
+    every: int = Field(3, ge=1, description="keep one crop every this many frames with a face")
+    max_frames: int = Field(3000, ge=1, description="give up on an emotion after this many frames")
 
 
 class AgentConfig(_Strict):
-    client_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="this device's id")
+    client_id: str = Field(pattern=ID, description="this device's id")
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="MQTT connection")
     camera: CameraConfig = Field(default_factory=CameraConfig, description="camera capture")
     crop: CropConfig = Field(default_factory=CropConfig, description="face detection and eye crop")
-    inference: InferenceConfig = Field(default_factory=InferenceConfig, description="live inference")
-    state_dir: Path = Field(Path("/var/lib/splitfed"), description="weights, models and collected crops")
+    inference: InferenceConfig = Field(
+        default_factory=InferenceConfig, description="live inference"
+    )
+    state_dir: Path = Field(
+        Path("/var/lib/splitfed"), description="weights, models and collected crops"
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="local training data")
+    live: LiveConfig = Field(default_factory=LiveConfig, description="live camera classification")
+    collect: CollectConfig = Field(
+        default_factory=CollectConfig, description="guided crop collection"
+    )
+    threads: int | None = Field(
+        None, ge=1, le=256, description="torch threads (None = torch's default)"
+    )
+    exit_when_done: bool = Field(
+        False,
+        description="exit when the aggregator says it stopped (default: wait for the next run)",
+    )
+
+    @property
+    def crops_dir(self) -> Path:
+        return self.state_dir / "crops"
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+
+def _set(d: dict[str, Any], path: str, value: Any) -> None:
+    keys = path.split(".")
+    for k in keys[:-1]:
+        nxt = d.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            d[k] = nxt
+        d = nxt
+    d[keys[-1]] = value
+
+
+def yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at `loc` (or of its nearest parent that exists)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            hit = next(((k, v) for k, v in node.value if k.value == str(key)), None)
+            if hit is None:
+                break
+            line = hit[0].start_mark.line + 1
+            node = hit[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> AgentConfig:
+    """YAML file (optional) + dotted-path overrides -> validated config, or a UserError."""
+    text = ""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise UserError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: the top level must be a mapping of settings")
+        data = loaded
+        broker = data.get("broker")
+        if isinstance(broker, dict) and "password" in broker:
+            line = yaml_line(text, ("broker", "password"))
+            raise UserError(
+                f"{path} line {line}: broker.password: passwords do not belong in the YAML; "
+                "put it in a file and set broker.password_file"
+            )
+    from_file = {k for k in data}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(data, key, value)
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        field_name = ".".join(map(str, loc)) or "config"
+        where = ""
+        if path is not None and loc and loc[0] in from_file:
+            line = yaml_line(text, loc)
+            where = f"{path} line {line}: " if line else f"{path}: "
+        elif path is not None:
+            where = f"{path}: "
+        hint = (
+            " (give --client-id or set client_id)"
+            if loc == ("client_id",) and err["type"] == "missing"
+            else ""
+        )
+        raise UserError(f"{where}{field_name}: {err['msg']}{hint}") from None

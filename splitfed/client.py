@@ -25,6 +25,7 @@ from splitfed.training import (
     load_numpy_state,
     make_optimizer,
     prefixed,
+    set_lr,
     state_to_numpy,
     unprefixed,
 )
@@ -205,6 +206,14 @@ class ClientRuntime:
         self._load(msg)
         assert self.train_cfg is not None
         cfg = self.train_cfg
+        lr = float(body.get("lr", cfg.lr))
+        if not 0 <= lr <= 10:
+            raise ValueError(f"learning rate {lr} out of range")
+        if body["mode"] == "local" and self.full_opt is None and self.server_net is not None:
+            # Separate optimizers per half equal one over both: Adam and SGD act per parameter.
+            self.full_opt = make_optimizer(self.server_net.parameters(), cfg)
+        set_lr(self.opt, lr)
+        set_lr(self.full_opt, lr)
         key = (int(body["seed"]), msg.env.round, int(body["client_index"]))
         batches = iterate_batches(self.train, cfg.batch_size, key, cfg.local_epochs, train=True, augment=cfg.augment)
         self.round = _Round(msg.env.round, key[0], key[2], batches)
@@ -263,10 +272,7 @@ class ClientRuntime:
         r = self.round
         assert r is not None and self.client_net is not None and self.server_net is not None
         assert self.train_cfg is not None
-        if self.full_opt is None:
-            # Separate optimizers per half equal one optimizer over both: Adam and SGD act per parameter.
-            self.full_opt = make_optimizer(self.server_net.parameters(), self.train_cfg)
-        assert self.opt is not None
+        assert self.opt is not None and self.full_opt is not None
         loss_fn = nn.CrossEntropyLoss()
         self.client_net.train()
         self.server_net.train()

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from splitfed.wire import Compression, GradCompression
+
+
+def round_lr(cfg: TrainConfig, rnd: int, rounds: int) -> float:
+    """The learning rate of round `rnd` of `rounds`; every model copy uses the same."""
+    if cfg.schedule == "constant" or rounds <= 1:
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * rnd / rounds))
 
 
 class TrainConfig(BaseModel):
@@ -15,7 +23,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_size: int = Field(32, ge=2, le=1024, description="mini-batch size on each client")
-    lr: float = Field(2e-3, gt=0, description="learning rate")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="learning rate over the rounds; cosine decays to zero at the last one"
+    )
     optimizer: Literal["adam", "sgd"] = Field("adam", description="optimizer of every model copy")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay")

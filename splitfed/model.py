@@ -23,7 +23,11 @@ class ModelConfig(BaseModel):
 
     input_shape: tuple[int, int, int] = Field((1, 48, 96), description="C, H, W of an eye crop")
     widths: tuple[int, ...] = Field((16, 32, 64, 96), description="channels of each conv block")
+    stem_stride: int = Field(2, ge=1, le=4, description="stride of the first convolution")
     cut: int = Field(2, ge=1, description="number of conv blocks on the client (the cut layer)")
+    head_pool: tuple[int, int] = Field(
+        (3, 6), description="pooled grid before the classifier; keeps where brows and lids are"
+    )
     dropout: float = Field(0.3, ge=0.0, lt=1.0, description="dropout before the classifier")
     num_classes: int = Field(NUM_CLASSES, description="number of emotions")
 
@@ -32,9 +36,9 @@ class ModelConfig(BaseModel):
             raise ValueError(f"cut must be between 1 and {len(self.widths)}, got {self.cut}")
 
 
-def _block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
+def _block(c_in: int, c_out: int, pool: bool, stride: int = 1) -> nn.Sequential:
     layers: list[nn.Module] = [
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
         nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
@@ -60,12 +64,14 @@ class ClientNet(nn.Module):
 class ServerNet(nn.Module):
     """The aggregator half: the remaining blocks, pooling and the classifier."""
 
-    def __init__(self, blocks: list[nn.Module], width: int, dropout: float, num_classes: int) -> None:
+    def __init__(
+        self, blocks: list[nn.Module], width: int, pool: tuple[int, int], dropout: float, num_classes: int
+    ) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveAvgPool2d(pool)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(width, num_classes)
+        self.fc = nn.Linear(width * pool[0] * pool[1], num_classes)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = self.pool(self.blocks(h)).flatten(1)
@@ -80,9 +86,10 @@ def build_split_model(cfg: ModelConfig, seed: int) -> tuple[ClientNet, ServerNet
         blocks: list[nn.Module] = []
         c_in = cfg.input_shape[0]
         for i, w in enumerate(cfg.widths):
-            blocks.append(_block(c_in, w, pool=i < len(cfg.widths) - 1))
+            stride = cfg.stem_stride if i == 0 else 1
+            blocks.append(_block(c_in, w, pool=i < len(cfg.widths) - 1, stride=stride))
             c_in = w
-        server = ServerNet(blocks[cfg.cut :], c_in, cfg.dropout, cfg.num_classes)
+        server = ServerNet(blocks[cfg.cut :], c_in, cfg.head_pool, cfg.dropout, cfg.num_classes)
         client = ClientNet(blocks[: cfg.cut])
     finally:
         torch.random.set_rng_state(gen_state)
@@ -92,6 +99,7 @@ def build_split_model(cfg: ModelConfig, seed: int) -> tuple[ClientNet, ServerNet
 def smashed_shape(cfg: ModelConfig) -> tuple[int, int, int]:
     """Shape (C, H, W) of one sample's activations at the cut layer."""
     _, h, w = cfg.input_shape
+    h, w = -(-h // cfg.stem_stride), -(-w // cfg.stem_stride)
     for _ in range(cfg.cut):
         h, w = h // 2, w // 2
     return cfg.widths[cfg.cut - 1], h, w

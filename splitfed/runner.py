@@ -76,6 +76,7 @@ def run(algo: Algorithm, io: ServerIO | None, opts: RunOptions) -> dict[str, Any
             participants = io.online() if algo.uses_clients else []
         if algo.uses_clients and not participants:
             raise RuntimeError(f"round {rnd}: no client online")
+        algo.start_round(rnd, opts.rounds)
         result = algo.run_round(io, rnd, participants, opts.round_timeout)  # type: ignore[arg-type]
         up1, down1 = _bytes(io)
         seconds = time.perf_counter() - t0

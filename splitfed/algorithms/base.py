@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from splitfed.client import CLIENT_PREFIX, SERVER_PREFIX
-from splitfed.config import TrainConfig
+from splitfed.config import TrainConfig, round_lr
 from splitfed.emotions import NUM_CLASSES
 from splitfed.model import ModelConfig, build_split_model, seeded
 from splitfed.server import Presence, ServerIO
-from splitfed.training import make_optimizer, prefixed, state_to_numpy
+from splitfed.training import make_optimizer, prefixed, set_lr, state_to_numpy
 from splitfed.wire import Message, MsgType, pack_gradients, unpack_activations
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,18 @@ class Algorithm(abc.ABC):
         self.loss_fn = nn.CrossEntropyLoss()
         self.version = 0
         self.indices: dict[str, int] = {}
+        self.total_rounds = 1
+        self.lr = train_cfg.lr
+
+    def start_round(self, rnd: int, total_rounds: int) -> None:
+        """Set this round's learning rate on every optimizer the aggregator holds."""
+        self.total_rounds = total_rounds
+        self.lr = round_lr(self.train_cfg, rnd, total_rounds)
+        for opt in self.optimizers():
+            set_lr(opt, self.lr)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.server_opt]
 
     # ---- membership and configuration ---------------------------------------------------------
 
@@ -82,6 +94,7 @@ class Algorithm(abc.ABC):
             "model": self.model_cfg.model_dump(mode="json"),
             "train": self.train_cfg.model_dump(mode="json"),
             "weights_version": self.version,
+            "lr": self.lr,
             **extra,
         }
 

@@ -30,6 +30,9 @@ class Centralized(Algorithm):
         self.train_data: EmotionDataset | None = None
         self.eval_data: dict[str, EmotionDataset] = {}
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.server_opt, self.client_opt]
+
     def attach_data(self, train: EmotionDataset, test: EmotionDataset) -> None:
         self.train_data = train
         self.eval_data = {"train": train, "test": test}

@@ -17,7 +17,7 @@ from splitfed.algorithms.base import Algorithm, RoundTrain
 from splitfed.client import CLIENT_PREFIX
 from splitfed.model import ServerNet
 from splitfed.server import ServerIO
-from splitfed.training import load_numpy_state, make_optimizer, state_to_numpy, unprefixed
+from splitfed.training import load_numpy_state, make_optimizer, set_lr, state_to_numpy, unprefixed
 from splitfed.wire import Message, MsgType
 
 
@@ -29,16 +29,23 @@ class SFLV1(Algorithm):
         # One server copy and one optimizer per client, kept across rounds like the client's own.
         self.copies: dict[str, tuple[ServerNet, torch.optim.Optimizer]] = {}
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.server_opt, *(opt for _, opt in self.copies.values())]
+
     def _copy_for(self, cid: str) -> tuple[ServerNet, torch.optim.Optimizer]:
         if cid not in self.copies:
             net = copy.deepcopy(self.server_net)
             self.copies[cid] = (net, make_optimizer(net.parameters(), self.train_cfg))
         net, opt = self.copies[cid]
+        set_lr(opt, self.lr)
         load_numpy_state(net, state_to_numpy(self.server_net))
         return net, opt
 
     def run_round(self, io: ServerIO, rnd: int, participants: list[str], timeout: float) -> RoundTrain:
         result = RoundTrain()
+        # Per-client sums, added up in participant order at the end: batches arrive in any order
+        # over a network, and float addition is not associative.
+        per_client = {cid: RoundTrain() for cid in participants}
         copies = {cid: self._copy_for(cid) for cid in participants}
         updates: dict[str, tuple[dict, int]] = {}  # type: ignore[type-arg]
         tensors = self.global_tensors()
@@ -49,7 +56,7 @@ class SFLV1(Algorithm):
             if msg.type is MsgType.SMASHED:
                 net, opt = copies[msg.src]
                 grad, loss, correct, n = self.server_step(net, opt, msg, rnd)
-                result.add(loss, correct, n)
+                per_client[msg.src].add(loss, correct, n)
                 self.reply_gradients(io, msg, grad, loss)
             elif msg.type is MsgType.CLIENT_UPDATE:
                 updates[msg.src] = (unprefixed(msg.tensors, CLIENT_PREFIX), int(msg.env.body["n_samples"]))
@@ -57,6 +64,10 @@ class SFLV1(Algorithm):
 
         active = set(participants)
         result.dropped = self.collect(io, active, time.monotonic() + timeout, on_message, f"round {rnd}")
+        for part in per_client.values():
+            result.loss_sum += part.loss_sum
+            result.correct += part.correct
+            result.seen += part.seen
         done = [cid for cid in participants if cid in updates]
         result.completed = done
         if done:

@@ -55,9 +55,9 @@ class SynthConfig(BaseModel):
     height: int = Field(48, ge=16, description="crop height in pixels")
     width: int = Field(96, ge=32, description="crop width in pixels")
     seed: int = Field(0, description="generator seed; same seed, same pictures")
-    intensity: tuple[float, float] = Field((0.25, 1.0), description="range of expression intensity")
-    au_noise: float = Field(0.14, ge=0, description="per-picture jitter of each action unit")
-    resting: float = Field(0.35, ge=0, description="how far people's resting faces differ")
+    intensity: tuple[float, float] = Field((0.4, 1.0), description="range of expression intensity")
+    au_noise: float = Field(0.08, ge=0, description="per-picture jitter of each action unit")
+    resting: float = Field(0.2, ge=0, description="how far people's resting faces differ")
     pixel_noise: float = Field(9.0, ge=0, description="sensor noise (grey levels, std)")
 
 

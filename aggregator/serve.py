@@ -1,0 +1,531 @@
+"""`aggregator serve`: the federation over MQTT, with the simulator's algorithm code.
+
+The rounds run through `splitfed.runner.run` exactly as in `aggregator simulate`; only the
+transport under `ServerIO` is MQTT instead of in-process calls. Without `--broker` an embedded
+broker (amqtt) starts on 127.0.0.1:1883, so one machine needs no setup. Every round is
+checkpointed; the same command resumes after a crash.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+
+from splitfed.config import TrainConfig
+from splitfed.errors import UserError
+from splitfed.model import ModelConfig
+from splitfed.server import ServerIO
+
+log = logging.getLogger("aggregator.serve")
+
+SERVE_ALGOS = ("sl", "sflv1", "sflv2")
+
+
+def user_errors(fn: Any) -> Any:
+    """aggregator.cli's user_errors, imported late: cli imports this module while it loads."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from aggregator.cli import user_errors as wrap
+
+        return wrap(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServeBroker(_Strict):
+    url: str | None = Field(
+        None,
+        description="mqtt://HOST:PORT of Mosquitto (or any MQTT broker); "
+        "None = start the embedded broker",
+    )
+    listen: str = Field("127.0.0.1:1883", description="HOST:PORT of the embedded broker")
+    prefix: str = Field("splitfed", pattern=r"^[A-Za-z0-9_-]+$", description="topic prefix")
+    run_id: str = Field("default", pattern=r"^[A-Za-z0-9_-]+$", description="training run")
+    username: str | None = Field(None, description="MQTT user name")
+    password_file: str | None = Field(
+        None,
+        description="file with the MQTT password; relative names resolve in $CREDENTIALS_DIRECTORY",
+    )
+    ca_file: str | None = Field(None, description="CA certificate (PEM) for mqtts://")
+    protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="MQTT version")
+
+
+class ServeConfig(_Strict):
+    """Everything `serve` needs; a YAML file with these keys, overridden by the flags."""
+
+    algo: Literal["sl", "sflv1", "sflv2"] = Field("sflv1", description="algorithm")
+    min_clients: int = Field(2, ge=1, description="agents to wait for before the first round")
+    rounds: int = Field(10, ge=1, description="rounds to train")
+    round_timeout: float = Field(
+        600.0, gt=0, description="seconds before a round finishes without stragglers"
+    )
+    join_timeout: float = Field(3600.0, gt=0, description="seconds to wait for min_clients agents")
+    seed: int = Field(0, description="run seed (reaches the agents in every round configuration)")
+    broker: ServeBroker = Field(default_factory=ServeBroker, description="MQTT")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="split network")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="training settings")
+    out: Path = Field(Path("runs/serve"), description="metrics.json, plots")
+    checkpoint_dir: Path | None = Field(None, description="checkpoints (default OUT/checkpoint)")
+    resume: bool = Field(True, description="resume from the checkpoint when there is one")
+    eval_data: str | None = Field(
+        None, description="evaluation set held by the aggregator (path or synth)"
+    )
+    presence_grace: float = Field(
+        5.0, ge=0, description="seconds an agent's last will waits for it to reconnect before it counts"
+    )
+    rejoin_grace: float = Field(
+        5.0, ge=0, description="seconds a round waits for agents that dropped out to reconnect"
+    )
+    serve_forever: bool = Field(False, description="keep answering live predictions after training")
+    threads: int | None = Field(None, ge=1, description="torch threads")
+
+
+class ServeIO(ServerIO):
+    """ServerIO for a live federation.
+
+    Only agents that hold training data train (camera-only agents just ask for predictions).
+    After an outage (a broker restart fires every agent's last will) the next round waits for
+    the agents to reconnect: up to `grace` seconds while fewer than `min_clients` are back, up
+    to `outage_timeout` while none is.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        data_info: dict[str, Any] | None = None,
+        min_clients: int = 1,
+        grace: float = 5.0,
+        outage_timeout: float = 600.0,
+        **kw: Any,
+    ) -> None:
+        super().__init__(*args, **kw)
+        self.data_info = data_info if data_info is not None else {}
+        self.min_clients = min_clients
+        self.grace = grace
+        self.outage_timeout = outage_timeout
+
+    def trainers(self) -> list[str]:
+        return sorted(c for c, i in self.clients.items() if i.online and i.n_train > 0)
+
+    def online(self) -> list[str]:
+        now = self.trainers()
+        if len(now) >= self.min_clients or not self.clients:
+            return now
+        wait = self.grace if now else self.outage_timeout
+        log.info("%d of %d agents online; waiting up to %.0f s for the others", len(now),
+                 self.min_clients, wait)  # fmt: skip
+        deadline = time.monotonic() + wait
+        while len(now) < self.min_clients and time.monotonic() < deadline:
+            self.next(min(deadline, time.monotonic() + 0.5))
+            now = self.trainers()
+        return now
+
+    def wait_for_clients(self, n: int, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while len(self.trainers()) < n and time.monotonic() < deadline:
+            self.next(min(deadline, time.monotonic() + 1.0))
+        online = self.trainers()
+        info = [self.clients[c] for c in online]
+        self.data_info.update({
+            "name": "agents",
+            "n_train": sum(i.n_train for i in info),
+            "n_test": sum(i.n_test for i in info),
+            "clients_samples": [i.n_train for i in info],
+        })  # fmt: skip
+        return online
+
+
+def _set(d: dict[str, Any], path: str, value: Any) -> None:
+    keys = path.split(".")
+    for k in keys[:-1]:
+        if not isinstance(d.get(k), dict):
+            d[k] = {}
+        d = d[k]
+    d[keys[-1]] = value
+
+
+def load_serve_config(path: Path | None, overrides: dict[str, Any]) -> ServeConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise UserError(f"cannot read config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({e})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"{path}: the top level must be a mapping of settings")
+        data = loaded or {}
+    for k, v in overrides.items():
+        if v is not None:
+            _set(data, k, v)
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = f"{path}: " if path else ""
+        raise UserError(f"{where}{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def evaluate_on(algo: Any, ds: Any) -> dict[str, float]:
+    """Accuracy of the global model on the aggregator's own evaluation set."""
+    import torch
+
+    from splitfed.data.batches import iterate_batches
+    from splitfed.training import accuracy, confusion, macro_f1
+
+    conf = np.zeros((7, 7), dtype=np.int64)
+    algo.client_net.eval()
+    algo.server_net.eval()
+    with torch.no_grad():
+        for x, y in iterate_batches(ds, 256, (0,), train=False):
+            pred = algo.server_net(algo.client_net(x)).argmax(1).numpy()
+            conf += confusion(y.numpy(), pred)
+    return {"eval_data_accuracy": accuracy(conf), "eval_data_macro_f1": macro_f1(conf)}
+
+
+class Dashboard:
+    """What a person watching the aggregator wants: who is online, which round, how good."""
+
+    def __init__(self, cfg: ServeConfig, io: ServeIO, broker: str) -> None:
+        self.cfg = cfg
+        self.io = io
+        self.broker = broker
+        self.rows: list[dict[str, Any]] = []
+        self.phase = "waiting for agents"
+
+    def __rich__(self) -> Group:
+        try:
+            clients = sorted(self.io.clients.items())
+        except RuntimeError:  # changed while copying; next refresh
+            clients = []
+        online = [c for c, i in clients if i.online]
+        head = Table.grid(padding=(0, 2))
+        head.add_row("broker", self.broker, "run", self.cfg.broker.run_id, "algo", self.cfg.algo)
+        head.add_row(
+            "round",
+            f"{len(self.rows)}/{self.cfg.rounds}",
+            "phase",
+            self.phase,
+            "rejected",
+            str(self.io.rejected_total),
+        )
+        head.add_row(
+            "online",
+            f"{len(online)} ({', '.join(online[:8])}{' ...' if len(online) > 8 else ''})",
+            "need",
+            str(self.cfg.min_clients),
+            "",
+            "",
+        )
+        t = Table(show_edge=False)
+        for c in ("round", "loss", "train acc", "test acc", "clients", "dropped", "s"):
+            t.add_column(c, justify="right")
+        for r in self.rows[-5:]:
+            t.add_row(
+                str(r["round"]),
+                f"{r['train_loss']:.3f}",
+                f"{r['train_accuracy']:.1%}",
+                f"{r['test_accuracy']:.1%}",
+                str(len(r["clients"])),
+                str(len(r["dropped"])),
+                f"{r['seconds']:.1f}",
+            )
+        return Group(head, t)
+
+
+@click.command()
+@click.option(
+    "--broker", help="mqtt://HOST:PORT of Mosquitto or another broker; default: embedded broker"
+)
+@click.option("--listen", help="HOST:PORT of the embedded broker [default: 127.0.0.1:1883]")
+@click.option("--algo", type=click.Choice(SERVE_ALGOS), help="algorithm [default: sflv1]")
+@click.option("--min-clients", type=int, help="agents to wait for [default: 2]")
+@click.option("--rounds", type=int, help="rounds [default: 10]")
+@click.option(
+    "--round-timeout", type=float, help="seconds; then the round ends without stragglers [600]"
+)
+@click.option("--join-timeout", type=float, help="seconds to wait for --min-clients agents [3600]")
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="checkpoint every round here [default: OUT/checkpoint]",
+)
+@click.option("--no-resume", is_flag=True, help="start afresh even if a checkpoint exists")
+@click.option(
+    "--compression", type=click.Choice(["fp32", "fp16", "int8"]), help="activations on the wire"
+)
+@click.option(
+    "--grad-compression", type=click.Choice(["fp32", "fp16"]), help="gradients on the wire"
+)
+@click.option("--seed", type=int, help="run seed [default: 0]")
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option("--local-epochs", type=int)
+@click.option("--cut", type=int, help="conv blocks on the device")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML with ServeConfig keys; flags override it",
+)
+@click.option("--eval-data", help="evaluation set held by the aggregator: a data-set path or synth")
+@click.option("--eval-data-format", type=click.Choice(["synth", "kdef", "folder", "fer2013"]))
+@click.option(
+    "--synth-identities",
+    type=int,
+    default=80,
+    show_default=True,
+    help="people in a synthetic --eval-data",
+)
+@click.option("--prefix", help="MQTT topic prefix [default: splitfed]")
+@click.option("--run-id", help="run id in the topics [default: default]")
+@click.option("--username", help="MQTT user name")
+@click.option(
+    "--password-file", help="file with the MQTT password (relative: $CREDENTIALS_DIRECTORY)"
+)
+@click.option("--protocol", type=click.Choice(["auto", "5", "3.1.1"]), help="MQTT version [auto]")
+@click.option(
+    "--presence-grace", type=float, help="seconds a last will waits for the agent to reconnect [5]"
+)
+@click.option(
+    "--rejoin-grace", type=float, help="seconds a round waits for dropped agents to reconnect [5]"
+)
+@click.option(
+    "--serve-forever", is_flag=True, help="after training, keep answering live predictions"
+)
+@click.option("--threads", type=int, help="torch threads [default: torch's]")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="metrics.json, curves.png, confusion.png [default: runs/serve]",
+)
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors
+def serve(
+    config_path: Path | None,
+    verbose: bool,
+    eval_data_format: str | None,
+    synth_identities: int,
+    **kw: Any,
+) -> None:
+    """Train with edge agents over MQTT (same algorithms and metrics as simulate)."""
+    from aggregator.cli import setup_logging
+
+    setup_logging(verbose)
+    overrides = {
+        "broker.url": kw["broker"],
+        "broker.listen": kw["listen"],
+        "broker.prefix": kw["prefix"],
+        "broker.run_id": kw["run_id"],
+        "broker.username": kw["username"],
+        "broker.password_file": kw["password_file"],
+        "broker.protocol": kw["protocol"],
+        "algo": kw["algo"],
+        "min_clients": kw["min_clients"],
+        "rounds": kw["rounds"],
+        "round_timeout": kw["round_timeout"],
+        "join_timeout": kw["join_timeout"],
+        "checkpoint_dir": kw["checkpoint_dir"],
+        "resume": False if kw["no_resume"] else None,
+        "seed": kw["seed"],
+        "train.compression": kw["compression"],
+        "train.grad_compression": kw["grad_compression"],
+        "train.batch_size": kw["batch_size"],
+        "train.lr": kw["lr"],
+        "train.local_epochs": kw["local_epochs"],
+        "model.cut": kw["cut"],
+        "out": kw["out"],
+        "eval_data": kw["eval_data"],
+        "serve_forever": True if kw["serve_forever"] else None,
+        "rejoin_grace": kw["rejoin_grace"],
+        "presence_grace": kw["presence_grace"],
+        "threads": kw["threads"],
+    }
+    cfg = load_serve_config(config_path, overrides)
+    try:
+        metrics = run_serve(cfg, eval_data_format=eval_data_format, synth_identities=synth_identities)
+    except RuntimeError as e:  # no agents: the checkpoint lets the same command carry on later
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    if metrics is not None:
+        from aggregator.cli import console, print_table
+
+        print_table([metrics])
+        console.print(
+            f"wrote {cfg.out}/metrics.json, curves.png, confusion.png; "
+            f"checkpoints in {cfg.checkpoint_dir or cfg.out / 'checkpoint'}"
+        )
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    try:
+        return host or "127.0.0.1", int(port)
+    except ValueError:
+        raise UserError(f"--listen takes HOST:PORT, got {listen!r}") from None
+
+
+def run_serve(
+    cfg: ServeConfig,
+    eval_data_format: str | None = None,
+    synth_identities: int = 80,
+    stop: threading.Event | None = None,
+    live: bool = True,
+) -> dict[str, Any] | None:
+    """Start (or reach) the broker, train, write the outputs; returns the metrics."""
+    import torch
+
+    from splitfed.algorithms import ALGORITHMS
+    from splitfed.broker import EmbeddedBroker
+    from splitfed.metrics import write_json
+    from splitfed.mqtt import LinkSettings, MqttTransport, read_password
+    from splitfed.runner import RunOptions, run
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+
+        def on_signal(signum: int, _f: Any) -> None:
+            stop.set()
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, on_signal)
+    from aggregator.cli import console, load_data
+
+    eval_ds = None
+    if cfg.eval_data:
+        eval_ds = load_data(cfg.eval_data, eval_data_format, synth_identities)
+    model_cfg = cfg.model
+    if eval_ds is not None and tuple(model_cfg.input_shape) != eval_ds.input_shape:
+        raise UserError(
+            f"--eval-data crops are {eval_ds.input_shape}, the model takes {model_cfg.input_shape}"
+        )
+    b = cfg.broker
+    embedded = None
+    if b.url is None:
+        host, port = _host_port(b.listen)
+        embedded = EmbeddedBroker(host, port)
+        embedded.start()
+        url = embedded.url
+    else:
+        url = b.url
+    settings = LinkSettings.from_url(
+        url, protocol=b.protocol, ca_file=b.ca_file, password=read_password(b.password_file)
+    )
+    if b.username:
+        settings.username = b.username
+    transport = MqttTransport(settings, b.prefix, b.run_id, presence_grace=cfg.presence_grace)
+    data_info: dict[str, Any] = {"source": "agents"}
+    io = ServeIO(
+        transport, b.run_id, model_cfg, cfg.train, data_info=data_info,
+        min_clients=cfg.min_clients, grace=cfg.rejoin_grace, outage_timeout=cfg.round_timeout,
+    )  # fmt: skip
+    # Sequence numbers that grow across restarts, so agents accept a resumed aggregator.
+    io.seq.seq = time.time_ns() // 1000
+    algo = ALGORITHMS[cfg.algo](model_cfg, cfg.train, cfg.seed)
+    dash = Dashboard(cfg, io, url + (" (embedded)" if embedded else ""))
+
+    def on_round(row: dict[str, Any]) -> None:
+        if eval_ds is not None:
+            row.update(evaluate_on(algo, eval_ds))
+        dash.rows.append(row)
+        dash.phase = "training"
+        log.info(
+            "round %d: loss %.4f, train acc %.3f, test acc %.3f, %d clients, %d dropped, %.1f s",
+            row["round"],
+            row["train_loss"],
+            row["train_accuracy"],
+            row["test_accuracy"],
+            len(row["clients"]),
+            len(row["dropped"]),
+            row["seconds"],
+        )
+
+    checkpoint_dir = cfg.checkpoint_dir or cfg.out / "checkpoint"
+    opts = RunOptions(
+        rounds=cfg.rounds, min_clients=cfg.min_clients, join_timeout=cfg.join_timeout,
+        round_timeout=cfg.round_timeout, out_dir=cfg.out, checkpoint_dir=checkpoint_dir,
+        resume=cfg.resume, data_info=data_info, on_round=on_round,
+    )  # fmt: skip
+    metrics: dict[str, Any] | None = None
+    view = Live(dash, console=console, refresh_per_second=2, transient=False) if live else None
+    try:
+        transport.start(wait=10.0)
+        if not transport.link.online():
+            log.warning("no MQTT broker at %s yet; retrying in the background", url)
+        log.info(
+            "waiting for %d agent(s) on %s (run %s, prefix %s)",
+            cfg.min_clients,
+            url,
+            b.run_id,
+            b.prefix,
+        )
+        if view is not None:
+            view.start()
+        metrics = run(algo, io, opts)
+        if eval_ds is not None:
+            metrics["final"].update(evaluate_on(algo, eval_ds))
+        metrics["comm"].update(
+            {
+                "messages_up": transport.messages_up,
+                "messages_down": transport.messages_down,
+                "transport_dropped": transport.dropped_total,
+                "rejected_by_reason": dict(io.rejected),
+            }
+        )
+        metrics["mqtt"] = {
+            "broker": url,
+            "embedded": embedded is not None,
+            "prefix": b.prefix,
+            "run_id": b.run_id,
+        }
+        write_json(cfg.out / "metrics.json", metrics)
+        dash.phase = "done"
+        if cfg.serve_forever:
+            dash.phase = "serving predictions"
+            log.info("training done; answering live predictions until stopped")
+            serve_predictions(algo, io, stop)
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        if view is not None:
+            view.stop()
+        transport.close()
+        if embedded is not None:
+            embedded.stop()
+    return metrics
+
+
+def serve_predictions(algo: Any, io: ServerIO, stop: threading.Event) -> None:
+    """After training: answer PREDICT messages (agents keep joining and leaving) until `stop`."""
+    from splitfed.wire import Message, MsgType
+
+    while not stop.is_set():
+        ev = io.next(time.monotonic() + 0.5)
+        if isinstance(ev, Message) and ev.type is MsgType.PREDICT:
+            try:
+                algo.answer_predict(io, ev)
+            except (ValueError, KeyError, RuntimeError) as e:
+                log.warning("could not answer a prediction from %s: %s", ev.src, e)

@@ -1,0 +1,5 @@
+"""`python -m edge_agent` runs the `edge-agent` command."""
+
+from edge_agent.cli import main
+
+main()

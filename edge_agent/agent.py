@@ -1,0 +1,324 @@
+"""The device's side of the federation over MQTT: `ClientRuntime` behind one MQTT connection.
+
+Every wire message from the aggregator goes to `ClientRuntime.handle_bytes`, and its replies are
+published on this device's `up` topic: the same runtime the simulator drives, so an agent with
+`--shard I/N` computes what simulated client I computes. The agent joins each aggregator instance
+once (a restarted aggregator gets a fresh JOIN; a reconnected one does not), loads pushed global
+weights without a restart, and turns live frames' smashed data into PREDICT messages whose
+PREDICTION answers it prints and republishes as JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from splitfed.client import ClientRuntime
+from splitfed.emotions import EMOTIONS, NUM_CLASSES
+from splitfed.model import ClientNet
+from splitfed.mqtt import (
+    DOWN,
+    GLOBAL,
+    PREDICTION,
+    STATUS,
+    LinkSettings,
+    MqttLink,
+    parse_presence,
+    parse_topic,
+    topic,
+)
+from splitfed.server import AGGREGATOR_ID
+from splitfed.wire import (
+    MsgType,
+    Validator,
+    WireError,
+    encode,
+    pack_activations,
+    read_header,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    """One live frame's answer, as printed and published on `<client>/prediction`."""
+
+    frame: int
+    emotion: str
+    confidence: float
+    probs: list[float]
+    latency_ms: float
+    weights_version: int
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "frame": self.frame,
+                "emotion": self.emotion,
+                "confidence": round(self.confidence, 4),
+                "probs": {e: round(p, 4) for e, p in zip(EMOTIONS, self.probs)},
+                "latency_ms": round(self.latency_ms, 2),
+                "weights_version": self.weights_version,
+                "ts": time.time(),
+            }
+        ).encode()
+
+
+class Agent:
+    """Runs a `ClientRuntime` over MQTT; `run()` processes messages until `stop` is set."""
+
+    def __init__(
+        self,
+        runtime: ClientRuntime,
+        settings: LinkSettings,
+        prefix: str,
+        run_id: str,
+        stop: threading.Event | None = None,
+        exit_when_done: bool = False,
+        predict_ttl: float = 5.0,
+        on_prediction: Callable[[Prediction], None] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.client_id = runtime.client_id
+        self.prefix = prefix
+        self.run_id = run_id
+        self.stop = stop or threading.Event()
+        self.exit_when_done = exit_when_done
+        self.predict_ttl = predict_ttl
+        self.on_prediction = on_prediction
+        self.inbox: queue.Queue[tuple[str, str, bytes, float]] = queue.Queue()
+        self.lock = threading.RLock()  # one sender sequence: runtime replies and live frames
+        self.counters: Counter[str] = Counter()
+        self.aggregator_instance: str | None = None
+        self.aggregator_state = "unknown"
+        self.joined = threading.Event()
+        self.smashed_sent: dict[str, float] = {}
+        self.grad_latency: deque[float] = deque(maxlen=100_000)
+        self.predict_sent: dict[str, tuple[int, float]] = {}
+        self.predict_latency: deque[float] = deque(maxlen=10_000)
+        self.live_net: ClientNet | None = None
+        self.live_version = -1
+        # Called with (client half snapshot, version) when new global weights arrive, e.g. to
+        # re-quantize the ONNX model; runs on the message loop, so it must hand work off.
+        self.on_weights: Callable[[ClientNet, int], None] | None = None
+        self._pred_validator = Validator(
+            run_id,
+            {MsgType.PREDICTION: {"probs": (frozenset({"F32"}), (-1, NUM_CLASSES))}},
+            known_sender=lambda src: src == AGGREGATOR_ID,
+        )
+        subs = [
+            topic(prefix, run_id, self.client_id, DOWN),
+            topic(prefix, run_id, AGGREGATOR_ID, STATUS),
+            topic(prefix, run_id, AGGREGATOR_ID, GLOBAL),
+        ]
+        self.up_topic = topic(prefix, run_id, self.client_id, "up")
+        self.prediction_topic = topic(prefix, run_id, self.client_id, PREDICTION)
+        self.link = MqttLink(
+            settings,
+            f"{prefix}-{run_id}-{self.client_id}",
+            topic(prefix, run_id, self.client_id, STATUS),
+            subs,
+            self._on_message,
+        )
+
+    # ---- network thread ------------------------------------------------------------------------
+
+    def _on_message(self, name: str, payload: bytes) -> None:
+        parsed = parse_topic(self.prefix, self.run_id, name)
+        if parsed is None:
+            self.counters["foreign_topic"] += 1
+            return
+        self.inbox.put((parsed[0], parsed[1], bytes(payload), time.perf_counter()))
+
+    # ---- main loop -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.link.start()
+
+    def run(self) -> None:
+        """Handle messages until `stop` (or the aggregator's `stopped` with exit_when_done)."""
+        while not self.stop.is_set():
+            try:
+                cid, kind, payload, received = self.inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self.dispatch(cid, kind, payload, received)
+            except Exception:  # one bad message must not end the agent
+                self.counters["errors"] += 1
+                log.exception("agent %s: failed to handle a %s message", self.client_id, kind)
+
+    def dispatch(self, cid: str, kind: str, payload: bytes, received: float | None = None) -> None:
+        if cid == AGGREGATOR_ID and kind == STATUS:
+            self._on_aggregator_status(payload)
+            return
+        if kind not in (DOWN, GLOBAL) or (kind == DOWN and cid != self.client_id):
+            return
+        self.counters["received"] += 1
+        try:
+            env, _ = read_header(payload)
+        except WireError as e:
+            self.counters["rejected"] += 1
+            log.warning("dropped message from aggregator: %s", e)
+            return
+        if env.type is MsgType.PREDICTION:
+            self._on_prediction(payload)
+            return
+        now = time.perf_counter() if received is None else received
+        with self.lock:
+            rejected = self.runtime.rejected
+            replies = self.runtime.handle_bytes(payload)
+            if self.runtime.rejected > rejected:
+                self.counters["rejected"] += 1
+            elif env.type is MsgType.GRADIENTS:
+                sent = self.smashed_sent.pop(env.reply_to, None)
+                if sent is not None:
+                    self.grad_latency.append(now - sent)
+            for reply in replies:
+                self._publish_up(reply)
+        if env.type in (MsgType.GLOBAL_WEIGHTS, MsgType.EVAL_REQUEST):
+            # Not on ROUND_START: its first training forward pass already moved BatchNorm stats.
+            self._refresh_live_net()
+
+    def _publish_up(self, data: bytes) -> None:
+        env, _ = read_header(data)
+        if env.type is MsgType.SMASHED:
+            self.smashed_sent[env.message_id] = time.perf_counter()
+        self.counters["sent"] += 1
+        self.counters[f"sent_{env.type.value}"] += 1
+        self.link.publish(self.up_topic, data)
+
+    def _on_aggregator_status(self, payload: bytes) -> None:
+        presence = parse_presence(payload) if payload else None
+        if presence is None:
+            return
+        state, instance = presence
+        self.aggregator_state = state
+        if state == "online" and instance != self.aggregator_instance:
+            # A new aggregator (first contact, or a restart): announce this device.
+            self.aggregator_instance = instance
+            self.join()
+        elif state == "stopped":
+            log.info("aggregator stopped")
+            if self.exit_when_done and self.joined.is_set():
+                self.stop.set()
+        elif state == "offline":
+            log.warning("aggregator went offline; waiting for it to come back")
+
+    def join(self) -> None:
+        with self.lock:
+            self.link.publish(self.up_topic, self.runtime.join())
+            self.counters["joins"] += 1
+        self.joined.set()
+        log.info(
+            "%s joined the run %s (%d training samples)",
+            self.client_id,
+            self.run_id,
+            len(self.runtime.train),
+        )
+
+    def close(self, reason: str = "stopped") -> None:
+        """LEAVE, then `stopped` on the status topic and a clean disconnect (no last will)."""
+        if self.link.online() and self.joined.is_set():
+            with self.lock:
+                self.link.publish(self.up_topic, self.runtime.leave(reason))
+        self.link.close()
+
+    # ---- live frames ---------------------------------------------------------------------------
+
+    def _refresh_live_net(self) -> None:
+        """Copy the client half after new weights arrive, for the live pipeline's own use."""
+        with self.lock:
+            net = self.runtime.client_net
+            version = self.runtime.weights_version
+            if net is None or version == self.live_version:
+                return
+            snapshot = copy.deepcopy(net).eval()
+        self.live_net, self.live_version = snapshot, version
+        log.info("client half for live frames: global weights version %d", version)
+        if self.on_weights is not None:
+            self.on_weights(snapshot, version)
+
+    def compression(self) -> str:
+        cfg = self.runtime.train_cfg
+        return cfg.compression if cfg is not None else "fp32"
+
+    def send_predict(self, frame: int, activations: np.ndarray, captured_at: float) -> bool:
+        """Publish one frame's smashed data; the aggregator answers with its emotion."""
+        if not self.joined.is_set():
+            return False
+        tensors = pack_activations(activations.astype(np.float32), self.compression())  # type: ignore[arg-type]
+        with self.lock:
+            msg = self.runtime.seq.make(
+                MsgType.PREDICT, 0, {"frame": frame}, tensors, ttl=self.predict_ttl
+            )
+            self.predict_sent[msg.env.message_id] = (frame, captured_at)
+            if len(self.predict_sent) > 1000:  # answers that never came
+                self.predict_sent.pop(next(iter(self.predict_sent)))
+            ok = self.link.publish(self.up_topic, encode(msg))
+        self.counters["predict_sent"] += 1
+        return ok
+
+    def _on_prediction(self, payload: bytes) -> None:
+        try:
+            msg = self._pred_validator.check(payload)
+            frame = int(msg.env.body["frame"])
+        except (WireError, KeyError, TypeError, ValueError) as e:
+            self.counters["rejected"] += 1
+            log.warning("dropped prediction: %s", e)
+            return
+        sent = self.predict_sent.pop(msg.env.reply_to, None)
+        probs = msg.tensors["probs"]
+        if sent is None or len(probs) != 1:
+            self.counters["unmatched_prediction"] += 1
+            return
+        latency = time.perf_counter() - sent[1]
+        self.predict_latency.append(latency)
+        p = probs[0].astype(float)
+        k = int(np.argmax(p))
+        pred = Prediction(
+            frame, EMOTIONS[k], float(p[k]), p.tolist(), latency * 1e3, self.live_version
+        )
+        self.counters["predictions"] += 1
+        self.link.publish(self.prediction_topic, pred.to_json(), qos=0)
+        if self.on_prediction is not None:
+            self.on_prediction(pred)
+
+    # ---- numbers -------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        def pct(values: deque[float], q: float) -> float | None:
+            return float(np.percentile(np.asarray(values), q) * 1e3) if values else None
+
+        return {
+            "client_id": self.client_id,
+            "counters": dict(self.counters),
+            "runtime_rejected": self.runtime.rejected,
+            "grad_latency_ms": {
+                "n": len(self.grad_latency),
+                "p50": pct(self.grad_latency, 50),
+                "p99": pct(self.grad_latency, 99),
+            },
+            "predict_latency_ms": {
+                "n": len(self.predict_latency),
+                "p50": pct(self.predict_latency, 50),
+                "p99": pct(self.predict_latency, 99),
+            },
+            "mqtt": {
+                "connects": self.link.connects,
+                "disconnects": self.link.disconnects,
+                "publish_failures": self.link.publish_failures,
+            },
+            "grad_latencies_ms": [x * 1e3 for x in self.grad_latency],
+        }

@@ -1,0 +1,390 @@
+"""`edge-agent`: train with the federation over MQTT, classify camera frames live, collect crops.
+
+edge-agent --broker mqtt://HOST:PORT --client-id pi-01 --dataset synth --shard 0/3
+edge-agent --broker mqtt://HOST:PORT --client-id pi-01 --camera 0
+edge-agent collect --camera 0 --per-emotion 20
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import numpy as np
+
+from edge_agent.config import AgentConfig, load_config
+from splitfed.errors import UserError
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("edge_agent")
+
+
+def setup_logging(verbose: bool) -> None:
+    """Plain lines on stderr (journald adds the time on a device)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def user_errors(fn: F) -> F:
+    """A user's mistake ends in one line on stderr and exit code 2, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
+    """CLI flags -> dotted config paths (None = not given, the YAML or default stands)."""
+    o = {
+        "client_id": kw.get("client_id"),
+        "broker.url": kw.get("broker"),
+        "broker.prefix": kw.get("prefix"),
+        "broker.run_id": kw.get("run_id"),
+        "broker.protocol": kw.get("protocol"),
+        "camera.source": kw.get("camera"),
+        "state_dir": kw.get("state_dir"),
+        "data.dataset": kw.get("dataset"),
+        "data.data_format": kw.get("data_format"),
+        "data.shard": kw.get("shard"),
+        "data.partition": kw.get("partition"),
+        "data.split": kw.get("split"),
+        "data.seed": kw.get("seed"),
+        "data.synth_identities": kw.get("synth_identities"),
+        "threads": kw.get("threads"),
+        "live.loop_file": True if kw.get("loop") else None,
+        "live.pace_files": False if kw.get("no_pace") else None,
+        "exit_when_done": True if kw.get("exit_when_done") else None,
+    }
+    if kw.get("camera") is not None:
+        o["live.enabled"] = True
+    return o
+
+
+def link_settings(cfg: AgentConfig) -> Any:
+    from splitfed.mqtt import LinkSettings, read_password
+
+    b = cfg.broker
+    settings = LinkSettings.from_url(
+        b.url, protocol=b.protocol, keepalive=b.keepalive, session_expiry=b.session_expiry,
+        password=read_password(b.password_file),
+        ca_file=str(b.tls.ca_file) if b.tls.ca_file else None,
+        cert_file=str(b.tls.cert_file) if b.tls.cert_file else None,
+        key_file=str(b.tls.key_file) if b.tls.key_file else None,
+    )  # fmt: skip
+    if b.username:
+        settings.username = b.username
+    return settings
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML configuration (AgentConfig); flags override it",
+)
+@click.option(
+    "--validate-config", is_flag=True, help="check the configuration, report the bad field, exit"
+)
+@click.option(
+    "--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT [default: mqtt://127.0.0.1:1883]"
+)
+@click.option("--client-id", help="this device's id, e.g. client-00 (letters, digits, _ and -)")
+@click.option("--prefix", help="MQTT topic prefix [default: splitfed]")
+@click.option("--run-id", help="training run id [default: default]")
+@click.option(
+    "--protocol", type=click.Choice(["auto", "5", "3.1.1"]), help="MQTT version [default: auto]"
+)
+@click.option("--camera", help="live frames from a camera index (0), a video file or a stream URL")
+@click.option(
+    "--dataset", help="train on: synth, a data-set path, or 'crops' (collected on this device)"
+)
+@click.option("--data-format", type=click.Choice(["synth", "kdef", "folder", "fer2013"]))
+@click.option(
+    "--shard", help="I/N: hold shard I (0-based) of N, as simulated client I [default: 0/1]"
+)
+@click.option("--partition", help="subject, iid or dirichlet:ALPHA (as aggregator simulate)")
+@click.option(
+    "--split", type=click.Choice(["subject", "random"]), help="held-out split (as simulate)"
+)
+@click.option("--seed", type=int, help="the run's seed, for the split and partition [default: 0]")
+@click.option("--synth-identities", type=int, help="people in the synthetic set [default: 80]")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="weights, models and collected crops [default: /var/lib/splitfed]",
+)
+@click.option("--threads", type=int, help="torch threads [default: torch's]")
+@click.option("--exit-when-done", is_flag=True, help="exit when the aggregator stops")
+@click.option("--loop", is_flag=True, help="play a video file in a loop")
+@click.option("--no-pace", is_flag=True, help="read a video file as fast as the pipeline takes it")
+@click.option(
+    "--stats-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="write counters and latencies as JSON here on exit",
+)
+@click.option("-v", "--verbose", is_flag=True)
+@click.pass_context
+@user_errors
+def main(
+    ctx: click.Context,
+    config_path: Path | None,
+    validate_config: bool,
+    stats_file: Path | None,
+    verbose: bool,
+    **kw: Any,
+) -> None:
+    """Edge agent of splitfed-edge: trains its half of the model and classifies live frames."""
+    ctx.ensure_object(dict)
+    ctx.obj.update({"config_path": config_path, "kw": kw, "verbose": verbose})
+    if ctx.invoked_subcommand is not None:
+        return
+    setup_logging(verbose)
+    cfg = load_config(config_path, _overrides(kw))
+    if validate_config:
+        click.echo(f"ok: {config_path or 'defaults'} is a valid agent configuration")
+        return
+    run_agent(cfg, stats_file)
+
+
+def run_agent(cfg: AgentConfig, stats_file: Path | None = None) -> dict[str, Any]:
+    """Join the federation and train and/or classify until stopped; returns the agent's stats."""
+    import torch
+
+    from edge_agent.agent import Agent, Prediction
+    from edge_agent.store import training_shard
+    from splitfed.client import ClientRuntime
+    from splitfed.data.dataset import EmotionDataset
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    settings = link_settings(cfg)
+    shard = training_shard(cfg)
+    if shard is None and not cfg.live.enabled:
+        raise UserError(
+            "nothing to do: give --dataset (synth or a path) to train, or --camera to classify live "
+            "(or collect crops first with `edge-agent collect`)"
+        )
+    if shard is None:
+        c = cfg.crop
+        empty = EmotionDataset(
+            "none", np.zeros((0, c.channels, c.height, c.width), np.uint8), np.zeros(0, np.int64)
+        )
+        shard = (empty, empty)
+    runtime = ClientRuntime(cfg.client_id, cfg.broker.run_id, shard[0], shard[1])
+    stop = threading.Event()
+    _stop_on_signals(stop)
+
+    def show(p: Prediction) -> None:
+        click.echo(f"frame {p.frame}: {p.emotion} {p.confidence:.2f} ({p.latency_ms:.0f} ms)")
+
+    agent = Agent(
+        runtime,
+        settings,
+        cfg.broker.prefix,
+        cfg.broker.run_id,
+        stop,
+        exit_when_done=cfg.exit_when_done,
+        predict_ttl=cfg.live.ttl_seconds,
+        on_prediction=show,
+    )
+    agent.start()
+    if not agent.link.wait_connected(10.0):
+        log.warning(
+            "no MQTT broker at %s:%d yet; retrying in the background", settings.host, settings.port
+        )
+    pipeline = None
+    if cfg.live.enabled:
+        pipeline = _start_live(cfg, agent, stop, train=len(shard[0]) > 0)
+    try:
+        agent.run()
+    finally:
+        stop.set()
+        agent.close()
+        stats = agent.stats()
+        if pipeline is not None:
+            pipeline.join(2.0)
+            stats["live"] = pipeline.stats()
+            log.info("live: %s", json.dumps(stats["live"]))
+        log.info("agent %s: %s", cfg.client_id, json.dumps(stats["counters"]))
+        if stats_file is not None:
+            stats_file.parent.mkdir(parents=True, exist_ok=True)
+            stats_file.write_text(json.dumps(stats, indent=1))
+    return stats
+
+
+def _start_live(cfg: AgentConfig, agent: Any, stop: threading.Event, train: bool) -> Any:
+    from edge_agent.pipeline import LivePipeline, torch_client_half
+
+    if cfg.inference.model is not None:
+        half = _onnx_half(cfg, agent)
+        log.info("live client half: ONNX model %s", cfg.inference.model)
+    else:
+        half = torch_client_half(lambda: agent.live_net)
+        log.info("live client half: torch, from the aggregator's retained global weights")
+    onnx = cfg.inference.model is not None
+
+    def ready() -> bool:  # joined (so frames are answered) and holding a client half
+        return agent.joined.is_set() and (onnx or agent.live_net is not None)
+
+    pipeline = LivePipeline(cfg.camera, cfg.live, cfg.crop, half, agent.send_predict, stop, ready)
+    pipeline.start()
+
+    def watch() -> None:
+        last = time.monotonic()
+        while not stop.wait(0.2):
+            if time.monotonic() - last >= cfg.live.stats_seconds:
+                last = time.monotonic()
+                s = pipeline.stats()
+                lat = agent.stats()["predict_latency_ms"]
+                log.info(
+                    "live: %.1f frames/s, %d predictions, p50 latency %s ms, drops %s, reconnects %d",
+                    s["fps"],
+                    agent.counters["predictions"],
+                    "-" if lat["p50"] is None else f"{lat['p50']:.0f}",
+                    s["drops"],
+                    s["reconnects"],
+                )
+            if pipeline.done.is_set():
+                # A video file ended: wait a little for the last answers, then stop if not training.
+                deadline = time.monotonic() + cfg.live.drain_seconds
+                while agent.predict_sent and time.monotonic() < deadline and not stop.is_set():
+                    time.sleep(0.05)
+                if not train:
+                    stop.set()
+                return
+
+    threading.Thread(target=watch, name="live-watch", daemon=True).start()
+    return pipeline
+
+
+def _onnx_half(cfg: AgentConfig, agent: Any) -> Any:
+    """The exported ONNX client half; re-quantized on the device when new weights arrive."""
+    from splitfed.onnx_client import LiveModel, OnnxClient
+
+    c = cfg.crop
+    live = LiveModel(OnnxClient(cfg.inference.model, cfg.inference,  # type: ignore[arg-type]
+                                expected_input=(c.channels, c.height, c.width)))  # fmt: skip
+    if cfg.inference.requantize:
+        calibration = _calibration_crops(cfg, agent)
+        if calibration is None:
+            log.warning("inference.requantize: no local crops to calibrate with; the exported "
+                        "model stays live until it is replaced")  # fmt: skip
+        else:
+            holder: dict[str, Any] = {}
+
+            def on_weights(net: Any, version: int) -> None:
+                from splitfed.training import state_to_numpy
+
+                if "rq" not in holder:
+                    from export.onnx import Requantizer
+
+                    holder["rq"] = Requantizer(
+                        agent.runtime.model_cfg, cfg.state_dir / "models", cfg.inference,
+                        on_ready=lambda client, _manifest: live.swap(client),
+                    )  # fmt: skip
+                holder["rq"].submit(state_to_numpy(net), calibration, str(version))
+
+            agent.on_weights = on_weights
+    return lambda x: np.asarray(live.get().run(x), dtype=np.float32)  # type: ignore[union-attr]
+
+
+def _calibration_crops(cfg: AgentConfig, agent: Any) -> np.ndarray | None:
+    """This device's own crops (training shard, else collected ones): the aggregator has none."""
+    from edge_agent.store import CropStore
+
+    if len(agent.runtime.train):
+        return agent.runtime.train.images
+    store = CropStore(cfg.crops_dir, cfg.crop)
+    return store.load().images if store.exists() else None
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML configuration (AgentConfig)",
+)
+@click.option("--camera", help="camera index (0), video file or stream URL")
+@click.option("--per-emotion", type=int, help="crops to store per emotion [default: 20]")
+@click.option("--every", type=int, help="keep one crop every N frames with a face [default: 3]")
+@click.option("--emotions", help="comma-separated subset of the seven emotions")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="crops go to STATE_DIR/crops/<emotion>/ [default: /var/lib/splitfed]",
+)
+@click.option("-y", "--yes", is_flag=True, help="do not wait for Enter before each emotion")
+@click.option("-v", "--verbose", is_flag=True)
+@click.pass_context
+@user_errors
+def collect(
+    ctx: click.Context,
+    config_path: Path | None,
+    verbose: bool,
+    yes: bool,
+    emotions: str | None,
+    **kw: Any,
+) -> None:
+    """Guided collection: show each emotion to the camera; crops stay on this device."""
+    from edge_agent.collect import collect_crops
+
+    parent = ctx.obj or {}
+    setup_logging(verbose or parent.get("verbose", False))
+    config_path = config_path or parent.get("config_path")
+    pk = parent.get("kw", {})
+    overrides = {
+        "client_id": pk.get("client_id") or "local",
+        "camera.source": kw["camera"] or pk.get("camera"),
+        "state_dir": kw["state_dir"] or pk.get("state_dir"),
+        "collect.per_emotion": kw["per_emotion"],
+        "collect.every": kw["every"],
+    }
+    cfg = load_config(config_path, overrides)
+    from splitfed.emotions import EMOTIONS
+
+    chosen = list(EMOTIONS)
+    if emotions:
+        chosen = [e.strip() for e in emotions.split(",") if e.strip()]
+        bad = [e for e in chosen if e not in EMOTIONS]
+        if bad:
+            raise UserError(
+                f"unknown emotion(s) {', '.join(bad)}: choose from {', '.join(EMOTIONS)}"
+            )
+    counts = collect_crops(cfg, chosen, interactive=not yes)
+    for e, n in counts.items():
+        click.echo(f"{e:10s} {n:5d} crops")
+    click.echo(f"stored in {cfg.crops_dir} (they never leave this device)")
+
+
+if __name__ == "__main__":
+    main()

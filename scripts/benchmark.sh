@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Produce BENCHMARKS.md: every number in it is measured by the scripts below, in one run on this
+# machine. Slow (tens of minutes on 2 cores); not part of the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh >/dev/null
+PY=.venv/bin/python
+mkdir -p runs/bench
+ROUNDS=${ROUNDS:-15}
+$PY scripts/bench_core.py --rounds "$ROUNDS" --out runs/bench/core --section runs/bench/core.md
+[ -f scripts/bench_pyvertical_fedsl.py ] && $PY scripts/bench_pyvertical_fedsl.py --rounds "$ROUNDS" --section runs/bench/vertical.md || true
+$PY scripts/bench_mqtt.py --out runs/bench/mqtt.md
+$PY scripts/bench_export.py --out runs/bench/export.md
+{
+    echo "# Benchmarks"
+    echo
+    echo "Measured by \`scripts/benchmark.sh\` on $(uname -m), $(nproc) cores, $(date -u +%Y-%m-%d)."
+    echo "The machine is shared and noisy: compare the ratios within one run, not absolute times across runs."
+    echo "All accuracies are on SYNTHETIC eye regions (splitfed/data/synth.py), not on real faces."
+    echo
+    for f in runs/bench/core.md runs/bench/vertical.md runs/bench/mqtt.md runs/bench/export.md; do
+        [ -f "$f" ] && { cat "$f"; echo; }
+    done
+} > BENCHMARKS.md
+echo "wrote BENCHMARKS.md"

@@ -1,0 +1,478 @@
+"""MQTT for the federation: topics, one resilient connection, and the aggregator's Transport.
+
+Every topic sits under one prefix: `<prefix>/<run>/<client_id>/<kind>`.
+
+| kind         | direction          | payload                                 | QoS | retained |
+|--------------|--------------------|-----------------------------------------|-----|----------|
+| `up`         | agent -> aggregator| wire messages (`splitfed.wire`)         | 1   | no       |
+| `down`       | aggregator -> agent| wire messages                           | 1   | no       |
+| `status`     | anyone             | `online`, `offline` (last will), `stopped` | 1 | yes      |
+| `global`     | aggregator -> all  | GLOBAL_WEIGHTS wire message (versioned) | 1   | yes      |
+| `prediction` | agent -> anyone    | JSON: the emotion of a live frame       | 0   | no       |
+
+One topic per direction keeps each agent's messages in order (MQTT orders per topic). The
+aggregator's own topics use the client id `aggregator`; its `online` status carries an instance
+id (`online <hex>`) so that agents re-join a restarted aggregator but not a reconnected one.
+
+`MqttLink` is one paho 2.x connection with availability, a persistent session (MQTT 5 session
+expiry or 3.1.1 clean_session=False), reconnect with backoff, subscriptions made in `on_connect`
+and a bounded outgoing queue. `MqttTransport` puts it under `ServerIO` on the aggregator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from splitfed.errors import UserError
+from splitfed.server import AGGREGATOR_ID
+from splitfed.transport import Incoming, Transport
+from splitfed.wire import MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+UP, DOWN, STATUS, GLOBAL, PREDICTION = "up", "down", "status", "global", "prediction"
+KINDS = (UP, DOWN, STATUS, GLOBAL, PREDICTION)
+PRESENCE_STATES = ("online", "offline", "stopped")
+Protocol = Literal["auto", "5", "3.1.1"]
+
+
+# ---- topics ------------------------------------------------------------------------------------
+
+
+def topic(prefix: str, run_id: str, client_id: str, kind: str) -> str:
+    """`<prefix>/<run>/<client_id>/<kind>`; every part is checked, as topics come from config."""
+    for part, what in ((prefix, "prefix"), (run_id, "run id"), (client_id, "client id")):
+        if not ID_RE.match(part):
+            raise ValueError(f"bad {what} {part!r}: use 1-64 of A-Z a-z 0-9 _ -")
+    if kind not in KINDS:
+        raise ValueError(f"unknown topic kind {kind!r}")
+    return f"{prefix}/{run_id}/{client_id}/{kind}"
+
+
+def parse_topic(prefix: str, run_id: str, name: str) -> tuple[str, str] | None:
+    """(client_id, kind) of a topic of this run, or None for anything else."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != prefix or parts[1] != run_id:
+        return None
+    if not ID_RE.match(parts[2]) or parts[3] not in KINDS:
+        return None
+    return parts[2], parts[3]
+
+
+def parse_presence(payload: bytes) -> tuple[str, str] | None:
+    """(state, instance) of a status payload (`online`, `online <id>`, `offline`, `stopped`)."""
+    try:
+        text = payload.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+    state, _, instance = text.partition(" ")
+    if state not in PRESENCE_STATES or len(instance) > 64 or " " in instance:
+        return None
+    return state, instance
+
+
+# ---- connection settings -----------------------------------------------------------------------
+
+
+@dataclass
+class LinkSettings:
+    """Where and how to connect; built from `mqtt://` URLs and the apps' configs."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    protocol: Protocol = "auto"
+    keepalive: int = 10
+    session_expiry: int = 3600
+    reconnect_min: int = 1
+    reconnect_max: int = 8
+    max_queued: int = 4096
+    max_inflight: int = 100
+
+    @classmethod
+    def from_url(cls, url: str, **kw: Any) -> LinkSettings:
+        """`mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]` (TLS); other settings as keywords."""
+        p = urlparse(url if "://" in url else f"mqtt://{url}")
+        if p.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not p.hostname:
+            raise UserError(f"bad broker URL {url!r}: use mqtt://HOST:PORT or mqtts://HOST:PORT")
+        tls = p.scheme in ("mqtts", "ssl")
+        try:
+            port = p.port or (8883 if tls else 1883)
+        except ValueError:
+            raise UserError(f"bad port in broker URL {url!r}") from None
+        if p.password:
+            raise UserError("put the MQTT password in a file (password_file), not in the URL")
+        return cls(host=p.hostname, port=port, tls=tls, username=p.username or None, **kw)
+
+
+def read_password(path: str | Path | None) -> str | None:
+    """The password in `path`; relative names resolve in $CREDENTIALS_DIRECTORY (systemd)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_absolute():
+        base = os.environ.get("CREDENTIALS_DIRECTORY")
+        if base:
+            p = Path(base) / p
+    try:
+        return p.read_text().rstrip("\r\n")
+    except OSError as e:
+        raise UserError(f"cannot read the MQTT password file {p}: {e.strerror}") from None
+
+
+# ---- one connection ----------------------------------------------------------------------------
+
+
+class MqttLink:
+    """One MQTT connection that announces itself, keeps its session and reconnects.
+
+    `online()` is true only between a successful CONNACK and the next disconnect: a failed
+    reason code is logged and never counted as connected. Messages go to `on_message(topic,
+    payload)` on paho's network thread; keep that callback short.
+    """
+
+    def __init__(
+        self,
+        settings: LinkSettings,
+        mqtt_id: str,
+        status_topic: str,
+        subscriptions: Sequence[str],
+        on_message: Callable[[str, bytes], None],
+        online_payload: bytes = b"online",
+    ) -> None:
+        self.settings = settings
+        self.mqtt_id = mqtt_id
+        self.status_topic = status_topic
+        self.subscriptions = list(subscriptions)
+        self.on_message = on_message
+        self.online_payload = online_payload
+        self.protocol = mqtt.MQTTv311 if settings.protocol == "3.1.1" else mqtt.MQTTv5
+        self.connects = 0
+        self.disconnects = 0
+        self.publish_failures = 0
+        self.connack_timeout = 3.0
+        self._connected = threading.Event()
+        self._closing = False
+        self._lock = threading.Lock()
+        self._client = self._make_client()
+
+    # -- set-up --
+
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        v5 = self.protocol == mqtt.MQTTv5
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.mqtt_id,
+            clean_session=None if v5 else False,
+            protocol=self.protocol,
+        )
+        c.reconnect_delay_set(min_delay=s.reconnect_min, max_delay=s.reconnect_max)
+        c.max_queued_messages_set(s.max_queued)
+        c.max_inflight_messages_set(s.max_inflight)
+        if s.username:
+            c.username_pw_set(s.username, s.password)
+        if s.tls:
+            c.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file)
+        c.will_set(self.status_topic, b"offline", qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        if v5 and s.protocol == "auto":
+            c.on_socket_open = self._on_socket_open
+        return c
+
+    def start(self) -> None:
+        """Connect in the background; paho retries with backoff until the broker answers."""
+        s = self.settings
+        props = None
+        if self.protocol == mqtt.MQTTv5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = s.session_expiry
+        self._client.connect_async(
+            s.host, s.port, keepalive=s.keepalive,
+            clean_start=False if self.protocol == mqtt.MQTTv5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=props,
+        )  # fmt: skip
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def online(self) -> bool:
+        return self._connected.is_set()
+
+    # -- callbacks (paho's network thread) --
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            log.error(
+                "MQTT broker %s:%d refused %s: %s",
+                self.settings.host,
+                self.settings.port,
+                self.mqtt_id,
+                rc,
+            )
+            if (
+                str(rc) == "Unsupported protocol version"
+                and self.settings.protocol == "auto"
+                and self.protocol == mqtt.MQTTv5
+            ):
+                threading.Thread(target=self._downgrade, name="mqtt-downgrade", daemon=True).start()
+            return
+        self.connects += 1
+        log.info(
+            "MQTT connected to %s:%d as %s (MQTT %s, session present: %s)",
+            self.settings.host,
+            self.settings.port,
+            self.mqtt_id,
+            "5" if self.protocol == mqtt.MQTTv5 else "3.1.1",
+            bool(getattr(flags, "session_present", False)),
+        )
+        # Subscribe here, so that a reconnect restores the subscriptions.
+        if self.subscriptions:
+            if self.protocol == mqtt.MQTTv5:
+                # retainHandling 1: retained messages only for a new subscription.
+                opts = SubscribeOptions(qos=1, retainHandling=1)
+                client.subscribe([(t, opts) for t in self.subscriptions])
+            else:
+                client.subscribe([(t, 1) for t in self.subscriptions])
+        client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
+        self._connected.set()
+
+    def _on_socket_open(self, client: mqtt.Client, _u: Any, _sock: Any) -> None:
+        # Some MQTT 3.1.1 brokers (amqtt) never answer an MQTT 5 CONNECT that has properties:
+        # no CONNACK within a few seconds of a TCP connection means "try 3.1.1".
+        def check() -> None:
+            if not self._connected.is_set() and self._client is client and not self._closing:
+                log.info("no CONNACK to MQTT 5 from %s:%d", self.settings.host, self.settings.port)
+                self._downgrade()
+
+        t = threading.Timer(self.connack_timeout, check)
+        t.daemon = True
+        t.start()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was:
+            self.disconnects += 1
+        if not self._closing and was:
+            log.warning("MQTT %s disconnected (%s); reconnecting", self.mqtt_id, rc)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self.on_message(msg.topic, msg.payload)
+        except Exception:  # a bug in a handler must not kill paho's network thread
+            log.exception("MQTT handler failed on %s", msg.topic)
+
+    def _downgrade(self) -> None:
+        """The broker speaks MQTT 3.1.1 only (e.g. amqtt): reconnect with that."""
+        with self._lock:
+            if self._closing or self.protocol == mqtt.MQTTv311:
+                return
+            old = self._client
+            old.loop_stop()
+            old.disconnect()
+            log.info(
+                "MQTT broker %s:%d speaks MQTT 3.1.1 only; using it",
+                self.settings.host,
+                self.settings.port,
+            )
+            self.protocol = mqtt.MQTTv311
+            self._client = self._make_client()
+            self.start()
+
+    # -- use --
+
+    def publish(self, name: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        """Queue one message; False (logged) when paho's bounded queue refused it."""
+        try:
+            info = self._client.publish(name, payload, qos=qos, retain=retain)
+        except ValueError as e:  # oversized or bad topic
+            self.publish_failures += 1
+            log.error("MQTT publish to %s refused: %s", name, e)
+            return False
+        if info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0:
+            return True  # queued by paho, sent after the reconnect
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            self.publish_failures += 1
+            log.error("MQTT publish to %s failed: %s", name, mqtt.error_string(info.rc))
+            return False
+        return True
+
+    def close(self, state: bytes = b"stopped", timeout: float = 5.0) -> None:
+        """Say `stopped` (retained), flush, disconnect cleanly (no last will)."""
+        with self._lock:
+            self._closing = True
+            client = self._client
+        if self._connected.is_set():
+            info = client.publish(self.status_topic, state, qos=1, retain=True)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and client.want_write():
+                time.sleep(0.02)
+            try:
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                pass
+        client.disconnect()
+        client.loop_stop()
+        self._connected.clear()
+
+
+# ---- the aggregator's transport ----------------------------------------------------------------
+
+
+class MqttTransport(Transport):
+    """`Transport` over MQTT for `ServerIO`: one `up` topic per agent in, one `down` topic out.
+
+    Incoming payloads are queued by paho's thread and handed out by `recv`; anything that is
+    not a message of this run (foreign topic, bad client id, bad status, oversized, full inbox)
+    is dropped here, logged and counted in `dropped`.
+    """
+
+    def __init__(
+        self,
+        settings: LinkSettings,
+        prefix: str,
+        run_id: str,
+        max_payload: int = MAX_MESSAGE_BYTES,
+        inbox_size: int = 8192,
+        presence_grace: float = 5.0,
+    ) -> None:
+        self.prefix = prefix
+        self.run_id = run_id
+        self.max_payload = max_payload
+        self.presence_grace = presence_grace
+        self._offline: dict[str, float] = {}  # client -> when its `offline` takes effect
+        self._offline_lock = threading.Lock()
+        self.instance = uuid.uuid4().hex[:16]
+        self.inbox: queue.Queue[Incoming] = queue.Queue(maxsize=inbox_size)
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.messages_up = 0
+        self.messages_down = 0
+        self.dropped: Counter[str] = Counter()
+        self.presence: dict[str, str] = {}
+        subs = [f"{prefix}/{run_id}/+/{UP}", f"{prefix}/{run_id}/+/{STATUS}"]
+        self.link = MqttLink(
+            settings,
+            f"{prefix}-{run_id}-{AGGREGATOR_ID}",
+            topic(prefix, run_id, AGGREGATOR_ID, STATUS),
+            subs,
+            self._on_message,
+            online_payload=b"online " + self.instance.encode(),
+        )
+
+    def start(self, wait: float = 0.0) -> bool:
+        self.link.start()
+        return self.link.wait_connected(wait) if wait > 0 else self.link.online()
+
+    def _drop(self, reason: str, name: str) -> None:
+        self.dropped[reason] += 1
+        log.warning("dropped MQTT message on %s: %s", name[:120], reason)
+
+    def _on_message(self, name: str, payload: bytes) -> None:
+        parsed = parse_topic(self.prefix, self.run_id, name)
+        if parsed is None:
+            self._drop("foreign topic", name)
+            return
+        cid, kind = parsed
+        if cid == AGGREGATOR_ID:
+            return  # our own status
+        if kind == STATUS:
+            if not payload:
+                return  # a cleared retained status
+            presence = parse_presence(payload)
+            if presence is None:
+                self._drop("bad status payload", name)
+                return
+            state = presence[0]
+            self.presence[cid] = state
+            with self._offline_lock:
+                if state == "offline" and self.presence_grace > 0:
+                    # A last will: hold it a moment, as a broker restart fires every will and the
+                    # agents are back within seconds, their sessions and messages intact.
+                    self._offline.setdefault(cid, time.monotonic() + self.presence_grace)
+                    return
+                if self._offline.pop(cid, None) is not None and state == "online":
+                    log.info("%s reconnected within %.0f s; kept in the round", cid, self.presence_grace)
+            self._put(Incoming(cid, presence=state), name)  # type: ignore[arg-type]
+            return
+        if kind != UP:
+            self._drop(f"unexpected topic kind {kind}", name)
+            return
+        if len(payload) > self.max_payload:
+            self._drop(f"payload of {len(payload)} bytes over {self.max_payload}", name)
+            return
+        self.bytes_up += len(payload)
+        self.messages_up += 1
+        self._put(Incoming(cid, data=bytes(payload)), name)
+
+    def _put(self, ev: Incoming, name: str) -> None:
+        try:
+            self.inbox.put_nowait(ev)
+        except queue.Full:
+            self._drop("inbox full", name)
+
+    # -- Transport --
+
+    def send(self, client_id: str, data: bytes) -> None:
+        self.bytes_down += len(data)
+        self.messages_down += 1
+        self.link.publish(topic(self.prefix, self.run_id, client_id, DOWN), data)
+
+    def recv(self, timeout: float) -> Incoming | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            now = time.monotonic()
+            with self._offline_lock:
+                due = [c for c, t in self._offline.items() if t <= now]
+                for c in due:
+                    del self._offline[c]
+                nxt = min(self._offline.values(), default=deadline)
+            if due:
+                for c in due[1:]:
+                    self._put(Incoming(c, presence="offline"), f"{c}/{STATUS}")
+                return Incoming(due[0], presence="offline")
+            try:
+                return self.inbox.get(timeout=max(0.0, min(deadline, nxt) - now))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    return None
+
+    def publish_global(self, data: bytes) -> None:
+        self.bytes_down += len(data)
+        self.messages_down += 1
+        self.link.publish(topic(self.prefix, self.run_id, AGGREGATOR_ID, GLOBAL), data, retain=True)
+
+    def close(self) -> None:
+        self.link.close()
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())

@@ -1,0 +1,293 @@
+"""PyVertical: vertical partition, PSI alignment through the transport, the multi-head SplitNN."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from splitfed.algorithms.pyvertical import (
+    CentralVertical,
+    VerticalModelConfig,
+    build_federation,
+    build_vertical_model,
+)
+from splitfed.config import TrainConfig
+from splitfed.data.partition import client_shards
+from splitfed.data.synth import SynthConfig, generate_synth
+from splitfed.data.vertical import (
+    LabelTable,
+    OwnerTable,
+    VerticalConfig,
+    VerticalData,
+    check_overlap,
+    part_boxes,
+    vertical_partition,
+)
+from splitfed.errors import UserError
+from splitfed.model import ModelConfig
+from splitfed.wire import decode
+
+SEED = 3
+ALIGN = 8  # the scale of the device half: stride-2 stem, then two pools
+
+
+@pytest.fixture(scope="module")
+def small_ds():
+    return generate_synth(SynthConfig(identities=6, per_emotion=2, height=24, width=48))
+
+
+@pytest.fixture(scope="module")
+def vdata(small_ds) -> VerticalData:
+    return vertical_partition(small_ds, VerticalConfig(owners=3, align=ALIGN, seed=SEED), seed=SEED)
+
+
+def tiny_model(v: VerticalData) -> VerticalModelConfig:
+    split = ModelConfig(input_shape=v.input_shape, widths=(4, 8, 8, 8), cut=2)
+    return VerticalModelConfig(split=split, boxes=v.boxes)
+
+
+def start(v: VerticalData, cfg: VerticalModelConfig, tcfg: TrainConfig, seed: int = SEED):
+    algo, io, owners = build_federation(v, cfg, tcfg, seed)
+    io.wait_for_clients(len(owners), 1.0)
+    algo.enrol(io.online())
+    return algo, io, owners
+
+
+def train(algo, io, rounds: int) -> list[float]:
+    losses = []
+    for rnd in range(rounds):
+        io.round = rnd
+        res = algo.run_round(io, rnd, io.online(), 60.0)
+        assert not res.dropped
+        losses.append(res.loss_sum / res.seen)
+    return losses
+
+
+# ---- the partition ------------------------------------------------------------------------------
+
+
+def test_parts_tile_the_crop_and_ids_overlap_in_part(small_ds, vdata: VerticalData) -> None:
+    assert part_boxes(2, 48, 96) == [(0, 48, 0, 48), (0, 48, 48, 96)]
+    assert len(part_boxes(10, 48, 96)) == 10
+    cover = np.zeros(small_ds.input_shape[1:], int)
+    for y0, y1, x0, x1 in vdata.boxes:
+        cover[y0:y1, x0:x1] += 1
+    assert (cover == 1).all()
+    sets = [set(o.ids.tolist()) for o in vdata.owners] + [set(vdata.labels.ids.tolist())]
+    common = set.intersection(*sets)
+    assert common == vdata.true_intersection()
+    assert 0 < len(common) < min(len(s) for s in sets)  # overlap only in part
+    # Every party stores its rows in its own order.
+    assert vdata.owners[0].ids[:20].tolist() != vdata.owners[1].ids[:20].tolist()
+    # The held-out records are the people every other algorithm tests on.
+    _, test, _ = client_shards(small_ds, 1, "iid", "subject", SEED)
+    test_people = set(test.subjects.tolist())
+    inv = {v: k for k, v in vdata.source_rows.items()}
+    lab_test = dict(zip(vdata.labels.ids.tolist(), vdata.labels.test.tolist(), strict=True))
+    for i in common:
+        assert lab_test[i] == (small_ds.subjects[vdata.source_rows[i]] in test_people)
+    assert len(inv) == len(small_ds)
+
+
+# ---- PSI and alignment through the transport ----------------------------------------------------
+
+
+def test_psi_aligns_exactly_and_owners_learn_only_the_intersection(
+    vdata: VerticalData, small_ds
+) -> None:
+    algo, io, owners = start(vdata, tiny_model(vdata), TrainConfig(batch_size=8))
+    received: dict[str, list[bytes]] = {o.client_id: [] for o in owners}
+    send = io.transport.send
+
+    def spy(cid: str, data: bytes) -> None:
+        received[cid].append(data)
+        send(cid, data)
+
+    io.transport.send = spy  # type: ignore[method-assign]
+    al = algo.align(io, 60.0)
+    common = vdata.true_intersection()
+    assert set(al.train_ids) | set(al.test_ids) == common
+    assert not set(al.train_ids) & set(al.test_ids)
+    lab = dict(zip(vdata.labels.ids.tolist(), vdata.labels.labels.tolist(), strict=True))
+    assert al.y_train.tolist() == [lab[i] for i in al.train_ids]
+    everyone = set(vdata.labels.ids.tolist()).union(*(set(o.ids.tolist()) for o in vdata.owners))
+    outside = everyone - common
+    assert outside
+    for o in owners:
+        assert o.aligned is not None
+        assert o.aligned.ids == {"train": al.train_ids, "test": al.test_ids}
+        # Its aligned rows are the same records: its part of the original crops.
+        y0, y1, x0, x1 = o.table.box
+        rows = [vdata.source_rows[i] for i in al.train_ids]
+        assert np.array_equal(
+            o.table.images[o.aligned.train], small_ds.images[rows][:, :, y0:y1, x0:x1]
+        )
+        # All it heard: the query's size, and ids it holds itself; no id outside the intersection.
+        assert o.responder.queries_seen == [len(vdata.labels.ids)]
+        blobs = b"".join(received[o.client_id])
+        assert any(i.encode() in blobs for i in common)  # the check below can fail
+        assert not [i for i in outside if i.encode() in blobs]
+        types = [decode(b).env.type.value for b in received[o.client_id]]
+        assert types == ["round_start", "round_start"]
+
+
+def test_no_overlap_and_partitions_of_different_people_are_user_errors(small_ds) -> None:
+    people = np.unique(small_ds.subjects)
+    a = small_ds.subset(np.flatnonzero(np.isin(small_ds.subjects, people[:3])))
+    b = small_ds.subset(np.flatnonzero(np.isin(small_ds.subjects, people[3:])))
+    va = vertical_partition(a, VerticalConfig(owners=2, align=ALIGN), seed=0)
+    vb = vertical_partition(b, VerticalConfig(owners=2, align=ALIGN), seed=0)
+    mixed = VerticalData([va.owners[0], vb.owners[1]], va.labels, va.input_shape)
+    with pytest.raises(UserError, match="different people"):
+        check_overlap(mixed)
+    # The label holder finds the same through PSI, without seeing anyone's ids.
+    algo, io, _ = start(mixed, tiny_model(mixed), TrainConfig(batch_size=8))
+    with pytest.raises(UserError, match="no record id"):
+        algo.run_round(io, 0, io.online(), 60.0)
+    # Owners that each share records with the label holder, but no record with all of them.
+    lab = LabelTable(np.asarray(["r1", "r2"]), np.asarray([0, 1]), np.asarray([False, False]))
+    img = np.zeros((1, 1, 24, 24), np.uint8)
+    split = [
+        OwnerTable("o0", np.asarray(["r1"]), img, (0, 24, 0, 24)),
+        OwnerTable("o1", np.asarray(["r2"]), img, (0, 24, 24, 48)),
+    ]
+    with pytest.raises(UserError, match="different people"):
+        check_overlap(VerticalData(split, lab, (1, 24, 48)))
+    nothing = VerticalData(split, lab, (1, 24, 48))
+    algo, io, _ = start(nothing, tiny_model(nothing), TrainConfig(batch_size=8))
+    with pytest.raises(UserError, match="no overlap"):
+        algo.run_round(io, 0, io.online(), 60.0)
+
+
+def test_bad_tables_and_layouts_are_user_errors(vdata: VerticalData) -> None:
+    img = np.zeros((2, 1, 24, 24), np.uint8)
+    with pytest.raises(UserError, match="more than once"):
+        OwnerTable("o", np.asarray(["a", "a"]), img, (0, 24, 0, 24))
+    with pytest.raises(UserError, match="box"):
+        OwnerTable("o", np.asarray(["a", "b"]), img, (0, 24, 0, 20))
+    # An owner whose part is not the one the model expects.
+    cfg = tiny_model(vdata)
+    swapped = cfg.model_copy(update={"boxes": [cfg.boxes[0], cfg.boxes[2], cfg.boxes[1]]})
+    algo, io, _ = start(vdata, swapped, TrainConfig(batch_size=8))
+    with pytest.raises(UserError, match="holds part"):
+        algo.run_round(io, 0, io.online(), 60.0)
+
+
+# ---- the split changes no arithmetic ------------------------------------------------------------
+
+
+def test_transport_training_equals_central_multihead_step_for_step(vdata: VerticalData) -> None:
+    cfg, tcfg = tiny_model(vdata), TrainConfig(batch_size=8)
+    algo, io, owners = start(vdata, cfg, tcfg)
+    initial = [
+        {k: v.clone() for k, v in h.state_dict().items()}
+        for h in build_vertical_model(cfg, SEED)[0]
+    ]
+    losses = train(algo, io, 2)
+    central = CentralVertical(cfg, tcfg, SEED)
+    assert algo.aligned is not None
+    parts = [o.table.images[o.aligned.train] for o in owners]
+    ref = [central.train_round(rnd, parts, algo.aligned.y_train)[0] for rnd in range(2)]
+    np.testing.assert_allclose(losses, ref, rtol=1e-6)
+    for k, v in central.trunk.state_dict().items():
+        torch.testing.assert_close(algo.trunk.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    for o, head, init in zip(owners, central.heads, initial, strict=True):
+        assert o.head is not None
+        for k, v in head.state_dict().items():
+            torch.testing.assert_close(o.head.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+        # Gradients reached every head: each of its parameters moved.
+        for name, p in o.head.named_parameters():
+            assert not torch.equal(p.detach(), init[name]), f"{o.client_id} {name} never trained"
+    # Evaluation through the owners equals the central network's predictions.
+    conf = algo.evaluate(io, io.online(), "test", 60.0)
+    test_parts = [o.table.images[o.aligned.test] for o in owners]
+    pred = central.predict(test_parts)
+    assert int(np.trace(conf)) == int((pred == algo.aligned.y_test).sum())
+    assert conf.sum() == len(algo.aligned.test_ids)
+
+
+def test_deterministic_under_a_seed(vdata: VerticalData) -> None:
+    cfg, tcfg = tiny_model(vdata), TrainConfig(batch_size=8)
+    runs = []
+    for _ in range(2):
+        algo, io, _ = start(vdata, cfg, tcfg)
+        runs.append((train(algo, io, 1), algo.trunk.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for k, v in runs[0][1].items():
+        assert torch.equal(v, runs[1][1][k])
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_simulate_writes_the_common_metrics(tmp_path: Path) -> None:
+    from aggregator.cli import main
+
+    out = tmp_path / "pv"
+    res = CliRunner().invoke(
+        main,
+        [
+            "simulate",
+            "--algo",
+            "pyvertical",
+            "--clients",
+            "2",
+            "--rounds",
+            "1",
+            "--synth-identities",
+            "4",
+            "--batch-size",
+            "16",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["algo"] == "pyvertical" and m["clients"] == 2
+    assert set(m["final"]) >= {"train_accuracy", "test_accuracy", "macro_f1", "test_confusion"}
+    assert set(m["comm"]) >= {
+        "bytes_up",
+        "bytes_down",
+        "train_bytes_per_round",
+        "rejected_messages",
+    }
+    assert set(m["rounds"][0]) >= {
+        "round",
+        "train_loss",
+        "train_accuracy",
+        "test_accuracy",
+        "bytes_up",
+        "bytes_down",
+        "seconds",
+        "samples",
+    }
+    assert m["data"]["n_train"] > 0 and m["data"]["partition"] == "vertical:2"
+    assert m["psi"]["intersection"] == m["data"]["n_train"] + m["data"]["n_test"]
+    assert (out / "curves.png").is_file() and (out / "confusion.png").is_file()
+    bad = CliRunner().invoke(
+        main,
+        [
+            "simulate",
+            "--algo",
+            "pyvertical",
+            "--clients",
+            "40",
+            "--rounds",
+            "1",
+            "--synth-identities",
+            "2",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+    )
+    assert bad.exit_code == 2
+    assert (
+        bad.output.strip().splitlines()[-1]
+        == "error: pyvertical takes 1 to 32 data owners (--clients), got 40"
+    )

@@ -1,0 +1,71 @@
+"""`aggregator simulate / compare / prepare`: outputs a person opens, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from aggregator.cli import main
+
+SMALL = ["--synth-identities", "8", "--rounds", "2", "--batch-size", "16"]
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output  # stdout and stderr together
+
+
+def test_simulate_writes_metrics_plots_and_checkpoint(tmp_path: Path) -> None:
+    code, out = invoke("simulate", "--algo", "sflv2", "--clients", "2", *SMALL, "--out", str(tmp_path))
+    assert code == 0, out
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["algo"] == "sflv2" and m["clients"] == 2 and len(m["rounds"]) == 2
+    for key in ("round", "train_loss", "train_accuracy", "test_accuracy", "bytes_up", "bytes_down", "seconds"):
+        assert key in m["rounds"][0]
+    assert m["rounds"][0]["bytes_up"] > 0 and m["rounds"][0]["bytes_down"] > 0
+    for key in ("train_accuracy", "test_accuracy", "macro_f1"):
+        assert 0.0 <= m["final"][key] <= 1.0
+    assert m["data"]["split"] == "subject" and m["data"]["n_train"] > 0 and m["data"]["n_test"] > 0
+    assert m["comm"]["bytes_up"] >= sum(r["bytes_up"] for r in m["rounds"])
+    for name in ("curves.png", "confusion.png", "checkpoint/model.safetensors"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_compare_writes_table_and_plot(tmp_path: Path) -> None:
+    code, out = invoke("compare", "--algos", "centralized,sl,fedavg", "--clients", "2,3", *SMALL, "--out", str(tmp_path))
+    assert code == 0, out
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("| sl |") == 2 and md.count("| fedavg |") == 2 and md.count("| centralized |") == 1
+    assert "subject" in md
+    rows = (tmp_path / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 5
+    assert (tmp_path / "comparison.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["simulate", "--algo", "nope"], "unknown algorithm"),
+        (["simulate", "--algo", "sl", "--data", "/no/such/place"], "no such file or folder"),
+        (["simulate", "--algo", "sflv1", "--clients", "20", "--synth-identities", "8"], "subjects"),
+        (["simulate", "--algo", "sflv1", "--partition", "dirichlet:x"], "positive alpha"),
+        (["compare", "--clients", "two"], "--clients"),
+        (["simulate", "--algo", "sl", "--cut", "9"], "cut"),
+        (["prepare", "/no/such/place"], "no such file or folder"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
+    code, out = invoke(*args, *(["--out", str(tmp_path)] if args[0] != "prepare" else []))
+    assert code == 2, out
+    assert message in out
+    assert "Traceback" not in out
+    assert len([line for line in out.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_empty_class_folder_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "data" / "happy").mkdir(parents=True)
+    code, out = invoke("simulate", "--algo", "sl", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "Traceback" not in out
