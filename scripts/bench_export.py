@@ -39,13 +39,20 @@ STAGES = ("decode", "detect", "crop", "infer", "serialize")
 
 
 def _cpu_name() -> str:
+    """CPU model plus the int8 dot-product extensions that decide how fast int8 can be."""
+    name, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware")):
-                return line.split(":", 1)[1].strip()
+            key = line.split(":", 1)[0].strip().lower()
+            if key in ("model name", "hardware") and ":" in line:
+                name = line.split(":", 1)[1].strip()
+            elif key in ("flags", "features") and ":" in line:
+                flags |= set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    wanted = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+    found = [f for f in wanted if f in flags]
+    return f"{name} ({', '.join(found) or 'no int8 dot-product extensions listed'})"
 
 
 def _median_ms(fn: Any, runs: int, warmup: int = 50) -> tuple[float, float]:
@@ -200,6 +207,18 @@ def requant_child(args: argparse.Namespace) -> None:
     )
 
 
+def train_checkpoint(rounds: int, identities: int) -> Path:
+    """A centralized model on the synthetic set, as `aggregator simulate --algo centralized`."""
+    from splitfed.data.synth import SynthConfig, generate_synth
+    from splitfed.simulate import SimSpec, simulate
+
+    out = Path(tempfile.mkdtemp(prefix="bench-export-train-"))
+    print(f"training a centralized model for {rounds} rounds in {out} ...", file=sys.stderr)
+    data = generate_synth(SynthConfig(identities=identities))
+    simulate(data, SimSpec(algo="centralized", clients=1, rounds=rounds, out_dir=out))
+    return out / "checkpoint"
+
+
 def _child(extra: list[str]) -> dict[str, Any]:
     cmd = [sys.executable, __file__, *extra]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO)
@@ -253,6 +272,7 @@ def bench(args: argparse.Namespace) -> str:
     from splitfed.onnx_client import InferenceConfig, OnnxClient
 
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     ckpt = Path(args.checkpoint)
     cfg, client, server = load_model(ckpt)
     client.eval()
@@ -342,7 +362,9 @@ def bench(args: argparse.Namespace) -> str:
         "## ONNX client half and the live per-frame path (`scripts/bench_export.py`)",
         "",
         f"Machine: {_cpu_name()}, {cores} cores visible; torch {torch.__version__}, "
-        f"onnxruntime {ort.__version__}; {time.strftime('%Y-%m-%d')}.",
+        f"onnxruntime {ort.__version__}; {time.strftime('%Y-%m-%d')}; 1-minute load average "
+        f"{load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end (a shared "
+        "machine: medians, and p90 shows the interference).",
         f"Model: checkpoint `{ckpt}`{_checkpoint_note(ckpt)}, "
         f"input {tuple(cfg.input_shape)}, cut {cfg.cut}, smashed {smashed_shape(cfg)}; client "
         f"half {count_parameters(client):,} parameters, "
@@ -426,7 +448,14 @@ def bench(args: argparse.Namespace) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, help="checkpoint directory or model.safetensors")
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="checkpoint directory or model.safetensors; default: train one on the synthetic set",
+    )
+    ap.add_argument(
+        "--train-rounds", type=int, default=8, help="rounds of that training (no --checkpoint)"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench_export.md"), help="markdown output")
     ap.add_argument("--runs", type=int, default=1000, help="timed runs per model")
     ap.add_argument("--frames", type=int, default=200, help="frames of the per-frame loop")
@@ -446,7 +475,7 @@ def main() -> None:
         requant_child(args)
         return
     if args.checkpoint is None:
-        ap.error("--checkpoint is required (train one with `aggregator simulate`)")
+        args.checkpoint = train_checkpoint(args.train_rounds, args.synth_identities)
     text = bench(args)
     args.out.write_text(text)
     print(text)

@@ -214,6 +214,9 @@ def main() -> None:
 
     mq, stats = runs["fp32"]
     same = all(a["train_loss"] == b["train_loss"] for a, b in zip(mq["rounds"], sim["rounds"], strict=True))
+    if not same:
+        print("train losses, MQTT:", [r["train_loss"] for r in mq["rounds"]], "simulator:",
+              [r["train_loss"] for r in sim["rounds"]], "dropped:", [r["dropped"] for r in mq["rounds"]])
     mq_s = [r["seconds"] for r in mq["rounds"]]
     sim_s = [r["seconds"] for r in sim["rounds"]]
     cpu = platform.processor() or platform.machine()

@@ -38,7 +38,7 @@ from torch import nn
 from splitfed.algorithms.aggregate import weighted_average
 from splitfed.algorithms.base import Algorithm, RoundTrain
 from splitfed.algorithms.pyvertical import AlgorithmIO
-from splitfed.config import TrainConfig
+from splitfed.config import TrainConfig, round_lr
 from splitfed.data.batches import iterate_batches, num_batches, to_tensor
 from splitfed.data.clips import ClipDataset, clips_for, shard_indices
 from splitfed.data.dataset import EmotionDataset
@@ -52,6 +52,7 @@ from splitfed.training import (
     load_numpy_state,
     make_optimizer,
     prefixed,
+    set_lr,
     state_to_numpy,
     unprefixed,
 )
@@ -88,12 +89,16 @@ class SeqModelConfig(BaseModel):
     frame_shape: tuple[int, int, int] = Field((1, 48, 96), description="C, H, W of one frame")
     frames: int = Field(DEFAULT_FRAMES, ge=1, description="frames per sequence")
     segments: int = Field(DEFAULT_SEGMENTS, ge=1, description="devices per client group")
-    widths: tuple[int, ...] = Field((8, 16, 32, 64), description="channels of the frame encoder")
+    widths: tuple[int, ...] = Field(
+        (16, 32, 64, 96), description="channels of each conv block of the frame encoder"
+    )
     stem: int = Field(2, ge=1, le=4, description="stride of the encoder's first convolution")
-    spatial: bool = Field(True, description="flatten the encoder's last map instead of averaging")
-    features: int = Field(64, ge=1, description="per-frame features with `spatial`")
-    feature_norm: bool = Field(False, description="batch-normalise the per-frame features")
-    hidden: int = Field(64, ge=1, description="GRU hidden size (what crosses between devices)")
+    double: bool = Field(True, description="two convolutions per block, as in the split CNN")
+    grid: tuple[int, int] = Field(
+        (3, 6), description="pooled map that is flattened per frame; keeps where brows and lids are"
+    )
+    features: int = Field(128, ge=1, description="per-frame features fed to the GRU")
+    hidden: int = Field(128, ge=1, description="GRU hidden size (what crosses between devices)")
     dropout: float = Field(0.3, ge=0.0, lt=1.0, description="dropout before the classifier")
     num_classes: int = Field(NUM_CLASSES, description="number of emotions")
 
@@ -116,42 +121,43 @@ class SeqModelConfig(BaseModel):
 
 
 class FrameEncoder(nn.Module):
-    """A small CNN: each frame to a feature vector.
+    """Each frame to a feature vector, with the conv stack of the split CNN.
 
-    The first convolution strides by `stem` instead of pooling: a device encodes several frames
-    per sample, and full-resolution feature maps would cost several times a picture model's step.
-    With `spatial`, the last map is flattened and projected rather than averaged, which keeps
-    where things are (how high a brow sits above its eye), not only what is there.
+    Blocks of (two) 3x3 convolutions with batch norm, pooling between blocks; the first
+    convolution strides by `stem`. The last map is pooled to a small grid and flattened, which
+    keeps where things are (how high a brow sits above its eye), then projected.
     """
 
     def __init__(self, cfg: SeqModelConfig) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in, (_, h, w) = cfg.frame_shape[0], cfg.frame_shape
+        blocks: list[nn.Module] = []
+        c_in = cfg.frame_shape[0]
         for i, width in enumerate(cfg.widths):
-            stride = cfg.stem if i == 0 else 1
-            layers += [
-                nn.Conv2d(c_in, width, 3, stride=stride, padding=1, bias=False),
+            layers: list[nn.Module] = [
+                nn.Conv2d(c_in, width, 3, stride=cfg.stem if i == 0 else 1, padding=1, bias=False),
                 nn.BatchNorm2d(width),
                 nn.ReLU(inplace=True),
             ]
-            h, w = -(-h // stride), -(-w // stride)
-            if stride == 1:  # ceil: row bands of a crop are only a few rows high
+            if cfg.double:
+                layers += [
+                    nn.Conv2d(width, width, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                ]
+            if i < len(cfg.widths) - 1:  # ceil: row bands of a crop are only a few rows high
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
-                h, w = -(-h // 2), -(-w // 2)
+            blocks.append(nn.Sequential(*layers))
             c_in = width
-        self.blocks = nn.Sequential(*layers)
-        if cfg.spatial:
-            proj: list[nn.Module] = [nn.Flatten(1), nn.Linear(c_in * h * w, cfg.features)]
-            if cfg.feature_norm:
-                proj.append(nn.BatchNorm1d(cfg.features))
-            self.pool: nn.Module = nn.Sequential(*proj, nn.ReLU(inplace=True))
-        else:
-            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        self.out_features = cfg.features if cfg.spatial else c_in
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(cfg.grid)
+        self.proj = nn.Sequential(
+            nn.Flatten(1),
+            nn.Linear(c_in * cfg.grid[0] * cfg.grid[1], cfg.features),
+            nn.ReLU(inplace=True),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.blocks(x))
+        return self.proj(self.pool(self.blocks(x)))
 
 
 class Segment(nn.Module):
@@ -162,7 +168,7 @@ class Segment(nn.Module):
         self.k = k
         self.last = k == cfg.segments - 1
         self.encoder = FrameEncoder(cfg)
-        self.gru = nn.GRU(self.encoder.out_features, cfg.hidden, batch_first=True)
+        self.gru = nn.GRU(cfg.features, cfg.hidden, batch_first=True)
         if self.last:
             self.dropout = nn.Dropout(cfg.dropout)
             self.fc = nn.Linear(cfg.hidden, cfg.num_classes)
@@ -210,6 +216,7 @@ class _Body(BaseModel):
     model: dict[str, Any]
     train: dict[str, Any]
     split: str = "test"
+    lr: float | None = None
 
 
 @dataclass
@@ -424,6 +431,10 @@ class SegmentRuntime:
         body = self._configure(msg)
         assert self.train_cfg is not None and self.cfg is not None
         cfg = self.train_cfg
+        lr = cfg.lr if body.lr is None else body.lr
+        if not 0 <= lr <= 10:
+            raise ValueError(f"learning rate {lr} out of range")
+        set_lr(self.opt, lr)
         key = (body.seed, msg.env.round, self.group)
         batches = iterate_batches(
             frames_proxy(self.train, self.train_labels),
@@ -647,16 +658,12 @@ class FedSL(Algorithm):
     mode = "local"  # the whole network lives on the devices; nothing to publish
 
     def __init__(self, model_cfg: SeqModelConfig, train_cfg: TrainConfig, seed: int) -> None:
-        # Not Algorithm.__init__: the model is the segmented recurrent network.
+        super().__init__(ModelConfig(), train_cfg, seed)
+        # The model is the segmented recurrent network, all of it on the devices.
         self.model_cfg = model_cfg  # type: ignore[assignment]
-        self.train_cfg = train_cfg
-        self.seed = seed
         self.segments = build_seq_model(model_cfg, seed)
-        self.client_net = self.segments  # type: ignore[assignment]  # every segment is on a device
+        self.client_net = self.segments  # type: ignore[assignment]
         self.server_net = nn.ModuleDict()  # type: ignore[assignment]
-        self.loss_fn = nn.CrossEntropyLoss()
-        self.version = 0
-        self.indices: dict[str, int] = {}
         self.member: dict[str, tuple[int, int]] = {}  # device -> (group, segment)
         self.groups: dict[int, list[str]] = {}  # group -> devices in segment order
 
@@ -728,6 +735,7 @@ class FedSL(Algorithm):
             "model": self.model_cfg.model_dump(mode="json"),
             "train": self.train_cfg.model_dump(mode="json"),
             "weights_version": self.version,
+            "lr": self.lr,
             **extra,
         }
 
@@ -854,6 +862,9 @@ class FedSL(Algorithm):
         )
         return conf
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return []  # the aggregator trains nothing; devices get the round's rate in ROUND_START
+
     # ---- checkpoints --------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
@@ -890,8 +901,13 @@ class CentralSequence:
         assert h is not None
         return h
 
-    def train_round(self, rnd: int, clips: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    def train_round(
+        self, rnd: int, clips: np.ndarray, labels: np.ndarray, rounds: int = 1
+    ) -> tuple[float, float]:
+        """One round (of `rounds`, for the learning-rate schedule) over all clips."""
         cfg = self.train_cfg
+        for opt in self.opts:
+            set_lr(opt, round_lr(cfg, rnd, rounds))
         loss_sum, correct, seen = 0.0, 0, 0
         self.segments.train()
         batches = iterate_batches(

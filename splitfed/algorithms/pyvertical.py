@@ -250,7 +250,7 @@ class _PhaseBody(BaseModel):
     model: dict[str, Any] | None = None
     train: dict[str, Any] | None = None
     split: str = "test"
-    lr: float = 0.0
+    lr: float | None = None
 
 
 @dataclass
@@ -435,9 +435,10 @@ class OwnerRuntime:
         assert self.train_cfg is not None
         cfg = self.train_cfg
         images = self.table.images[self.aligned.train]
-        if not 0 <= body.lr <= 10:
-            raise ValueError(f"learning rate {body.lr} out of range")
-        set_lr(self.opt, body.lr)
+        lr = cfg.lr if body.lr is None else body.lr
+        if not 0 <= lr <= 10:
+            raise ValueError(f"learning rate {lr} out of range")
+        set_lr(self.opt, lr)
         key = (body.seed, msg.env.round, 0)
         steps = len(batch_plan(len(images), cfg.batch_size, key, cfg.local_epochs))
         batches = part_batches(images, cfg.batch_size, key, cfg.local_epochs, cfg.augment)

@@ -45,7 +45,7 @@ def clips() -> ClipDataset:
 
 def tiny(segments: int = 2) -> SeqModelConfig:
     return SeqModelConfig(
-        frame_shape=(1, 24, 48), frames=4, segments=segments, widths=(4, 8), hidden=8
+        frame_shape=(1, 24, 48), frames=4, segments=segments, widths=(4, 8), features=16, hidden=8
     )
 
 
@@ -61,6 +61,7 @@ def train(algo, io, rounds: int) -> list[float]:
     losses = []
     for rnd in range(rounds):
         io.round = rnd
+        algo.start_round(rnd, rounds)  # as the runner does: this round's learning rate
         res = algo.run_round(io, rnd, io.online(), 60.0)
         assert not res.dropped and res.seen > 0
         losses.append(res.loss_sum / res.seen)
@@ -103,7 +104,7 @@ def test_transport_equals_the_unsplit_network_step_for_step(clips: ClipDataset) 
     losses = train(algo, io, 2)
     tr, te = shards[0]
     central = CentralSequence(cfg, TrainConfig(batch_size=8), SEED)
-    ref = [central.train_round(rnd, clips.clips[tr], clips.labels[tr])[0] for rnd in range(2)]
+    ref = [central.train_round(rnd, clips.clips[tr], clips.labels[tr], 2)[0] for rnd in range(2)]
     np.testing.assert_allclose(losses, ref, rtol=1e-6)
     for k, seg in enumerate(central.segments):
         assert devices[k].net is not None

@@ -62,6 +62,7 @@ def train(algo, io, rounds: int) -> list[float]:
     losses = []
     for rnd in range(rounds):
         io.round = rnd
+        algo.start_round(rnd, rounds)  # as the runner does: this round's learning rate
         res = algo.run_round(io, rnd, io.online(), 60.0)
         assert not res.dropped
         losses.append(res.loss_sum / res.seen)
@@ -192,7 +193,7 @@ def test_transport_training_equals_central_multihead_step_for_step(vdata: Vertic
     central = CentralVertical(cfg, tcfg, SEED)
     assert algo.aligned is not None
     parts = [o.table.images[o.aligned.train] for o in owners]
-    ref = [central.train_round(rnd, parts, algo.aligned.y_train)[0] for rnd in range(2)]
+    ref = [central.train_round(rnd, parts, algo.aligned.y_train, 2)[0] for rnd in range(2)]
     np.testing.assert_allclose(losses, ref, rtol=1e-6)
     for k, v in central.trunk.state_dict().items():
         torch.testing.assert_close(algo.trunk.state_dict()[k], v, rtol=1e-5, atol=1e-6)

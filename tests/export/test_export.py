@@ -322,3 +322,12 @@ def test_requantizer_runs_beside_training(trained: Trained, tmp_path: Path) -> N
 def test_export_refuses_crops_of_another_shape(trained: Trained, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model takes"):
         export_client(trained.client, trained.cfg, tmp_path, calibration=crops(4, (1, 32, 32)))
+
+
+def test_quantization_follows_the_device_provider() -> None:
+    from export.onnx import QuantConfig
+
+    trt = QuantConfig.for_providers(["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    assert (trt.format, trt.activation, trt.symmetric_activations) == ("qdq", "int8", True)
+    cpu = QuantConfig.for_providers(["CPUExecutionProvider"])
+    assert (cpu.format, cpu.activation, cpu.per_channel) == ("qdq", "uint8", True)

@@ -1,0 +1,73 @@
+"""The device runtime: nothing but smashed data leaves it, and bad input does not crash it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from splitfed.algorithms.sflv1 import SFLV1
+from splitfed.client import ClientRuntime
+from splitfed.config import TrainConfig
+from splitfed.data.partition import client_shards
+from splitfed.model import ModelConfig, smashed_shape
+from splitfed.server import ServerIO
+from splitfed.transport import InProcessTransport
+from splitfed.wire import MsgType, Sequencer, decode, encode
+
+
+class TapTransport(InProcessTransport):
+    """Records every message in both directions."""
+
+    def __init__(self, clients: list[ClientRuntime]) -> None:
+        self.log: list[bytes] = []
+        super().__init__(clients)
+
+    def _from_client(self, client_id: str, data: bytes) -> None:
+        self.log.append(data)
+        super()._from_client(client_id, data)
+
+    def send(self, client_id: str, data: bytes) -> None:
+        self.log.append(data)
+        super().send(client_id, data)
+
+
+def test_only_declared_tensors_cross_the_wire(small_synth) -> None:
+    _, _, shards = client_shards(small_synth, 2, seed=0)
+    clients = [ClientRuntime(f"client-{i:02d}", "r", tr, te) for i, (tr, te) in enumerate(shards)]
+    tap = TapTransport(clients)
+    model, train = ModelConfig(widths=(8, 16, 16), cut=1), TrainConfig(batch_size=16)
+    io = ServerIO(tap, "r", model, train)
+    algo = SFLV1(model, train, 0)
+    io.wait_for_clients(2, 1)
+    algo.enrol(io.online())
+    algo.run_round(io, 0, io.online(), 60)
+    algo.evaluate(io, io.online(), "test", 60)
+    image_shape = small_synth.images.shape[1:]
+    act = smashed_shape(model)
+    seen = set()
+    for data in tap.log:
+        msg = decode(data)
+        seen.add(msg.type)
+        for name, t in msg.tensors.items():
+            assert t.shape[1:] != image_shape, f"{msg.type} carries an image-shaped tensor {name}"
+            if name == "activations":
+                assert t.shape[1:] == act
+    assert {MsgType.SMASHED, MsgType.GRADIENTS, MsgType.CLIENT_UPDATE, MsgType.EVAL_SMASHED,
+            MsgType.EVAL_RESULT} <= seen
+    # Evaluation results are counts only: no labels travel in EVAL_SMASHED.
+    assert all("labels" not in decode(d).tensors for d in tap.log if decode(d).type is MsgType.EVAL_SMASHED)
+
+
+def test_bad_messages_are_dropped_not_raised(small_synth) -> None:
+    client = ClientRuntime("client-00", "r", small_synth)
+    agg = Sequencer("aggregator", "r")
+    bad = [
+        b"",
+        b"garbage" * 10,
+        encode(agg.make(MsgType.GRADIENTS, 0, {"step": 0}, {"grad": np.zeros((2, 8, 24, 48), np.float32)})),
+        encode(Sequencer("stranger", "r").make(MsgType.ROUND_START, 0, {})),
+        encode(agg.make(MsgType.ROUND_START, 0, {"model": {"cut": 99}})),
+        encode(agg.make(MsgType.EVAL_PREDICTIONS, 0, {"split": "test", "step": 3}, {"pred": np.zeros(2, np.int64)})),
+    ]
+    for data in bad:
+        assert client.handle_bytes(data) == []
+    assert client.rejected == len(bad)
