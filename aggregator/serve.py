@@ -90,7 +90,9 @@ class ServeConfig(_Strict):
         None, description="evaluation set held by the aggregator (path or synth)"
     )
     presence_grace: float = Field(
-        5.0, ge=0, description="seconds an agent's last will waits for it to reconnect before it counts"
+        5.0,
+        ge=0,
+        description="seconds an agent's last will waits for it to reconnect before it counts",
     )
     rejoin_grace: float = Field(
         5.0, ge=0, description="seconds a round waits for agents that dropped out to reconnect"
@@ -122,6 +124,11 @@ class ServeIO(ServerIO):
         self.min_clients = min_clients
         self.grace = grace
         self.outage_timeout = outage_timeout
+        self.last_poll = time.monotonic()  # the systemd watchdog checks that rounds progress
+
+    def next(self, deadline: float) -> Any:
+        self.last_poll = time.monotonic()
+        return super().next(deadline)
 
     def trainers(self) -> list[str]:
         return sorted(c for c, i in self.clients.items() if i.online and i.n_train > 0)
@@ -215,9 +222,12 @@ class Dashboard:
 
     def __rich__(self) -> Group:
         try:
-            clients = sorted(self.io.clients.items())
-        except RuntimeError:  # changed while copying; next refresh
-            clients = []
+            return self._render()
+        except RuntimeError:  # the round logic changed a dict while we read it; next refresh
+            return Group(Table.grid())
+
+    def _render(self) -> Group:
+        clients = sorted(self.io.clients.items())
         online = [c for c, i in clients if i.online]
         head = Table.grid(padding=(0, 2))
         head.add_row("broker", self.broker, "run", self.cfg.broker.run_id, "algo", self.cfg.algo)
@@ -364,7 +374,9 @@ def serve(
     }
     cfg = load_serve_config(config_path, overrides)
     try:
-        metrics = run_serve(cfg, eval_data_format=eval_data_format, synth_identities=synth_identities)
+        metrics = run_serve(
+            cfg, eval_data_format=eval_data_format, synth_identities=synth_identities
+        )
     except RuntimeError as e:  # no agents: the checkpoint lets the same command carry on later
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -396,6 +408,7 @@ def run_serve(
     """Start (or reach) the broker, train, write the outputs; returns the metrics."""
     import torch
 
+    from splitfed import sdnotify
     from splitfed.algorithms import ALGORITHMS
     from splitfed.broker import EmbeddedBroker
     from splitfed.metrics import write_json
@@ -427,7 +440,6 @@ def run_serve(
     if b.url is None:
         host, port = _host_port(b.listen)
         embedded = EmbeddedBroker(host, port)
-        embedded.start()
         url = embedded.url
     else:
         url = b.url
@@ -452,6 +464,8 @@ def run_serve(
             row.update(evaluate_on(algo, eval_ds))
         dash.rows.append(row)
         dash.phase = "training"
+        sdnotify.notify(f"STATUS=round {row['round']}/{cfg.rounds}: test accuracy "
+                        f"{row['test_accuracy']:.1%}")  # fmt: skip
         log.info(
             "round %d: loss %.4f, train acc %.3f, test acc %.3f, %d clients, %d dropped, %.1f s",
             row["round"],
@@ -471,10 +485,16 @@ def run_serve(
     )  # fmt: skip
     metrics: dict[str, Any] | None = None
     view = Live(dash, console=console, refresh_per_second=2, transient=False) if live else None
+    watchdog = sdnotify.Watchdog()
     try:
+        if embedded is not None:
+            embedded.start()
         transport.start(wait=10.0)
         if not transport.link.online():
             log.warning("no MQTT broker at %s yet; retrying in the background", url)
+        sdnotify.notify(f"READY=1\nSTATUS=waiting for {cfg.min_clients} agents on {url}")
+        # Alive while the round logic keeps polling the network (it does at least every second).
+        watchdog.start(lambda: time.monotonic() - io.last_poll < 120)
         log.info(
             "waiting for %d agent(s) on %s (run %s, prefix %s)",
             cfg.min_clients,
@@ -510,6 +530,8 @@ def run_serve(
     except KeyboardInterrupt:
         log.info("stopping")
     finally:
+        sdnotify.notify("STOPPING=1")
+        watchdog.stop()
         if view is not None:
             view.stop()
         transport.close()

@@ -146,9 +146,15 @@ class Agent:
     def start(self) -> None:
         self.link.start()
 
-    def run(self) -> None:
-        """Handle messages until `stop` (or the aggregator's `stopped` with exit_when_done)."""
+    def run(self, watchdog: Any = None) -> None:
+        """Handle messages until `stop` (or the aggregator's `stopped` with exit_when_done).
+
+        `watchdog` (splitfed.sdnotify.Watchdog) is pinged from this loop: a hung loop stops
+        the pings and systemd restarts the agent.
+        """
         while not self.stop.is_set():
+            if watchdog is not None:
+                watchdog.ping()
             try:
                 cid, kind, payload, received = self.inbox.get(timeout=0.2)
             except queue.Empty:
@@ -270,6 +276,25 @@ class Agent:
         self.counters["predict_sent"] += 1
         return ok
 
+    def local_prediction(self, frame: int, logits: np.ndarray, captured_at: float) -> bool:
+        """Offline mode: the full model ran on the device; reported as an aggregator answer."""
+        z = logits.reshape(-1)[:NUM_CLASSES].astype(np.float64)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        self._report(frame, p, time.perf_counter() - captured_at)
+        return True
+
+    def _report(self, frame: int, p: np.ndarray, latency: float) -> None:
+        self.predict_latency.append(latency)
+        k = int(np.argmax(p))
+        pred = Prediction(
+            frame, EMOTIONS[k], float(p[k]), p.tolist(), latency * 1e3, self.live_version
+        )
+        self.counters["predictions"] += 1
+        self.link.publish(self.prediction_topic, pred.to_json(), qos=0)
+        if self.on_prediction is not None:
+            self.on_prediction(pred)
+
     def _on_prediction(self, payload: bytes) -> None:
         try:
             msg = self._pred_validator.check(payload)
@@ -283,17 +308,7 @@ class Agent:
         if sent is None or len(probs) != 1:
             self.counters["unmatched_prediction"] += 1
             return
-        latency = time.perf_counter() - sent[1]
-        self.predict_latency.append(latency)
-        p = probs[0].astype(float)
-        k = int(np.argmax(p))
-        pred = Prediction(
-            frame, EMOTIONS[k], float(p[k]), p.tolist(), latency * 1e3, self.live_version
-        )
-        self.counters["predictions"] += 1
-        self.link.publish(self.prediction_topic, pred.to_json(), qos=0)
-        if self.on_prediction is not None:
-            self.on_prediction(pred)
+        self._report(frame, probs[0].astype(float), time.perf_counter() - sent[1])
 
     # ---- numbers -------------------------------------------------------------------------------
 

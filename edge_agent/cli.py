@@ -190,8 +190,8 @@ def run_agent(cfg: AgentConfig, stats_file: Path | None = None) -> dict[str, Any
     shard = training_shard(cfg)
     if shard is None and not cfg.live.enabled:
         raise UserError(
-            "nothing to do: give --dataset (synth or a path) to train, or --camera to classify live "
-            "(or collect crops first with `edge-agent collect`)"
+            "nothing to do: give --dataset (synth or a path) to train, or --camera to classify "
+            "live (or collect crops first with `edge-agent collect`)"
         )
     if shard is None:
         c = cfg.crop
@@ -224,9 +224,13 @@ def run_agent(cfg: AgentConfig, stats_file: Path | None = None) -> dict[str, Any
     pipeline = None
     if cfg.live.enabled:
         pipeline = _start_live(cfg, agent, stop, train=len(shard[0]) > 0)
+    from splitfed import sdnotify
+
+    sdnotify.notify(f"READY=1\nSTATUS={cfg.client_id} on {cfg.broker.url}")
     try:
-        agent.run()
+        agent.run(sdnotify.Watchdog())
     finally:
+        sdnotify.notify("STOPPING=1")
         stop.set()
         agent.close()
         stats = agent.stats()
@@ -244,18 +248,30 @@ def run_agent(cfg: AgentConfig, stats_file: Path | None = None) -> dict[str, Any
 def _start_live(cfg: AgentConfig, agent: Any, stop: threading.Event, train: bool) -> Any:
     from edge_agent.pipeline import LivePipeline, torch_client_half
 
-    if cfg.inference.model is not None:
+    publish = agent.send_predict
+    offline = cfg.inference.full_model is not None
+    if offline:
+        from splitfed.onnx_client import OnnxClient
+
+        c = cfg.crop
+        full = OnnxClient(cfg.inference.full_model, cfg.inference,  # type: ignore[arg-type]
+                          expected_input=(c.channels, c.height, c.width))  # fmt: skip
+        half = lambda x: np.asarray(full.run(x), dtype=np.float32)  # noqa: E731 - logits
+        publish = agent.local_prediction
+        log.info("live: full ONNX model %s on the device (offline, no aggregator round trip)",
+                 cfg.inference.full_model)  # fmt: skip
+    elif cfg.inference.model is not None:
         half = _onnx_half(cfg, agent)
         log.info("live client half: ONNX model %s", cfg.inference.model)
     else:
         half = torch_client_half(lambda: agent.live_net)
         log.info("live client half: torch, from the aggregator's retained global weights")
-    onnx = cfg.inference.model is not None
+    onnx = offline or cfg.inference.model is not None
 
     def ready() -> bool:  # joined (so frames are answered) and holding a client half
-        return agent.joined.is_set() and (onnx or agent.live_net is not None)
+        return offline or (agent.joined.is_set() and (onnx or agent.live_net is not None))
 
-    pipeline = LivePipeline(cfg.camera, cfg.live, cfg.crop, half, agent.send_predict, stop, ready)
+    pipeline = LivePipeline(cfg.camera, cfg.live, cfg.crop, half, publish, stop, ready)
     pipeline.start()
 
     def watch() -> None:
@@ -266,7 +282,8 @@ def _start_live(cfg: AgentConfig, agent: Any, stop: threading.Event, train: bool
                 s = pipeline.stats()
                 lat = agent.stats()["predict_latency_ms"]
                 log.info(
-                    "live: %.1f frames/s, %d predictions, p50 latency %s ms, drops %s, reconnects %d",
+                    "live: %.1f frames/s, %d predictions, p50 latency %s ms, drops %s, "
+                    "reconnects %d",
                     s["fps"],
                     agent.counters["predictions"],
                     "-" if lat["p50"] is None else f"{lat['p50']:.0f}",

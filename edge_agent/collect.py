@@ -62,7 +62,8 @@ def collect_crops(
                     frames += 1
                     if frames > c.max_frames:
                         raise UserError(
-                            f"only {saved} of {c.per_emotion} {emotion} crops after {frames - 1} frames: "
+                            f"only {saved} of {c.per_emotion} {emotion} crops after {frames - 1} "
+                            "frames: "
                             "is a face in view and lit?"
                         )
                     crop = cropper.crop(image)

@@ -70,7 +70,8 @@ class DataConfig(_Strict):
 
     dataset: str | None = Field(
         None,
-        description="synth, a data-set path (KDEF, folder per class, FER2013 CSV), or 'crops' for the "
+        description="synth, a data-set path (KDEF, folder per class, FER2013 CSV), or "
+        "'crops' for the "
         "crops collected on this device; None = the collected crops if there are any",
     )
     data_format: Literal["synth", "kdef", "folder", "fer2013"] | None = Field(

@@ -40,8 +40,13 @@ class CropStore:
         if emotion not in EMOTIONS:
             raise ValueError(f"unknown emotion {emotion!r}")
         folder = self.root / emotion
-        folder.mkdir(parents=True, exist_ok=True)
-        (self.root / MARKER).write_text(self.crop.model_dump_json())
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (self.root / MARKER).write_text(self.crop.model_dump_json())
+        except OSError as e:
+            raise UserError(
+                f"cannot store crops in {self.root}: {e.strerror}; use --state-dir"
+            ) from None
         img = (
             crop[0]
             if crop.shape[0] == 1
@@ -63,7 +68,7 @@ class CropStore:
         return (self.root / MARKER).is_file() and sum(self.counts().values()) > 0
 
     def load(self, name: str = "crops") -> EmotionDataset:
-        """All stored crops; a file of the wrong size or an unreadable one is skipped with a warning."""
+        """All stored crops; a wrong-sized or unreadable file is skipped with a warning."""
         c, h, w = self.crop.channels, self.crop.height, self.crop.width
         images: list[np.ndarray] = []
         labels: list[int] = []

@@ -60,7 +60,8 @@ def start_mosquitto(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     conf = directory / "mosquitto.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nuser {pwd.getpwuid(os.getuid()).pw_name}\n"
-        "allow_anonymous true\nmax_queued_messages 100000\nmax_inflight_messages 100\n"
+        "allow_anonymous true\nset_tcp_nodelay true\n"
+        "max_queued_messages 100000\nmax_inflight_messages 100\n"
         f"log_dest file {directory}/mosquitto.log\n"
     )
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
@@ -98,14 +99,17 @@ def agent_processes(url: str, run_id: str, n: int, identities: int, work: Path) 
     for i in range(n):
         cmd = [*AGENT, "--broker", url, "--client-id", f"client-{i:02d}", "--dataset", "synth",
                "--synth-identities", str(identities), "--shard", f"{i}/{n}", "--threads", "1",
-               "--run-id", run_id, "--exit-when-done", "--stats-file", str(work / f"agent{i}.json")]  # fmt: skip
+               "--run-id", run_id, "--exit-when-done",
+               "--stats-file", str(work / f"agent{i}.json")]  # fmt: skip
         log = (work / f"agent{i}.log").open("wb")
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
     return procs
 
 
-def federate(url: str, work: Path, run_id: str, clients: int, rounds: int, identities: int,
-             compression: str, grad: str = "fp32") -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+def federate(
+    url: str, work: Path, run_id: str, clients: int, rounds: int, identities: int,
+    compression: str, grad: str = "fp32",
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """serve + agent processes; (metrics, agent stats)."""
     work.mkdir(parents=True, exist_ok=True)
     agg = serve(url, work / "out", run_id, clients, rounds, compression, work / "serve.log", grad)
@@ -138,12 +142,11 @@ def pool_run(url: str, work: Path, n: int, identities: int) -> tuple[dict[str, A
     """One round with n agents as threads of this process (one MQTT connection each)."""
     import torch
 
+    from edge_agent.agent import Agent
     from splitfed.client import ClientRuntime
     from splitfed.data.partition import client_shards
     from splitfed.data.synth import SynthConfig, generate_synth
     from splitfed.mqtt import LinkSettings
-
-    from edge_agent.agent import Agent
 
     torch.set_num_threads(1)
     work.mkdir(parents=True, exist_ok=True)
@@ -153,8 +156,13 @@ def pool_run(url: str, work: Path, n: int, identities: int) -> tuple[dict[str, A
     agg = serve(url, work / "out", run_id, n, 1, "fp32", work / "serve.log")
     settings = LinkSettings.from_url(url)
     agents = [
-        Agent(ClientRuntime(f"client-{i:02d}", run_id, tr, te), settings, "splitfed", run_id,
-              exit_when_done=True)  # fmt: skip
+        Agent(
+            ClientRuntime(f"client-{i:02d}", run_id, tr, te),
+            settings,
+            "splitfed",
+            run_id,
+            exit_when_done=True,
+        )  # fmt: skip
         for i, (tr, te) in enumerate(shards)
     ]
     threads = []
@@ -199,7 +207,9 @@ def main() -> None:
         runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
         for comp in ("fp32", "fp16", "int8"):
             print(f"4 agents over Mosquitto, {comp} ...", flush=True)
-            runs[comp] = federate(url, work / comp, f"bench-{comp}", 4, args.rounds, args.identities, comp)
+            runs[comp] = federate(
+                url, work / comp, f"bench-{comp}", 4, args.rounds, args.identities, comp
+            )
         print("4 agents, int8 activations + fp16 gradients ...", flush=True)
         runs["int8+fp16 grad"] = federate(url, work / "int8g", "bench-int8g", 4, args.rounds,
                                           args.identities, "int8", "fp16")  # fmt: skip
@@ -213,12 +223,21 @@ def main() -> None:
         stop(broker)
 
     mq, stats = runs["fp32"]
-    same = all(a["train_loss"] == b["train_loss"] for a, b in zip(mq["rounds"], sim["rounds"], strict=True))
+    same = all(
+        a["train_loss"] == b["train_loss"] for a, b in zip(mq["rounds"], sim["rounds"], strict=True)
+    )
     if not same:
-        print("train losses, MQTT:", [r["train_loss"] for r in mq["rounds"]], "simulator:",
-              [r["train_loss"] for r in sim["rounds"]], "dropped:", [r["dropped"] for r in mq["rounds"]])
+        print(
+            "train losses, MQTT:",
+            [r["train_loss"] for r in mq["rounds"]],
+            "simulator:",
+            [r["train_loss"] for r in sim["rounds"]],
+            "dropped:",
+            [r["dropped"] for r in mq["rounds"]],
+        )
     mq_s = [r["seconds"] for r in mq["rounds"]]
     sim_s = [r["seconds"] for r in sim["rounds"]]
+    ratio = np.mean(mq_s[1:] or mq_s) / np.mean(sim_s[1:] or sim_s)
     cpu = platform.processor() or platform.machine()
     lines += [
         "## MQTT federation (`aggregator serve` + `edge-agent` over Mosquitto)",
@@ -230,16 +249,17 @@ def main() -> None:
         "",
         "### Wall time per round: MQTT vs in-process simulator (4 clients, fp32)",
         "",
-        "| run | mean s/round | min s/round | final test acc |",
-        "|---|---:|---:|---:|",
-        f"| simulator (1 process) | {np.mean(sim_s):.2f} | {min(sim_s):.2f} | "
-        f"{sim['final']['test_accuracy']:.1%} |",
-        f"| Mosquitto (serve + 4 agent processes) | {np.mean(mq_s):.2f} | {min(mq_s):.2f} | "
-        f"{mq['final']['test_accuracy']:.1%} |",
+        "| run | mean s/round | mean s/round, rounds 2+ | min s/round | final test acc |",
+        "|---|---:|---:|---:|---:|",
+        f"| simulator (1 process) | {np.mean(sim_s):.2f} | {np.mean(sim_s[1:] or sim_s):.2f} | "
+        f"{min(sim_s):.2f} | {sim['final']['test_accuracy']:.1%} |",
+        f"| Mosquitto (serve + 4 agent processes) | {np.mean(mq_s):.2f} | "
+        f"{np.mean(mq_s[1:] or mq_s):.2f} | {min(mq_s):.2f} | {mq['final']['test_accuracy']:.1%} |",
         "",
-        f"Ratio MQTT / simulator: **{np.mean(mq_s) / np.mean(sim_s):.2f}x** (mean), "
-        f"{min(mq_s) / min(sim_s):.2f}x (best round); target <= 1.3x. Identical train losses in "
-        f"every round: {'yes' if same else 'NO'}.",
+        f"Ratio MQTT / simulator: **{ratio:.2f}x** "
+        f"(rounds 2+; round 1 includes each process's first torch calls), "
+        f"{np.mean(mq_s) / np.mean(sim_s):.2f}x over all rounds; target <= 1.3x. Identical train "
+        f"losses in every round: {'yes' if same else 'NO'}.",
         "",
         "### Bytes per training sample by activation compression (4 clients)",
         "",

@@ -17,6 +17,7 @@ cat >"$DIR/mosquitto.conf" <<CONF
 listener $PORT 127.0.0.1
 user $(id -un)
 allow_anonymous true
+set_tcp_nodelay true
 persistence true
 persistence_location $DIR/
 autosave_interval 60

@@ -21,10 +21,12 @@ and a bounded outgoing queue. `MqttTransport` puts it under `ServerIO` on the ag
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import re
+import socket
 import threading
 import time
 import uuid
@@ -202,8 +204,7 @@ class MqttLink:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
-        if v5 and s.protocol == "auto":
-            c.on_socket_open = self._on_socket_open
+        c.on_socket_open = self._on_socket_open
         return c
 
     def start(self) -> None:
@@ -241,6 +242,7 @@ class MqttLink:
                 str(rc) == "Unsupported protocol version"
                 and self.settings.protocol == "auto"
                 and self.protocol == mqtt.MQTTv5
+                and not self.connects
             ):
                 threading.Thread(target=self._downgrade, name="mqtt-downgrade", daemon=True).start()
             return
@@ -264,11 +266,18 @@ class MqttLink:
         client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
         self._connected.set()
 
-    def _on_socket_open(self, client: mqtt.Client, _u: Any, _sock: Any) -> None:
+    def _on_socket_open(self, client: mqtt.Client, _u: Any, sock: Any) -> None:
+        # No Nagle: a batch's last segment and the small PUBACKs must not wait for an ACK.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not (self.protocol == mqtt.MQTTv5 and self.settings.protocol == "auto") or self.connects:
+            return  # a broker that once took MQTT 5 still does (a restart is slow, not older)
+
         # Some MQTT 3.1.1 brokers (amqtt) never answer an MQTT 5 CONNECT that has properties:
         # no CONNACK within a few seconds of a TCP connection means "try 3.1.1".
         def check() -> None:
-            if not self._connected.is_set() and self._client is client and not self._closing:
+            if (not self._connected.is_set() and not self.connects and self._client is client
+                    and not self._closing):  # fmt: skip
                 log.info("no CONNACK to MQTT 5 from %s:%d", self.settings.host, self.settings.port)
                 self._downgrade()
 
@@ -420,7 +429,9 @@ class MqttTransport(Transport):
                     self._offline.setdefault(cid, time.monotonic() + self.presence_grace)
                     return
                 if self._offline.pop(cid, None) is not None and state == "online":
-                    log.info("%s reconnected within %.0f s; kept in the round", cid, self.presence_grace)
+                    log.info(
+                        "%s reconnected within %.0f s; kept in the round", cid, self.presence_grace
+                    )
             self._put(Incoming(cid, presence=state), name)  # type: ignore[arg-type]
             return
         if kind != UP:

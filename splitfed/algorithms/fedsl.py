@@ -125,7 +125,7 @@ class FrameEncoder(nn.Module):
 
     Blocks of (two) 3x3 convolutions with batch norm, pooling between blocks; the first
     convolution strides by `stem`. The last map is pooled to a small grid and flattened, which
-    keeps where things are (how high a brow sits above its eye), then projected.
+    keeps where things are (how high a brow sits above its eye), then projected and normalised.
     """
 
     def __init__(self, cfg: SeqModelConfig) -> None:
@@ -150,9 +150,12 @@ class FrameEncoder(nn.Module):
             c_in = width
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(cfg.grid)
+        # Batch norm here keeps the GRU's inputs in range: without it the recurrent net does not
+        # learn at the learning rate that suits the picture models (Adam, 2e-3).
         self.proj = nn.Sequential(
             nn.Flatten(1),
-            nn.Linear(c_in * cfg.grid[0] * cfg.grid[1], cfg.features),
+            nn.Linear(c_in * cfg.grid[0] * cfg.grid[1], cfg.features, bias=False),
+            nn.BatchNorm1d(cfg.features),
             nn.ReLU(inplace=True),
         )
 

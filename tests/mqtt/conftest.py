@@ -35,7 +35,9 @@ def reference() -> Callable[..., dict[str, Any]]:
     """`aggregator simulate`'s metrics for the runs the MQTT tests repeat (computed once each)."""
     cache: dict[tuple[Any, ...], dict[str, Any]] = {}
 
-    def get(algo: str, compression: str = "fp32", clients: int = 3, rounds: int = 2) -> dict[str, Any]:
+    def get(
+        algo: str, compression: str = "fp32", clients: int = 3, rounds: int = 2
+    ) -> dict[str, Any]:
         key = (algo, compression, clients, rounds)
         if key not in cache:
             import torch
@@ -48,7 +50,9 @@ def reference() -> Callable[..., dict[str, Any]]:
             torch.set_num_threads(THREADS)  # as every process of the MQTT run
             try:
                 ds = generate_synth(SynthConfig(identities=IDENTITIES))
-                spec = SimSpec(algo, clients, rounds, seed=0, train=TrainConfig(compression=compression))
+                spec = SimSpec(
+                    algo, clients, rounds, seed=0, train=TrainConfig(compression=compression)
+                )
                 cache[key] = simulate(ds, spec)
             finally:
                 torch.set_num_threads(old)

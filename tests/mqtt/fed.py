@@ -82,7 +82,7 @@ class Mosquitto:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             + (f"user {user}\n" if user else "")
-            + "allow_anonymous true\n"
+            + "allow_anonymous true\nset_tcp_nodelay true\n"
             f"persistence true\npersistence_location {directory}/\n"
             "max_queued_messages 100000\nmax_inflight_messages 100\n"
             f"log_dest file {directory}/mosquitto.log\n"
@@ -98,7 +98,11 @@ class Mosquitto:
                                      stderr=subprocess.DEVNULL)  # fmt: skip
         if not wait_port(self.port):
             self.stop()
-            log = (self.dir / "mosquitto.log").read_text() if (self.dir / "mosquitto.log").exists() else ""
+            log = (
+                (self.dir / "mosquitto.log").read_text()
+                if (self.dir / "mosquitto.log").exists()
+                else ""
+            )
             pytest.fail(f"mosquitto did not listen on 127.0.0.1:{self.port}: {log[-500:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -119,6 +123,7 @@ class Mosquitto:
 
 # ---- processes ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Procs:
     """Subprocesses of one test, with their logs; all stopped at the end of the test."""
@@ -128,8 +133,12 @@ class Procs:
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(THREADS),
-               "COLUMNS": "200"}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": str(THREADS),
+            "COLUMNS": "200",
+        }
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         log.close()
         self.procs[name] = p
@@ -173,8 +182,9 @@ class Procs:
                 p.wait(5)
 
 
-def serve_cmd(out: Path, broker: str | None, algo: str, clients: int, rounds: int,
-              run_id: str, *extra: str) -> list[str]:
+def serve_cmd(
+    out: Path, broker: str | None, algo: str, clients: int, rounds: int, run_id: str, *extra: str
+) -> list[str]:
     cmd = [*AGGREGATOR_CMD, "--algo", algo, "--min-clients", str(clients), "--rounds", str(rounds),
            "--seed", "0", "--threads", str(THREADS), "--run-id", run_id, "--out", str(out),
            "--join-timeout", "120", *extra]  # fmt: skip
@@ -190,6 +200,7 @@ def agent_cmd(broker: str, i: int, n: int, run_id: str, *extra: str) -> list[str
 
 
 # ---- a tap on every topic ----------------------------------------------------------------------
+
 
 class Tap:
     """A subscriber on `#` that keeps every message (topic, payload, retained flag, time)."""
@@ -214,10 +225,15 @@ class Tap:
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self.lock:
-            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic()))
+            self.messages.append(
+                (msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic())
+            )
 
     def wait_for(
-        self, pred: Callable[[str, bytes], bool], timeout: float, alive: Callable[[], None] | None = None
+        self,
+        pred: Callable[[str, bytes], bool],
+        timeout: float,
+        alive: Callable[[], None] | None = None,
     ) -> bool:
         """True once a message matching `pred` arrived; `alive()` may fail the test early."""
         deadline = time.monotonic() + timeout
@@ -289,12 +305,16 @@ def check_payloads(
     image = tuple(model.input_shape)
 
     def act_ok(t: dict[str, np.ndarray], extra: set[str]) -> bool:
-        names = {"activations", *extra} | ({"act_scale", "act_min"} if compression == "int8" else set())
+        names = {"activations", *extra} | (
+            {"act_scale", "act_min"} if compression == "int8" else set()
+        )
         a = t.get("activations")
         if set(t) != names or a is None or _dt(a) != act_dtype or tuple(a.shape[1:]) != smashed:
             return False
         if compression == "int8":
-            return all(t[k].shape == a.shape[:2] and _dt(t[k]) == "F32" for k in ("act_scale", "act_min"))
+            return all(
+                t[k].shape == a.shape[:2] and _dt(t[k]) == "F32" for k in ("act_scale", "act_min")
+            )
         return True
 
     for name, payload, retained, _ in messages:
@@ -338,7 +358,11 @@ def check_payloads(
         elif typ in ("eval_smashed", "predict"):
             ok = act_ok(t, set())
         elif typ == "gradients":
-            ok = set(t) == {"grad"} and _dt(t["grad"]) == grad_dtype and t["grad"].shape[1:] == smashed
+            ok = (
+                set(t) == {"grad"}
+                and _dt(t["grad"]) == grad_dtype
+                and t["grad"].shape[1:] == smashed
+            )
         elif typ in ("round_start", "eval_request", "global_weights", "client_update"):
             ok = {k: tuple(a.shape) for k, a in t.items()} == weights
         elif typ == "eval_predictions":

@@ -31,16 +31,24 @@ pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 ROUND_FIELDS = ("train_loss", "train_accuracy", "test_accuracy", "test_macro_f1", "samples",
                 "clients", "dropped")  # fmt: skip
 FINAL_FIELDS = ("train_accuracy", "test_accuracy", "macro_f1", "test_confusion")
-# Compressed activations against fp32, 3 clients x 2 rounds of small synth: measured differences
-# were <= 0.007 in train loss and 0 in accuracy; these bounds leave room, and still catch a
-# broken dequantization (which moves the loss by far more).
-LOSS_TOLERANCE = 0.02
-ACCURACY_TOLERANCE = 0.05
+# Compressed activations against fp32 (3 clients x 2 rounds of small synth, 84 held-out
+# pictures): the simulator differed by <= 1.4 % in train loss and <= 4 pictures in accuracy.
+# The bounds leave room for that and still catch a broken (de)quantization, which moves the
+# loss by far more or makes it NaN.
+LOSS_REL_TOLERANCE = 0.05
+ACCURACY_TOLERANCE = 0.10
 
 
 def federate(
-    procs: Procs, out: Path, url: str, algo: str, run_id: str, embedded: bool = False,
-    compression: str = "fp32", clients: int = 3, rounds: int = 2,
+    procs: Procs,
+    out: Path,
+    url: str,
+    algo: str,
+    run_id: str,
+    embedded: bool = False,
+    compression: str = "fp32",
+    clients: int = 3,
+    rounds: int = 2,
 ) -> dict[str, Any]:
     """Run serve + `clients` agents as separate processes; returns serve's metrics.json."""
     extra = ["--compression", compression, "--round-timeout", "120"]
@@ -64,13 +72,19 @@ def assert_equal_metrics(got: dict[str, Any], ref: dict[str, Any]) -> None:
         for f in ROUND_FIELDS:
             assert a[f] == b[f], f"round {r + 1} {f}: MQTT {a[f]!r} != simulate {b[f]!r}"
     for f in FINAL_FIELDS:
-        assert got["final"][f] == ref["final"][f], f"final {f}: {got['final'][f]} != {ref['final'][f]}"
+        assert got["final"][f] == ref["final"][f], (
+            f"final {f}: {got['final'][f]} != {ref['final'][f]}"
+        )
 
 
 def assert_close_metrics(got: dict[str, Any], ref: dict[str, Any]) -> None:
     for r, (a, b) in enumerate(zip(got["rounds"], ref["rounds"], strict=True)):
-        assert abs(a["train_loss"] - b["train_loss"]) <= LOSS_TOLERANCE, f"round {r + 1} loss"
-        assert abs(a["test_accuracy"] - b["test_accuracy"]) <= ACCURACY_TOLERANCE, f"round {r + 1} acc"
+        assert abs(a["train_loss"] - b["train_loss"]) <= LOSS_REL_TOLERANCE * b["train_loss"], (
+            f"round {r + 1} loss {a['train_loss']} vs fp32 {b['train_loss']}"
+        )
+        assert abs(a["test_accuracy"] - b["test_accuracy"]) <= ACCURACY_TOLERANCE, (
+            f"round {r + 1} acc"
+        )
     assert abs(got["final"]["test_accuracy"] - ref["final"]["test_accuracy"]) <= ACCURACY_TOLERANCE
 
 
@@ -107,7 +121,9 @@ def test_int8_activations_over_mosquitto(
     run_id = "e2e-sflv1-int8"
     tap = Tap(mosquitto.url)
     try:
-        metrics = federate(procs, tmp_path / "out", mosquitto.url, "sflv1", run_id, compression="int8")
+        metrics = federate(
+            procs, tmp_path / "out", mosquitto.url, "sflv1", run_id, compression="int8"
+        )
     finally:
         tap.close()
     assert_equal_metrics(metrics, reference("sflv1", "int8"))

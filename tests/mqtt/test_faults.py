@@ -96,8 +96,10 @@ def test_agent_crash_aggregator_restart_and_broker_restart(
     assert "resumed sflv1 from round 1" in procs.log("aggregator-resumed")
     # The agent that came back got the current weights in a round start and trained again.
     assert "client-02" in m["rounds"][1]["clients"], m["rounds"][1]
+    # No round waited for its timeout: nothing was lost, not even across the broker restart.
+    assert all(r["seconds"] < 80 for r in m["rounds"]), [r["seconds"] for r in m["rounds"]]
     # Every agent reconnected after the broker restart and the last round had them all.
     assert m["rounds"][-1]["clients"] == ["client-00", "client-01", "client-02"], m["rounds"][-1]
-    assert "client-02 re-joined" in procs.log("aggregator-resumed") or "client-02 joined" in procs.log(
+    assert "client-02 re-joined" in procs.log(
         "aggregator-resumed"
-    )
+    ) or "client-02 joined" in procs.log("aggregator-resumed")

@@ -19,6 +19,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from aggregator.serve import ServeIO
+from edge_agent.agent import Agent
 from splitfed.client import ClientRuntime
 from splitfed.config import TrainConfig
 from splitfed.data.partition import client_shards
@@ -27,9 +29,6 @@ from splitfed.model import ModelConfig, smashed_shape
 from splitfed.mqtt import LinkSettings, MqttTransport
 from splitfed.runner import RunOptions, run
 from splitfed.wire import MsgType, Sequencer, encode, pack_activations
-
-from aggregator.serve import ServeIO
-from edge_agent.agent import Agent
 
 from .fed import IDENTITIES, Mosquitto, Tap
 
@@ -92,7 +91,9 @@ def hostile_messages(rng: np.random.Generator) -> list[tuple[str, bytes]]:
     header = json.dumps({"__metadata__": {"envelope": "{}"}}).encode()
     out.append((up("fuzz-00"), struct.pack("<Q", len(header)) + header))  # empty envelope
     out.append((up("fuzz-00"), b"\0" * (MAX_PAYLOAD + 1)))  # oversized
-    replay = encode(seq.make(MsgType.PREDICT, 0, {"frame": 1}, pack_activations(good_x[:1], "fp32")))
+    replay = encode(
+        seq.make(MsgType.PREDICT, 0, {"frame": 1}, pack_activations(good_x[:1], "fp32"))
+    )
     out += [(up("fuzz-00"), replay)] * 20  # the first is answered, the rest are replays
     for _ in range(20):  # bad presence and foreign topics
         out.append((f"splitfed/{RUN}/fuzz-00/status", b"maybe"))
@@ -115,8 +116,17 @@ def test_aggregator_survives_hostile_messages(mosquitto: Mosquitto, tmp_path: Pa
 
     def aggregate() -> None:
         try:
-            result["metrics"] = run(algo, io, RunOptions(rounds=1, min_clients=2, join_timeout=120,
-                                                         round_timeout=120, out_dir=tmp_path / "out"))
+            result["metrics"] = run(
+                algo,
+                io,
+                RunOptions(
+                    rounds=1,
+                    min_clients=2,
+                    join_timeout=120,
+                    round_timeout=120,
+                    out_dir=tmp_path / "out",
+                ),
+            )
         except BaseException as e:  # noqa: BLE001 - reported by the test below
             result["error"] = e
 

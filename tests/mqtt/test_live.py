@@ -20,12 +20,6 @@ import pytest
 import skimage.data
 from click.testing import CliRunner
 
-from splitfed.client import ClientRuntime
-from splitfed.data.partition import client_shards
-from splitfed.data.synth import SynthConfig, generate_synth
-from splitfed.emotions import EMOTIONS
-from splitfed.mqtt import LinkSettings
-
 from aggregator.serve import ServeBroker, ServeConfig, run_serve
 from edge_agent.agent import Agent
 from edge_agent.camera import Camera
@@ -33,6 +27,11 @@ from edge_agent.cli import main as agent_main
 from edge_agent.config import CameraConfig, LiveConfig
 from edge_agent.pipeline import LivePipeline
 from edge_agent.store import MARKER, CropStore
+from splitfed.client import ClientRuntime
+from splitfed.data.partition import client_shards
+from splitfed.data.synth import SynthConfig, generate_synth
+from splitfed.emotions import EMOTIONS
+from splitfed.mqtt import LinkSettings
 
 from .fed import AGENT_CMD, Mosquitto, Procs, Tap, check_payloads
 
@@ -77,7 +76,8 @@ def test_collect_stores_crops_per_emotion(face_video: Path, tmp_path: Path) -> N
 
 
 def test_collect_without_a_camera_is_a_user_error(tmp_path: Path) -> None:
-    res = CliRunner().invoke(agent_main, ["collect", "--camera", str(tmp_path / "none.mp4"), "--yes",
+    missing = str(tmp_path / "none.mp4")
+    res = CliRunner().invoke(agent_main, ["collect", "--camera", missing, "--yes",
                                           "--state-dir", str(tmp_path)])  # fmt: skip
     assert res.exit_code == 2 and "cannot open camera" in res.output
 
@@ -128,12 +128,13 @@ def test_live_predictions_through_the_aggregator(
     stop = threading.Event()
     cfg = ServeConfig(algo="sflv1", min_clients=1, rounds=1, round_timeout=120, join_timeout=120,
                       broker=ServeBroker(url=mosquitto.url, run_id=run_id), out=tmp_path / "out",
-                      serve_forever=True)  # fmt: skip
-    server = threading.Thread(target=run_serve, args=(cfg,), kwargs={"stop": stop, "live": False},
-                              daemon=True)  # fmt: skip
+                      serve_forever=True, eval_data="synth")  # fmt: skip
+    kwargs = {"stop": stop, "live": False, "synth_identities": 3}  # --eval-data: a set of its own
+    server = threading.Thread(target=run_serve, args=(cfg,), kwargs=kwargs, daemon=True)
     ds = generate_synth(SynthConfig(identities=4))
     _, _, shards = client_shards(ds, 1, None, None, 0)
-    trainer = Agent(ClientRuntime("client-00", run_id, *shards[0]), LinkSettings.from_url(mosquitto.url),
+    runtime = ClientRuntime("client-00", run_id, *shards[0])
+    trainer = Agent(runtime, LinkSettings.from_url(mosquitto.url),
                     "splitfed", run_id, stop)  # fmt: skip
     tap = Tap(mosquitto.url)
     server.start()
@@ -141,9 +142,13 @@ def test_live_predictions_through_the_aggregator(
     threading.Thread(target=trainer.run, daemon=True).start()
     try:
         deadline = time.monotonic() + 180
-        while not (cfg.out / "metrics.json").exists() and time.monotonic() < deadline:
+        m: dict[str, Any] = {}
+        while "mqtt" not in m and time.monotonic() < deadline:  # serve's final metrics.json
             time.sleep(0.2)
-        assert (cfg.out / "metrics.json").exists(), "training did not finish"
+            if (cfg.out / "metrics.json").exists():
+                m = json.loads((cfg.out / "metrics.json").read_text())
+        assert "mqtt" in m, "training did not finish"
+        assert 0 <= m["rounds"][0]["eval_data_accuracy"] <= 1 and "eval_data_accuracy" in m["final"]
 
         # The float torch client half, from the retained global weights.
         stats = tmp_path / "cam.json"
@@ -152,7 +157,9 @@ def test_live_predictions_through_the_aggregator(
                str(stats)]  # fmt: skip
         procs.start("cam-torch", cam)
         assert procs.wait("cam-torch", 120) == 0, procs.logs()
-        lines = re.findall(r"^frame (\d+): (\w+) ([0-9.]+) \((\d+) ms\)$", procs.log("cam-torch"), re.M)
+        lines = re.findall(
+            r"^frame (\d+): (\w+) ([0-9.]+) \((\d+) ms\)$", procs.log("cam-torch"), re.M
+        )
         assert len(lines) >= 3, procs.logs()
         assert all(e in EMOTIONS for _, e, _, _ in lines)
         s = json.loads(stats.read_text())
@@ -166,7 +173,8 @@ def test_live_predictions_through_the_aggregator(
         model_cfg, client, _ = load_model(cfg.out / "checkpoint")
         export_client(client, model_cfg, tmp_path / "onnx", exporter="torchscript")
         yaml_cfg = tmp_path / "cam.yaml"
-        yaml_cfg.write_text(f"client_id: cam-02\ninference:\n  model: {tmp_path / 'onnx' / FILES['client_fp32']}"
+        onnx_path = tmp_path / "onnx" / FILES["client_fp32"]
+        yaml_cfg.write_text(f"client_id: cam-02\ninference:\n  model: {onnx_path}"
                             "\n  requantize: false\n")  # fmt: skip
         procs.start("cam-onnx", [*AGENT_CMD, "--broker", mosquitto.url, "--config", str(yaml_cfg),
                                  "--run-id", run_id, "--camera", str(face_video), "--state-dir",

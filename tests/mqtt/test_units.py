@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from splitfed.errors import UserError
-from splitfed.mqtt import LinkSettings, MqttLink, parse_presence, parse_topic, read_password, topic
-
 from aggregator.serve import serve
 from edge_agent.cli import main as agent_main
 from edge_agent.config import load_config
+from splitfed.errors import UserError
+from splitfed.mqtt import LinkSettings, MqttLink, parse_presence, parse_topic, read_password, topic
 
 from .fed import Mosquitto, free_port
 
@@ -79,7 +78,9 @@ def test_bad_agent_config_names_field_and_line(tmp_path: Path) -> None:
     assert (ok.client_id, ok.camera.fps, ok.broker.url) == ("pi-02", 30, "mqtt://127.0.0.1:1883")
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "firmware_configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "firmware_configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_firmware_configs_validate(path: Path) -> None:
     res = CliRunner().invoke(agent_main, ["--config", str(path), "--validate-config"])
     assert res.exit_code == 0, res.output
