@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import functools
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +15,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from splitfed.cliutil import user_errors
 from splitfed.config import TrainConfig
 from splitfed.data.dataset import EmotionDataset
 from splitfed.errors import UserError
@@ -34,20 +33,6 @@ def setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
         force=True,
     )
-
-
-def user_errors(fn: F) -> F:
-    """A user's mistake ends in one line on stderr and exit code 2, not a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def data_options(fn: F) -> F:
@@ -136,7 +121,8 @@ def main() -> None:
 @user_errors
 def simulate(algo: str, clients: int, rounds: int, out_dir: Path, **kw: Any) -> None:
     """Run one algorithm in-process on the same code the MQTT deployment runs."""
-    from splitfed.simulate import SimSpec, simulate as run_sim
+    from splitfed.simulate import SimSpec
+    from splitfed.simulate import simulate as run_sim
 
     setup_logging(kw["verbose"])
     set_threads(kw["threads"])
@@ -161,7 +147,8 @@ def simulate(algo: str, clients: int, rounds: int, out_dir: Path, **kw: Any) -> 
 def compare(algos: str, clients_list: str, rounds: int, out_dir: Path, **kw: Any) -> None:
     """Run several algorithms and client counts on one split; write a table and a plot."""
     from splitfed.metrics import plot_comparison
-    from splitfed.simulate import SimSpec, algorithm_names, simulate as run_sim
+    from splitfed.simulate import SimSpec, algorithm_names
+    from splitfed.simulate import simulate as run_sim
 
     setup_logging(kw["verbose"])
     set_threads(kw["threads"])

@@ -8,7 +8,6 @@ checkpointed; the same command resumes after a crash.
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import sys
@@ -25,6 +24,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
+from splitfed.cliutil import user_errors
 from splitfed.config import TrainConfig
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig
@@ -33,18 +33,6 @@ from splitfed.server import ServerIO
 log = logging.getLogger("aggregator.serve")
 
 SERVE_ALGOS = ("sl", "sflv1", "sflv2")
-
-
-def user_errors(fn: Any) -> Any:
-    """aggregator.cli's user_errors, imported late: cli imports this module while it loads."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from aggregator.cli import user_errors as wrap
-
-        return wrap(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 class _Strict(BaseModel):

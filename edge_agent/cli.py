@@ -7,11 +7,9 @@ edge-agent collect --camera 0 --per-emotion 20
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,34 +20,14 @@ import click
 import numpy as np
 
 from edge_agent.config import AgentConfig, load_config
+from splitfed.cliutil import plain_logging, user_errors
 from splitfed.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("edge_agent")
 
 
-def setup_logging(verbose: bool) -> None:
-    """Plain lines on stderr (journald adds the time on a device)."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-
-
-def user_errors(fn: F) -> F:
-    """A user's mistake ends in one line on stderr and exit code 2, not a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-
-    return wrapper  # type: ignore[return-value]
+setup_logging = plain_logging
 
 
 def _overrides(kw: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ with a logged reason and counted, so the round logic only ever sees well-formed 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -152,7 +153,7 @@ class ServerIO:
                 raise WireError(f"sender {msg.src!r} published on {ev.client_id!r}'s topic")
         except WireError as e:
             reason = str(e)
-            self.rejected[reason.split(":")[0][:60]] += 1
+            self.rejected[re.sub(r"\d+", "N", reason.split(":")[0])[:60]] += 1
             log.warning("dropped message from %s: %s", ev.client_id, reason)
             return None
         if isinstance(body, JoinBody):

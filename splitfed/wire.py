@@ -264,15 +264,19 @@ def pack_activations(x: np.ndarray, compression: Compression) -> dict[str, np.nd
     if compression == "fp16":
         return {"activations": x.astype(np.float16)}
     if compression == "int8":
+        # uint8 codes with an fp16 minimum and step per sample and channel: 8 bits a value plus
+        # 4 bytes per channel. Computed from the fp16-rounded parameters, so that decoding on
+        # the other side is exactly what was encoded.
         axes = tuple(range(2, x.ndim))
-        lo = x.min(axis=axes, keepdims=True)
-        hi = x.max(axis=axes, keepdims=True)
-        scale = np.maximum((hi - lo) / 255.0, 1e-12).astype(np.float32)
-        q = np.clip(np.rint((x - lo) / scale), 0, 255).astype(np.uint8)
+        lo = np.clip(x.min(axis=axes, keepdims=True), -6e4, 6e4).astype(np.float16)
+        hi = np.clip(x.max(axis=axes, keepdims=True), -6e4, 6e4)
+        step = np.maximum((hi - lo.astype(np.float32)) / 255.0, 1e-7).astype(np.float16)
+        step = np.where(step == 0, np.float16(1e-7), step)
+        q = np.rint((x - lo.astype(np.float32)) / step.astype(np.float32))
         return {
-            "activations": q,
-            "act_scale": scale.reshape(x.shape[:2]),
-            "act_min": lo.reshape(x.shape[:2]).astype(np.float32),
+            "activations": np.clip(q, 0, 255).astype(np.uint8),
+            "act_scale": step.reshape(x.shape[:2]),
+            "act_min": lo.reshape(x.shape[:2]),
         }
     raise ValueError(f"unknown compression {compression!r}")
 
@@ -281,7 +285,8 @@ def unpack_activations(t: Mapping[str, np.ndarray]) -> np.ndarray:
     a = t["activations"]
     if a.dtype == np.uint8:
         shape = a.shape[:2] + (1,) * (a.ndim - 2)
-        return a.astype(np.float32) * t["act_scale"].reshape(shape) + t["act_min"].reshape(shape)
+        step = t["act_scale"].astype(np.float32).reshape(shape)
+        return a.astype(np.float32) * step + t["act_min"].astype(np.float32).reshape(shape)
     return a.astype(np.float32)
 
 
@@ -294,8 +299,8 @@ def activation_spec(compression: Compression, shape: tuple[int, ...]) -> ShapeSp
     if compression == "int8":
         return {
             "activations": (frozenset({"U8"}), (-1, *shape)),
-            "act_scale": (frozenset({"F32"}), (-1, shape[0])),
-            "act_min": (frozenset({"F32"}), (-1, shape[0])),
+            "act_scale": (frozenset({"F16"}), (-1, shape[0])),
+            "act_min": (frozenset({"F16"}), (-1, shape[0])),
         }
     return {"activations": (frozenset({"F16" if compression == "fp16" else "F32"}), (-1, *shape))}
 

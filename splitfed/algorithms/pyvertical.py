@@ -52,6 +52,7 @@ from splitfed.data.vertical import (
     OwnerTable,
     VerticalConfig,
     VerticalData,
+    batch_flips,
     batch_plan,
     part_batches,
     vertical_partition,
@@ -155,6 +156,14 @@ class VerticalModelConfig(BaseModel):
         y0, y1, x0, x1 = self.boxes[k]
         return self.input_shape[0], y1 - y0, x1 - x0
 
+    def mirror_map(self) -> list[int] | None:
+        """Which part lies where each part's mirror image does; None if the layout is not
+        symmetric left to right (then training augments without mirroring)."""
+        w = self.input_shape[2]
+        where = {tuple(b): k for k, b in enumerate(self.boxes)}
+        out = [where.get((y0, y1, w - x1, w - x0)) for y0, y1, x0, x1 in self.boxes]
+        return None if any(k is None for k in out) else out  # type: ignore[misc]
+
 
 class Trunk(nn.Module):
     """The label holder's half: puts the heads' maps where their parts were, then the CNN's rest."""
@@ -164,17 +173,28 @@ class Trunk(nn.Module):
         self.server = server
         self.boxes = [tuple(v // cfg.scale for v in b) for b in cfg.boxes]
         self.grid = cfg.grid()
+        self.mirror = cfg.mirror_map()
 
-    def stitch(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        if len(parts) != len(self.boxes):
-            raise ValueError(f"{len(parts)} parts for {len(self.boxes)} heads")
+    def _place(self, parts: list[torch.Tensor], boxes: list[tuple[int, ...]]) -> torch.Tensor:
         out = parts[0].new_zeros((parts[0].shape[0], *self.grid))
-        for (y0, y1, x0, x1), p in zip(self.boxes, parts, strict=True):
+        for (y0, y1, x0, x1), p in zip(boxes, parts, strict=True):
             out[:, :, y0:y1, x0:x1] = p
         return out
 
-    def forward(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        return self.server(self.stitch(parts))
+    def stitch(self, parts: list[torch.Tensor], flip: torch.Tensor | None = None) -> torch.Tensor:
+        """The heads' maps in the crop's layout; a mirrored record's maps go to mirrored places."""
+        if len(parts) != len(self.boxes):
+            raise ValueError(f"{len(parts)} parts for {len(self.boxes)} heads")
+        out = self._place(parts, self.boxes)
+        if flip is not None and bool(flip.any()):
+            if self.mirror is None:
+                raise ValueError("mirrored records, but the parts are not laid out symmetrically")
+            mirrored = self._place(parts, [self.boxes[m] for m in self.mirror])
+            out = torch.where(flip[:, None, None, None], mirrored, out)
+        return out
+
+    def forward(self, parts: list[torch.Tensor], flip: torch.Tensor | None = None) -> torch.Tensor:
+        return self.server(self.stitch(parts, flip))
 
 
 def build_vertical_model(cfg: VerticalModelConfig, seed: int) -> tuple[list[ClientNet], Trunk]:
@@ -256,7 +276,7 @@ class _PhaseBody(BaseModel):
 @dataclass
 class _OwnerRound:
     round: int
-    batches: Iterator[torch.Tensor]
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
     steps: int
     step: int = 0
     samples: int = 0
@@ -441,7 +461,8 @@ class OwnerRuntime:
         set_lr(self.opt, lr)
         key = (body.seed, msg.env.round, 0)
         steps = len(batch_plan(len(images), cfg.batch_size, key, cfg.local_epochs))
-        batches = part_batches(images, cfg.batch_size, key, cfg.local_epochs, cfg.augment)
+        mirror = self.cfg is not None and self.cfg.mirror_map() is not None
+        batches = part_batches(images, cfg.batch_size, key, cfg.local_epochs, cfg.augment, mirror)
         self.round = _OwnerRound(msg.env.round, batches, steps)
         self._seed = body.seed
         return [self._next(msg)]
@@ -458,7 +479,7 @@ class OwnerRuntime:
                 "seen": r.samples,
             }
             return self._reply(msg, MsgType.CLIENT_UPDATE, body)
-        x = next(r.batches)
+        x, _ = next(r.batches)
         self.head.train()
         with seeded(self._seed, r.round, self.index, r.step, 0):
             act = self.head(x)
@@ -687,7 +708,12 @@ class PyVertical(Algorithm):
         al = self.aligned
         cfg = self.train_cfg
         owners = self.owners()
-        plan = batch_plan(len(al.train_ids), cfg.batch_size, (self.seed, rnd, 0), cfg.local_epochs)
+        key = (self.seed, rnd, 0)
+        plan = batch_plan(len(al.train_ids), cfg.batch_size, key, cfg.local_epochs)
+        mirror = self.model_cfg.mirror_map() is not None
+        flips = batch_flips(
+            len(al.train_ids), cfg.batch_size, key, cfg.local_epochs, cfg.augment, mirror
+        )
         result = RoundTrain()
         waiting: dict[int, dict[str, Message]] = {}
         for cid in owners:
@@ -707,7 +733,7 @@ class PyVertical(Algorithm):
             y = torch.from_numpy(al.y_train[idx])
             self.trunk.train()
             with seeded(self.seed, rnd, 0, s, 1):
-                out = self.trunk(parts)
+                out = self.trunk(parts, flips[s])
             loss = self.loss_fn(out, y)
             self.server_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -824,17 +850,22 @@ class CentralVertical:
             set_lr(opt, round_lr(cfg, rnd, rounds))
         key = (self.seed, rnd, 0)
         plan = batch_plan(len(labels), cfg.batch_size, key, cfg.local_epochs)
-        iters = [part_batches(p, cfg.batch_size, key, cfg.local_epochs, cfg.augment) for p in parts]
+        mirror = self.cfg.mirror_map() is not None
+        iters = [
+            part_batches(p, cfg.batch_size, key, cfg.local_epochs, cfg.augment, mirror)
+            for p in parts
+        ]
         loss_sum, correct, seen = 0.0, 0, 0
         for s, (_, idx) in enumerate(plan):
             acts = []
             for k, (head, it) in enumerate(zip(self.heads, iters, strict=True)):
                 head.train()
+                x, flip = next(it)
                 with seeded(self.seed, rnd, k, s, 0):
-                    acts.append(head(next(it)))
+                    acts.append(head(x))
             self.trunk.train()
             with seeded(self.seed, rnd, 0, s, 1):
-                out = self.trunk(acts)
+                out = self.trunk(acts, flip)
             y = torch.from_numpy(labels[idx])
             loss = self.loss_fn(out, y)
             for opt in (*self.head_opts, self.trunk_opt):

@@ -327,6 +327,10 @@ def _crop_items(
             image = _imread(item.path)
             if image is None:
                 problems.add("unreadable", item.rel)
+            elif image.shape[:2] == (crop.height, crop.width):
+                # Already an eye crop at this size (e.g. `edge-agent collect`): keep as it is.
+                crops.append(_as_crop(image, crop))
+                kept.append(item)
             else:
                 out = cropper.crop(image)
                 if out is None:
@@ -337,6 +341,12 @@ def _crop_items(
             bar.advance()
         backend = cropper.backend
     return crops, kept, backend
+
+
+def _as_crop(image: np.ndarray, crop: CropConfig) -> np.ndarray:
+    if crop.grayscale:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[None]
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB).transpose(2, 0, 1).copy()
 
 
 def _imread(path: Path) -> np.ndarray | None:

@@ -258,35 +258,90 @@ def batch_plan(
     return plan
 
 
-def augment_part(x: torch.Tensor, gen: torch.Generator, max_shift: int = 4) -> torch.Tensor:
-    """Shift and brightness/contrast, drawn per record; no mirroring.
+@dataclass
+class PartAugment:
+    """One batch's augmentation, drawn per record; the same on every owner for the same batch."""
 
-    Every owner draws from a generator with the same seed, so each record gets the same shift and
-    lighting change in every part, as if the whole crop had been shifted. A mirror cannot be
-    split that way (it would swap the owners' parts), so there is none.
-    """
-    n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (max_shift,) * 4, mode="replicate")
+    flip: torch.Tensor  # bool (n,): mirrored
+    dy: torch.Tensor  # int (n,): shift down, minus max_shift
+    dx: torch.Tensor  # int (n,)
+    gain: torch.Tensor  # (n, 1, 1, 1) contrast
+    bias: torch.Tensor  # (n, 1, 1, 1) brightness
+
+
+def draw_augment(n: int, gen: torch.Generator, mirror: bool, max_shift: int = 4) -> PartAugment:
+    """The draws of one batch. Every party draws all of them, in the same order, from a generator
+    with the same seed, so the owners (and the label holder, which needs only the mirror flags)
+    stay in step without sending anything."""
+    flip = torch.rand(n, generator=gen) < 0.5
     dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
+    gain = 1.0 + 0.2 * (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1)
+    bias = 0.3 * (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1)
+    return PartAugment(flip if mirror else torch.zeros_like(flip), dy, dx, gain, bias)
+
+
+def augment_part(x: torch.Tensor, aug: PartAugment, max_shift: int = 4) -> torch.Tensor:
+    """Mirror, shift and brightness/contrast of one owner's parts.
+
+    Each record gets the same draws in every part, as if the whole crop had been changed. A
+    mirrored part belongs where its mirror image lies: the trunk puts its map there (so mirroring
+    needs a layout that is symmetric left to right).
+    """
+    n, c, h, w = x.shape
+    x = torch.where(aug.flip[:, None, None, None], x.flip(-1), x)
+    padded = torch.nn.functional.pad(x, (max_shift,) * 4, mode="replicate")
+    rows = (aug.dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
+    cols = (aug.dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
     x = padded[
         torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
     ]
-    gain = 1.0 + 0.2 * (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1)
-    bias = 0.3 * (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1)
-    return x * gain + bias
+    return x * aug.gain + aug.bias
+
+
+def _generators(key: tuple[int, ...]) -> Iterator[tuple[int, torch.Generator]]:
+    gen = torch.Generator()
+    epoch = 0
+    while True:
+        gen.manual_seed(int(np.random.default_rng([*key, epoch, 7]).integers(2**62)))
+        yield epoch, gen
+        epoch += 1
 
 
 def part_batches(
-    images: np.ndarray, batch_size: int, key: tuple[int, ...], epochs: int = 1, augment: bool = True
-) -> Iterator[torch.Tensor]:
-    """Training batches of one owner's aligned parts, in the shared batch plan."""
-    gen, current = torch.Generator(), -1
+    images: np.ndarray,
+    batch_size: int,
+    key: tuple[int, ...],
+    epochs: int = 1,
+    augment: bool = True,
+    mirror: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(parts, mirror flags) of each training batch of one owner, in the shared batch plan."""
+    gens = _generators(key)
+    current, gen = next(gens)
     for epoch, idx in batch_plan(len(images), batch_size, key, epochs):
-        if epoch != current:
-            gen.manual_seed(int(np.random.default_rng([*key, epoch, 7]).integers(2**62)))
-            current = epoch
+        while current != epoch:
+            current, gen = next(gens)
         x = to_tensor(images[idx])
-        yield augment_part(x, gen) if augment else x
+        if not augment:
+            yield x, torch.zeros(len(idx), dtype=torch.bool)
+            continue
+        aug = draw_augment(len(idx), gen, mirror)
+        yield augment_part(x, aug), aug.flip
+
+
+def batch_flips(
+    n: int, batch_size: int, key: tuple[int, ...], epochs: int, augment: bool, mirror: bool
+) -> list[torch.Tensor]:
+    """The mirror flags of each batch, replayed by the label holder without any pixels."""
+    gens = _generators(key)
+    current, gen = next(gens)
+    out = []
+    for epoch, idx in batch_plan(n, batch_size, key, epochs):
+        while current != epoch:
+            current, gen = next(gens)
+        if augment:
+            out.append(draw_augment(len(idx), gen, mirror).flip)
+        else:
+            out.append(torch.zeros(len(idx), dtype=torch.bool))
+    return out

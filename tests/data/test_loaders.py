@@ -201,3 +201,17 @@ def test_prepare_report(kdef_dir, tmp_path) -> None:
     text = loaders.report_text(report)
     for needle in ("F01", "happy", "no face", "unreadable", "AM02DIS.JPG"):
         assert needle in text
+
+
+def test_folder_of_eye_crops_loads_without_detection(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Crops stored by `edge-agent collect` are already at crop size: no face to find again."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for name in ("happy", "sad"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            cv2.imwrite(str(tmp_path / name / f"{i}.png"), rng.integers(0, 255, (48, 96), dtype=np.uint8))
+    ds = loaders.load_dataset(str(tmp_path), data_format="folder", use_cache=False)
+    assert len(ds) == 6 and ds.images.shape == (6, 1, 48, 96)
+    assert ds.class_counts()["happy"] == 3 and ds.meta["no_face"] == 0

@@ -313,7 +313,7 @@ def check_payloads(
             return False
         if compression == "int8":
             return all(
-                t[k].shape == a.shape[:2] and _dt(t[k]) == "F32" for k in ("act_scale", "act_min")
+                t[k].shape == a.shape[:2] and _dt(t[k]) == "F16" for k in ("act_scale", "act_min")
             )
         return True
 
