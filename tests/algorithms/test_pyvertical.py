@@ -75,6 +75,16 @@ def train(algo, io, rounds: int) -> list[float]:
 def test_parts_tile_the_crop_and_ids_overlap_in_part(small_ds, vdata: VerticalData) -> None:
     assert part_boxes(2, 48, 96) == [(0, 48, 0, 48), (0, 48, 48, 96)]
     assert len(part_boxes(10, 48, 96)) == 10
+    # A mirrored record's maps swap places; a lopsided layout cannot be mirrored.
+    split = ModelConfig(input_shape=(1, 24, 48), widths=(4, 8, 8, 8))
+    two = VerticalModelConfig(split=split, boxes=part_boxes(2, 24, 48, ALIGN))
+    assert two.mirror_map() == [1, 0]
+    left, right = torch.ones(2, 8, 3, 3), torch.zeros(2, 8, 3, 3)
+    stitched = build_vertical_model(two, 0)[1].stitch([left, right], torch.tensor([False, True]))
+    assert stitched[0, :, :, :3].eq(1).all() and stitched[0, :, :, 3:].eq(0).all()
+    assert stitched[1, :, :, :3].eq(0).all() and stitched[1, :, :, 3:].eq(1).all()
+    lopsided = VerticalModelConfig(split=split, boxes=[(0, 24, 0, 16), (0, 24, 16, 48)])
+    assert lopsided.mirror_map() is None
     cover = np.zeros(small_ds.input_shape[1:], int)
     for y0, y1, x0, x1 in vdata.boxes:
         cover[y0:y1, x0:x1] += 1
