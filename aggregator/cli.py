@@ -121,11 +121,13 @@ def main() -> None:
 @user_errors
 def simulate(algo: str, clients: int, rounds: int, out_dir: Path, **kw: Any) -> None:
     """Run one algorithm in-process on the same code the MQTT deployment runs."""
-    from splitfed.simulate import SimSpec
+    from splitfed.simulate import SimSpec, algorithm_names
     from splitfed.simulate import simulate as run_sim
 
     setup_logging(kw["verbose"])
     set_threads(kw["threads"])
+    if algo not in algorithm_names():
+        raise UserError(f"unknown algorithm {algo!r}: choose from {', '.join(algorithm_names())}")
     ds = load_data(kw["data"], kw["data_format"], kw["synth_identities"])
     model, train = make_configs(kw, ds)
     spec = SimSpec(algo, clients, rounds, kw["seed"], kw["partition"], kw["split"], model, train, out_dir)
