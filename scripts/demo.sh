@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 exec .venv/bin/aggregator compare \
     --algos "${ALGOS:-sl,sflv1,sflv2,fedavg,centralized}" \
-    --clients "${CLIENTS:-2,5}" --rounds "${ROUNDS:-5}" --synth-identities "${IDENTITIES:-40}" \
+    --clients "${CLIENTS:-2,5}" --rounds "${ROUNDS:-10}" --synth-identities "${IDENTITIES:-60}" \
     --out "${OUT:-runs/demo}" "$@"

@@ -57,16 +57,25 @@ def plot_confusion(conf: np.ndarray, path: Path, title: str) -> None:
 
 
 def plot_comparison(results: list[dict[str, Any]], path: Path) -> None:
-    """Test accuracy per round for every (algorithm, clients) run, one panel per client count."""
-    counts = sorted({m["clients"] for m in results})
+    """Test accuracy per round, one panel per client count; centralized is the dashed reference.
+
+    Identical curves (SFLV1 and FedAvg are equal by construction) are told apart by markers.
+    """
+    central = [m for m in results if m["algo"] == "centralized"]
+    counts = sorted({m["clients"] for m in results if m["algo"] != "centralized"}) or [1]
+    markers = dict(zip(sorted({m["algo"] for m in results}), "os^vDPX*"))
     fig, axes = plt.subplots(1, len(counts), figsize=(5 * len(counts), 4), squeeze=False)
     for ax, n in zip(axes[0], counts):
+        for m in central:
+            ax.plot([x["round"] for x in m["rounds"]], [x["test_accuracy"] for x in m["rounds"]],
+                    "k--", lw=1.2, label="centralized")
         for m in results:
-            if m["clients"] != n:
+            if m["clients"] != n or m["algo"] == "centralized":
                 continue
             ax.plot([x["round"] for x in m["rounds"]], [x["test_accuracy"] for x in m["rounds"]],
-                    "o-", ms=3, label=m["algo"])
+                    marker=markers[m["algo"]], ms=5, mfc="none", label=m["algo"])
         ax.set(title=f"{n} clients", xlabel="round", ylabel="test accuracy", ylim=(0, 1))
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
