@@ -37,25 +37,57 @@ def setup_logging(verbose: bool) -> None:
 
 def data_options(fn: F) -> F:
     options = [
-        click.option("--data", "data", default="synth", show_default=True,
-                     help="synth, or a KDEF folder, a folder per class, or a FER2013 CSV"),
-        click.option("--data-format", type=click.Choice(["synth", "kdef", "folder", "fer2013"]),
-                     help="force the format instead of detecting it from the path"),
-        click.option("--partition", default=None,
-                     help="subject (default with subject ids), iid, or dirichlet:ALPHA"),
-        click.option("--split", type=click.Choice(["subject", "random"]), default=None,
-                     help="test split; subject (default with ids) keeps people out of training"),
+        click.option(
+            "--data",
+            "data",
+            default="synth",
+            show_default=True,
+            help="synth, or a KDEF folder, a folder per class, or a FER2013 CSV",
+        ),
+        click.option(
+            "--data-format",
+            type=click.Choice(["synth", "kdef", "folder", "fer2013"]),
+            help="force the format instead of detecting it from the path",
+        ),
+        click.option(
+            "--partition",
+            default=None,
+            help="subject (default with subject ids), iid, or dirichlet:ALPHA",
+        ),
+        click.option(
+            "--split",
+            type=click.Choice(["subject", "random"]),
+            default=None,
+            help="test split; subject (default with ids) keeps people out of training",
+        ),
         click.option("--seed", type=int, default=0, show_default=True, help="run seed"),
         click.option("--batch-size", type=int, default=32, show_default=True),
         click.option("--lr", type=float, default=2e-3, show_default=True),
         click.option("--local-epochs", type=int, default=1, show_default=True),
-        click.option("--cut", type=int, default=2, show_default=True, help="conv blocks on the device"),
-        click.option("--compression", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
-                     show_default=True, help="activations on the wire"),
-        click.option("--synth-identities", type=int, default=80, show_default=True,
-                     help="people in the synthetic set"),
-        click.option("--threads", type=int, default=1, show_default=True,
-                     help="torch CPU threads; 1 is fastest for this small network on a busy CPU"),
+        click.option(
+            "--cut", type=int, default=2, show_default=True, help="conv blocks on the device"
+        ),
+        click.option(
+            "--compression",
+            type=click.Choice(["fp32", "fp16", "int8"]),
+            default="fp32",
+            show_default=True,
+            help="activations on the wire",
+        ),
+        click.option(
+            "--synth-identities",
+            type=int,
+            default=80,
+            show_default=True,
+            help="people in the synthetic set",
+        ),
+        click.option(
+            "--threads",
+            type=int,
+            default=1,
+            show_default=True,
+            help="torch CPU threads; 1 is fastest for this small network on a busy CPU",
+        ),
         click.option("-v", "--verbose", is_flag=True),
     ]
     for opt in reversed(options):
@@ -80,8 +112,11 @@ def load_data(data: str, data_format: str | None, identities: int) -> EmotionDat
         from splitfed.data.synth import SynthConfig, generate_synth
 
         ds = generate_synth(SynthConfig(identities=identities))
-        log.info("synthetic eye-region set: %d pictures of %d synthetic people (not real faces)",
-                 len(ds), identities)
+        log.info(
+            "synthetic eye-region set: %d pictures of %d synthetic people (not real faces)",
+            len(ds),
+            identities,
+        )
         return ds
     from splitfed.data.loaders import load_dataset
 
@@ -91,8 +126,12 @@ def load_data(data: str, data_format: str | None, identities: int) -> EmotionDat
 def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, TrainConfig]:
     try:
         model = ModelConfig(input_shape=ds.input_shape, cut=kw["cut"])
-        train = TrainConfig(batch_size=kw["batch_size"], lr=kw["lr"], local_epochs=kw["local_epochs"],
-                            compression=kw["compression"])
+        train = TrainConfig(
+            batch_size=kw["batch_size"],
+            lr=kw["lr"],
+            local_epochs=kw["local_epochs"],
+            compression=kw["compression"],
+        )
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "--cut"
@@ -101,13 +140,24 @@ def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, T
 
 
 def round_progress(total: int, label: str) -> tuple[Progress, Callable[[dict[str, Any]], None]]:
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=False)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
     task = progress.add_task(label, total=total)
 
     def on_round(row: dict[str, Any]) -> None:
-        progress.update(task, advance=1, description=(
-            f"{label}  loss {row['train_loss']:.3f}  test acc {row['test_accuracy']:.1%}"))
+        progress.update(
+            task,
+            advance=1,
+            description=(
+                f"{label}  loss {row['train_loss']:.3f}  test acc {row['test_accuracy']:.1%}"
+            ),
+        )
 
     return progress, on_round
 
@@ -118,11 +168,18 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--algo", required=True, help="centralized, fedavg, sl, sflv1, sflv2, pyvertical, fedsl")
+@click.option(
+    "--algo", required=True, help="centralized, fedavg, sl, sflv1, sflv2, pyvertical, fedsl"
+)
 @click.option("--clients", type=int, default=2, show_default=True)
 @click.option("--rounds", type=int, default=15, show_default=True)
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/simulate"),
-              show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("runs/simulate"),
+    show_default=True,
+)
 @data_options
 @user_errors
 def simulate(algo: str, clients: int, rounds: int, out_dir: Path, **kw: Any) -> None:
@@ -137,7 +194,9 @@ def simulate(algo: str, clients: int, rounds: int, out_dir: Path, **kw: Any) -> 
         raise UserError(f"unknown algorithm {algo!r}: choose from {', '.join(algorithm_names())}")
     ds = load_data(kw["data"], kw["data_format"], kw["synth_identities"])
     model, train = make_configs(kw, ds)
-    spec = SimSpec(algo, clients, rounds, kw["seed"], kw["partition"], kw["split"], model, train, out_dir)
+    spec = SimSpec(
+        algo, clients, rounds, kw["seed"], kw["partition"], kw["split"], model, train, out_dir
+    )
     progress, on_round = round_progress(rounds, f"{algo} x{clients}")
     with progress:
         metrics = run_sim(ds, spec, on_round)
@@ -149,8 +208,13 @@ def simulate(algo: str, clients: int, rounds: int, out_dir: Path, **kw: Any) -> 
 @click.option("--algos", default="sl,sflv1,sflv2,fedavg,centralized", show_default=True)
 @click.option("--clients", "clients_list", default="2,5,10", show_default=True)
 @click.option("--rounds", type=int, default=15, show_default=True)
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/compare"),
-              show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("runs/compare"),
+    show_default=True,
+)
 @data_options
 @user_errors
 def compare(algos: str, clients_list: str, rounds: int, out_dir: Path, **kw: Any) -> None:
@@ -165,11 +229,15 @@ def compare(algos: str, clients_list: str, rounds: int, out_dir: Path, **kw: Any
     names = [a.strip() for a in algos.split(",") if a.strip()]
     unknown = [a for a in names if a not in algorithm_names()]
     if unknown:
-        raise UserError(f"unknown algorithm(s) {', '.join(unknown)}: choose from {', '.join(algorithm_names())}")
+        raise UserError(
+            f"unknown algorithm(s) {', '.join(unknown)}: choose from {', '.join(algorithm_names())}"
+        )
     try:
         counts = [int(c) for c in clients_list.split(",") if c.strip()]
     except ValueError:
-        raise UserError(f"--clients takes numbers separated by commas, got {clients_list!r}") from None
+        raise UserError(
+            f"--clients takes numbers separated by commas, got {clients_list!r}"
+        ) from None
     ds = load_data(kw["data"], kw["data_format"], kw["synth_identities"])
     model, train = make_configs(kw, ds)
     results: list[dict[str, Any]] = []
@@ -203,8 +271,11 @@ def result_row(m: dict[str, Any]) -> list[str]:
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    table = Table(title="results (test = people never seen in training)" if results and
-                  results[0]["data"].get("split") == "subject" else "results")
+    table = Table(
+        title="results (test = people never seen in training)"
+        if results and results[0]["data"].get("split") == "subject"
+        else "results"
+    )
     for c in COLUMNS:
         table.add_column(c, justify="left" if c == "algo" else "right")
     for m in results:
@@ -215,7 +286,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
 def write_results(results: list[dict[str, Any]], out_dir: Path) -> None:
     data = results[0]["data"]
     lines = [
-        f"# Comparison on `{data['name']}`" + (" (synthetic eye regions, not real faces)" if data.get("synthetic") else ""),
+        f"# Comparison on `{data['name']}`"
+        + (" (synthetic eye regions, not real faces)" if data.get("synthetic") else ""),
         "",
         f"Split: **{data['split']}** ({data['n_train']} train / {data['n_test']} test pictures); "
         f"partition among clients: **{data.get('partition', '-')}**; "
@@ -228,12 +300,33 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> None:
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     with open(out_dir / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["algo", "clients", "train_accuracy", "test_accuracy", "macro_f1", "wall_seconds",
-                    "train_bytes_per_round", "bytes_up", "bytes_down"])
+        w.writerow(
+            [
+                "algo",
+                "clients",
+                "train_accuracy",
+                "test_accuracy",
+                "macro_f1",
+                "wall_seconds",
+                "train_bytes_per_round",
+                "bytes_up",
+                "bytes_down",
+            ]
+        )
         for m in results:
-            w.writerow([m["algo"], m["clients"], m["final"]["train_accuracy"], m["final"]["test_accuracy"],
-                        m["final"]["macro_f1"], m["wall_seconds"], m["comm"]["train_bytes_per_round"],
-                        m["comm"]["bytes_up"], m["comm"]["bytes_down"]])
+            w.writerow(
+                [
+                    m["algo"],
+                    m["clients"],
+                    m["final"]["train_accuracy"],
+                    m["final"]["test_accuracy"],
+                    m["final"]["macro_f1"],
+                    m["wall_seconds"],
+                    m["comm"]["train_bytes_per_round"],
+                    m["comm"]["bytes_up"],
+                    m["comm"]["bytes_down"],
+                ]
+            )
 
 
 @main.command()

@@ -19,7 +19,13 @@ import torch
 from splitfed.config import TrainConfig
 from splitfed.data.synth import SynthConfig, generate_synth
 from splitfed.metrics import plot_comparison
-from splitfed.model import ModelConfig, build_split_model, conv_macs, count_parameters, smashed_shape
+from splitfed.model import (
+    ModelConfig,
+    build_split_model,
+    conv_macs,
+    count_parameters,
+    smashed_shape,
+)
 from splitfed.simulate import SimSpec, simulate
 
 
@@ -45,9 +51,20 @@ def main() -> None:
             if algo == "centralized" and n != counts[0]:
                 continue
             t = time.perf_counter()
-            spec = SimSpec(algo, n, args.rounds, args.seed, model=model, train=train, out_dir=args.out / f"{algo}-{n}")
+            spec = SimSpec(
+                algo,
+                n,
+                args.rounds,
+                args.seed,
+                model=model,
+                train=train,
+                out_dir=args.out / f"{algo}-{n}",
+            )
             m = simulate(ds, spec)
-            print(f"{algo:12s} x{n:<3d} test {m['final']['test_accuracy']:.3f}  {time.perf_counter() - t:.0f} s", flush=True)
+            print(
+                f"{algo:12s} x{n:<3d} test {m['final']['test_accuracy']:.3f}  {time.perf_counter() - t:.0f} s",
+                flush=True,
+            )
             results.append(m)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results))
@@ -78,14 +95,18 @@ def main() -> None:
         m = next((m for m in results if m["algo"] == algo and m["clients"] == 2), None)
         if m is not None:
             gap = (m["final"]["test_accuracy"] - central["final"]["test_accuracy"]) * 100
-            lines.append(f"- {algo.upper()} at 2 clients vs centralized, same epochs: test accuracy "
-                         f"{m['final']['test_accuracy']:.1%} vs {central['final']['test_accuracy']:.1%} ({gap:+.1f} points).")
+            lines.append(
+                f"- {algo.upper()} at 2 clients vs centralized, same epochs: test accuracy "
+                f"{m['final']['test_accuracy']:.1%} vs {central['final']['test_accuracy']:.1%} ({gap:+.1f} points)."
+            )
     s1 = next((m for m in results if m["algo"] == "sflv1" and m["clients"] == counts[0]), None)
     if s1 is not None:
         tp_c = central["train_samples"] / central["train_seconds"]
         tp_s = s1["train_samples"] / s1["train_seconds"]
-        lines.append(f"- Simulator throughput, training samples/s: centralized {tp_c:.0f}, SFLV1 x{counts[0]} {tp_s:.0f} "
-                     f"(ratio {tp_s / tp_c:.2f}; SFLV1 pays for encoding every batch as a wire message).")
+        lines.append(
+            f"- Simulator throughput, training samples/s: centralized {tp_c:.0f}, SFLV1 x{counts[0]} {tp_s:.0f} "
+            f"(ratio {tp_s / tp_c:.2f}; SFLV1 pays for encoding every batch as a wire message)."
+        )
     macs = conv_macs(client, model.input_shape)
     lines += [
         f"- Client half (cut after block {model.cut}): {count_parameters(client):,} parameters, "

@@ -24,14 +24,16 @@ STATE_FILE = "state.pt"
 INFO_FILE = "checkpoint.json"
 
 
-def save_checkpoint(
-    directory: Path, algo: Any, info: dict[str, Any]
-) -> None:
+def save_checkpoint(directory: Path, algo: Any, info: dict[str, Any]) -> None:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"client.{k}": v for k, v in state_to_numpy(algo.client_net).items()}
     tensors.update({f"server.{k}": v for k, v in state_to_numpy(algo.server_net).items()})
-    meta = {"model": algo.model_cfg.model_dump_json(), "algo": algo.name, "round": str(info.get("round", -1))}
+    meta = {
+        "model": algo.model_cfg.model_dump_json(),
+        "algo": algo.name,
+        "round": str(info.get("round", -1)),
+    }
     tmp = directory / (MODEL_FILE + ".tmp")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
     tmp.replace(directory / MODEL_FILE)
@@ -59,7 +61,10 @@ def load_model(path: Path) -> tuple[ModelConfig, ClientNet, ServerNet]:
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.exists():
-        raise UserError(f"no checkpoint at {path}: pass the --out directory of a training run or its model.safetensors")
+        raise UserError(
+            f"no checkpoint at {path}: pass the --out directory of a training run "
+            "or its model.safetensors"
+        )
     try:
         cfg = read_model_config(path)
         tensors = load_file(str(path))

@@ -19,7 +19,14 @@ from torch import nn
 from splitfed.config import TrainConfig
 from splitfed.data.batches import iterate_batches
 from splitfed.data.dataset import EmotionDataset
-from splitfed.model import ClientNet, ModelConfig, ServerNet, build_split_model, seeded, smashed_shape
+from splitfed.model import (
+    ClientNet,
+    ModelConfig,
+    ServerNet,
+    build_split_model,
+    seeded,
+    smashed_shape,
+)
 from splitfed.training import (
     confusion,
     load_numpy_state,
@@ -32,9 +39,9 @@ from splitfed.training import (
 from splitfed.wire import (
     Envelope,
     Message,
-    ShapeSpec,
     MsgType,
     Sequencer,
+    ShapeSpec,
     Validator,
     WireError,
     activation_spec,
@@ -153,7 +160,7 @@ class ClientRuntime:
         return encode(self.seq.make(MsgType.LEAVE, 0, {"reason": reason}))
 
     def handle_bytes(self, data: bytes) -> list[bytes]:
-        """Validate one message from the aggregator and answer it; bad input is logged, not raised."""
+        """Validate one message from the aggregator and answer it; bad input is logged."""
         try:
             msg = self._validator.check(data)
         except WireError as e:
@@ -183,7 +190,9 @@ class ClientRuntime:
         model_cfg = ModelConfig.model_validate(body["model"])
         train_cfg = TrainConfig.model_validate(body["train"])
         if tuple(model_cfg.input_shape) != self.train.input_shape:
-            raise ValueError(f"model input {model_cfg.input_shape} != local crops {self.train.input_shape}")
+            raise ValueError(
+                f"model input {model_cfg.input_shape} != local crops {self.train.input_shape}"
+            )
         if self.model_cfg != model_cfg or self.client_net is None:
             self.client_net, self.server_net = build_split_model(model_cfg, body["seed"])
             self.opt = make_optimizer(self.client_net.parameters(), train_cfg)
@@ -215,7 +224,9 @@ class ClientRuntime:
         set_lr(self.opt, lr)
         set_lr(self.full_opt, lr)
         key = (int(body["seed"]), msg.env.round, int(body["client_index"]))
-        batches = iterate_batches(self.train, cfg.batch_size, key, cfg.local_epochs, train=True, augment=cfg.augment)
+        batches = iterate_batches(
+            self.train, cfg.batch_size, key, cfg.local_epochs, train=True, augment=cfg.augment
+        )
         self.round = _Round(msg.env.round, key[0], key[2], batches)
         if body["mode"] == "local":
             return [self._train_locally(msg)]
@@ -247,7 +258,9 @@ class ClientRuntime:
             raise ValueError(f"gradients for step {msg.env.body.get('step')}, expected {step}")
         grad = torch.from_numpy(msg.tensors["grad"].astype(np.float32))
         if grad.shape != act.shape:
-            raise ValueError(f"gradient shape {tuple(grad.shape)} != activations {tuple(act.shape)}")
+            raise ValueError(
+                f"gradient shape {tuple(grad.shape)} != activations {tuple(act.shape)}"
+            )
         assert self.opt is not None
         self.opt.zero_grad(set_to_none=True)
         act.backward(grad)
@@ -306,11 +319,19 @@ class ClientRuntime:
         self._load(msg)
         split = str(body["split"])
         ds = self._eval_data(split)
-        assert self.client_net is not None and self.server_net is not None and self.train_cfg is not None
+        assert (
+            self.client_net is not None
+            and self.server_net is not None
+            and self.train_cfg is not None
+        )
         out: list[Message] = []
         if ds is None or len(ds) == 0:
             body_r = {"split": split, "confusion": np.zeros((7, 7), int).tolist()}
-            return [self.seq.make(MsgType.EVAL_RESULT, msg.env.round, body_r, reply_to=msg.env.message_id)]
+            return [
+                self.seq.make(
+                    MsgType.EVAL_RESULT, msg.env.round, body_r, reply_to=msg.env.message_id
+                )
+            ]
         self.client_net.eval()
         batches = list(iterate_batches(ds, EVAL_BATCH, (0,), train=False))
         if body.get("mode") == "local":
@@ -321,15 +342,25 @@ class ClientRuntime:
                     pred = self.server_net(self.client_net(x)).argmax(1).numpy()
                     conf += confusion(y.numpy(), pred)
             body_r = {"split": split, "confusion": conf.tolist()}
-            return [self.seq.make(MsgType.EVAL_RESULT, msg.env.round, body_r, reply_to=msg.env.message_id)]
-        ev = _Eval(msg.env.round, split, expected=len(batches), conf=np.zeros((7, 7), dtype=np.int64))
+            return [
+                self.seq.make(
+                    MsgType.EVAL_RESULT, msg.env.round, body_r, reply_to=msg.env.message_id
+                )
+            ]
+        ev = _Eval(
+            msg.env.round, split, expected=len(batches), conf=np.zeros((7, 7), dtype=np.int64)
+        )
         self.evals[split] = ev
         with torch.no_grad():
             for step, (x, y) in enumerate(batches):
                 ev.labels[step] = y.numpy()
                 tensors = pack_activations(self.client_net(x).numpy(), self.train_cfg.compression)
                 b = {"split": split, "step": step, "steps": len(batches)}
-                out.append(self.seq.make(MsgType.EVAL_SMASHED, msg.env.round, b, tensors, reply_to=msg.env.message_id))
+                out.append(
+                    self.seq.make(
+                        MsgType.EVAL_SMASHED, msg.env.round, b, tensors, reply_to=msg.env.message_id
+                    )
+                )
         return out
 
     def _on_eval_predictions(self, msg: Message) -> list[Message]:
@@ -348,7 +379,9 @@ class ClientRuntime:
             return []
         del self.evals[split]
         body = {"split": split, "confusion": ev.conf.tolist()}
-        return [self.seq.make(MsgType.EVAL_RESULT, msg.env.round, body, reply_to=msg.env.message_id)]
+        return [
+            self.seq.make(MsgType.EVAL_RESULT, msg.env.round, body, reply_to=msg.env.message_id)
+        ]
 
     def _on_global_weights(self, msg: Message) -> list[Message]:
         if self.client_net is None:

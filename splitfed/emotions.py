@@ -17,13 +17,24 @@ NUM_CLASSES = len(EMOTIONS)
 KDEF_CODES: dict[str, int] = {"AF": 0, "AN": 1, "DI": 2, "HA": 3, "NE": 4, "SA": 5, "SU": 6}
 
 _SYNONYMS: dict[str, str] = {
-    "afraid": "afraid", "fear": "afraid", "fearful": "afraid", "scared": "afraid",
-    "angry": "angry", "anger": "angry", "mad": "angry",
-    "disgust": "disgusted", "disgusted": "disgusted",
-    "happy": "happy", "happiness": "happy", "joy": "happy",
-    "neutral": "neutral", "calm": "neutral",
-    "sad": "sad", "sadness": "sad",
-    "surprise": "surprised", "surprised": "surprised",
+    "afraid": "afraid",
+    "fear": "afraid",
+    "fearful": "afraid",
+    "scared": "afraid",
+    "angry": "angry",
+    "anger": "angry",
+    "mad": "angry",
+    "disgust": "disgusted",
+    "disgusted": "disgusted",
+    "happy": "happy",
+    "happiness": "happy",
+    "joy": "happy",
+    "neutral": "neutral",
+    "calm": "neutral",
+    "sad": "sad",
+    "sadness": "sad",
+    "surprise": "surprised",
+    "surprised": "surprised",
 }
 
 # FER2013's label order: 0 angry, 1 disgust, 2 fear, 3 happy, 4 sad, 5 surprise, 6 neutral.

@@ -48,8 +48,15 @@ def plot_confusion(conf: np.ndarray, path: Path, title: str) -> None:
     ax.set(xlabel="predicted", ylabel="true", title=title)
     for i in range(conf.shape[0]):
         for j in range(conf.shape[1]):
-            ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                str(conf[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -67,13 +74,24 @@ def plot_comparison(results: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(counts), figsize=(5 * len(counts), 4), squeeze=False)
     for ax, n in zip(axes[0], counts):
         for m in central:
-            ax.plot([x["round"] for x in m["rounds"]], [x["test_accuracy"] for x in m["rounds"]],
-                    "k--", lw=1.2, label="centralized")
+            ax.plot(
+                [x["round"] for x in m["rounds"]],
+                [x["test_accuracy"] for x in m["rounds"]],
+                "k--",
+                lw=1.2,
+                label="centralized",
+            )
         for m in results:
             if m["clients"] != n or m["algo"] == "centralized":
                 continue
-            ax.plot([x["round"] for x in m["rounds"]], [x["test_accuracy"] for x in m["rounds"]],
-                    marker=markers[m["algo"]], ms=5, mfc="none", label=m["algo"])
+            ax.plot(
+                [x["round"] for x in m["rounds"]],
+                [x["test_accuracy"] for x in m["rounds"]],
+                marker=markers[m["algo"]],
+                ms=5,
+                mfc="none",
+                label=m["algo"],
+            )
         ax.set(title=f"{n} clients", xlabel="round", ylabel="test accuracy", ylim=(0, 1))
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)

@@ -65,7 +65,12 @@ class ServerNet(nn.Module):
     """The aggregator half: the remaining blocks, pooling and the classifier."""
 
     def __init__(
-        self, blocks: list[nn.Module], width: int, pool: tuple[int, int], dropout: float, num_classes: int
+        self,
+        blocks: list[nn.Module],
+        width: int,
+        pool: tuple[int, int],
+        dropout: float,
+        num_classes: int,
     ) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*blocks)

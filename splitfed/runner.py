@@ -53,7 +53,8 @@ def run(algo: Algorithm, io: ServerIO | None, opts: RunOptions) -> dict[str, Any
         participants = io.wait_for_clients(opts.min_clients, opts.join_timeout)
         if len(participants) < opts.min_clients:
             raise RuntimeError(
-                f"only {len(participants)} of {opts.min_clients} clients joined within {opts.join_timeout:.0f} s"
+                f"only {len(participants)} of {opts.min_clients} clients joined "
+                f"within {opts.join_timeout:.0f} s"
             )
         algo.enrol(participants)
     rounds: list[dict[str, Any]] = []
@@ -104,7 +105,9 @@ def run(algo: Algorithm, io: ServerIO | None, opts: RunOptions) -> dict[str, Any
             info = {"algo": algo.name, "round": rnd, "rounds": rounds, "data": opts.data_info}
             save_checkpoint(opts.checkpoint_dir, algo, info)
         if io is not None and algo.uses_clients and algo.mode == "split":
-            io.publish_global(algo.round_body(participants[0] if participants else "x"), algo.global_tensors())
+            io.publish_global(
+                algo.round_body(participants[0] if participants else "x"), algo.global_tensors()
+            )
         if opts.on_round is not None:
             opts.on_round(row)
     evaluators = io.online() if (io is not None and algo.uses_clients) else []
@@ -128,7 +131,11 @@ def run(algo: Algorithm, io: ServerIO | None, opts: RunOptions) -> dict[str, Any
         "comm": {
             "bytes_up": total_up,
             "bytes_down": total_down,
-            "train_bytes_per_round": float(np.mean([r["bytes_up"] + r["bytes_down"] for r in rounds])) if rounds else 0.0,
+            "train_bytes_per_round": float(
+                np.mean([r["bytes_up"] + r["bytes_down"] for r in rounds])
+            )
+            if rounds
+            else 0.0,
             "rejected_messages": io.rejected_total if io is not None else 0,
         },
         "wall_seconds": time.perf_counter() - started,
@@ -147,5 +154,6 @@ def write_outputs(metrics: dict[str, Any], out_dir: Path) -> None:
     if metrics["rounds"]:
         plot_curves(metrics, out_dir / "curves.png")
     conf = np.asarray(metrics["final"]["test_confusion"])
-    title = f"{metrics['algo']}, {metrics['clients']} clients — test accuracy {metrics['final']['test_accuracy']:.1%}"
+    acc = metrics["final"]["test_accuracy"]
+    title = f"{metrics['algo']}, {metrics['clients']} clients — test accuracy {acc:.1%}"
     plot_confusion(conf, out_dir / "confusion.png", title)

@@ -166,7 +166,9 @@ class ServerIO:
         if tuple(body.input_shape) != tuple(self.model_cfg.input_shape):
             log.warning(
                 "client %s crops are %s, the model expects %s; ignored",
-                body.client_id, body.input_shape, self.model_cfg.input_shape,
+                body.client_id,
+                body.input_shape,
+                self.model_cfg.input_shape,
             )
             return
         old = self.clients.get(body.client_id)

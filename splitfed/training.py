@@ -35,7 +35,9 @@ def load_numpy_state(module: nn.Module, state: Mapping[str, np.ndarray]) -> None
     missing = set(own) - set(state)
     extra = set(state) - set(own)
     if missing or extra:
-        raise ValueError(f"state dict mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+        raise ValueError(
+            f"state dict mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+        )
     with torch.no_grad():
         for k, v in own.items():
             src = np.asarray(state[k])

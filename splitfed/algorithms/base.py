@@ -105,7 +105,9 @@ class Algorithm(abc.ABC):
         return t
 
     @abc.abstractmethod
-    def run_round(self, io: ServerIO, rnd: int, participants: list[str], timeout: float) -> RoundTrain:
+    def run_round(
+        self, io: ServerIO, rnd: int, participants: list[str], timeout: float
+    ) -> RoundTrain:
         """Train one round with these clients; update the global halves."""
 
     # ---- shared steps -------------------------------------------------------------------------
@@ -167,12 +169,16 @@ class Algorithm(abc.ABC):
                 break
             if isinstance(ev, Presence):
                 if ev.state != "online" and ev.client_id in active:
-                    log.warning("%s: %s went %s; finishing without it", what, ev.client_id, ev.state)
+                    log.warning(
+                        "%s: %s went %s; finishing without it", what, ev.client_id, ev.state
+                    )
                     drop(ev.client_id)
                 continue
             if ev.type in (MsgType.JOIN, MsgType.LEAVE):
                 if ev.src in active:
-                    log.warning("%s: %s %s mid-round; finishing without it", what, ev.src, ev.type.value)
+                    log.warning(
+                        "%s: %s %s mid-round; finishing without it", what, ev.src, ev.type.value
+                    )
                     drop(ev.src)
                 continue
             if ev.type is MsgType.PREDICT:
@@ -200,10 +206,18 @@ class Algorithm(abc.ABC):
         logits = self.predict(unpack_activations(msg.tensors))
         probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
         body = {"frame": int(msg.env.body["frame"]), "classes": probs.argmax(1).tolist()}
-        io.send(msg.src, MsgType.PREDICTION, body, {"probs": probs.astype(np.float32)},
-                reply_to=msg.env.message_id, round=msg.env.round)
+        io.send(
+            msg.src,
+            MsgType.PREDICTION,
+            body,
+            {"probs": probs.astype(np.float32)},
+            reply_to=msg.env.message_id,
+            round=msg.env.round,
+        )
 
-    def evaluate(self, io: ServerIO, participants: list[str], split: str, timeout: float) -> np.ndarray:
+    def evaluate(
+        self, io: ServerIO, participants: list[str], split: str, timeout: float
+    ) -> np.ndarray:
         """Confusion counts over the clients' own data; labels never leave the devices."""
         conf = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
         full = self.mode == "local"
@@ -216,7 +230,13 @@ class Algorithm(abc.ABC):
             if msg.type is MsgType.EVAL_SMASHED and msg.env.body["split"] == split:
                 pred = self.predict(unpack_activations(msg.tensors)).argmax(1).astype(np.int64)
                 body = {"split": split, "step": int(msg.env.body["step"])}
-                io.send(msg.src, MsgType.EVAL_PREDICTIONS, body, {"pred": pred}, reply_to=msg.env.message_id)
+                io.send(
+                    msg.src,
+                    MsgType.EVAL_PREDICTIONS,
+                    body,
+                    {"pred": pred},
+                    reply_to=msg.env.message_id,
+                )
             elif msg.type is MsgType.EVAL_RESULT and msg.env.body["split"] == split:
                 conf += np.asarray(msg.env.body["confusion"], dtype=np.int64)
                 active.discard(msg.src)

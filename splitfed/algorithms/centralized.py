@@ -37,14 +37,22 @@ class Centralized(Algorithm):
         self.train_data = train
         self.eval_data = {"train": train, "test": test}
 
-    def run_round(self, io: ServerIO | None, rnd: int, participants: list[str], timeout: float) -> RoundTrain:
+    def run_round(
+        self, io: ServerIO | None, rnd: int, participants: list[str], timeout: float
+    ) -> RoundTrain:
         assert self.train_data is not None, "attach_data first"
         cfg = self.train_cfg
         result = RoundTrain(completed=["centralized"])
         self.client_net.train()
         self.server_net.train()
-        batches = iterate_batches(self.train_data, cfg.batch_size, (self.seed, rnd, 0), cfg.local_epochs,
-                                  train=True, augment=cfg.augment)
+        batches = iterate_batches(
+            self.train_data,
+            cfg.batch_size,
+            (self.seed, rnd, 0),
+            cfg.local_epochs,
+            train=True,
+            augment=cfg.augment,
+        )
         for step, (x, y) in enumerate(batches):
             with seeded(self.seed, rnd, 0, step, 0):
                 h = self.client_net(x)
@@ -60,7 +68,9 @@ class Centralized(Algorithm):
         self.version += 1
         return result
 
-    def evaluate(self, io: ServerIO | None, participants: list[str], split: str, timeout: float) -> np.ndarray:
+    def evaluate(
+        self, io: ServerIO | None, participants: list[str], split: str, timeout: float
+    ) -> np.ndarray:
         conf = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
         self.client_net.eval()
         self.server_net.eval()

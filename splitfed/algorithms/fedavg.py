@@ -20,7 +20,9 @@ class FedAvg(Algorithm):
     name = "fedavg"
     mode = "local"
 
-    def run_round(self, io: ServerIO, rnd: int, participants: list[str], timeout: float) -> RoundTrain:
+    def run_round(
+        self, io: ServerIO, rnd: int, participants: list[str], timeout: float
+    ) -> RoundTrain:
         result = RoundTrain()
         updates: dict[str, Message] = {}
         tensors = self.global_tensors(full=True)
@@ -37,7 +39,9 @@ class FedAvg(Algorithm):
                 active.discard(msg.src)
 
         active = set(participants)
-        result.dropped = self.collect(io, active, time.monotonic() + timeout, on_message, f"round {rnd}")
+        result.dropped = self.collect(
+            io, active, time.monotonic() + timeout, on_message, f"round {rnd}"
+        )
         done = [cid for cid in participants if cid in updates]
         result.completed = done
         if done:

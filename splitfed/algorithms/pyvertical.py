@@ -120,6 +120,7 @@ class VerticalModelConfig(BaseModel):
 
     split: ModelConfig = Field(description="the split CNN whose halves make the heads and trunk")
     boxes: list[tuple[int, int, int, int]] = Field(description="each owner's part: y0, y1, x0, x1")
+    mirror: bool = Field(True, description="mirror records in training (needs a symmetric layout)")
 
     def model_post_init(self, _context: object) -> None:
         if not self.boxes:
@@ -163,6 +164,9 @@ class VerticalModelConfig(BaseModel):
         where = {tuple(b): k for k, b in enumerate(self.boxes)}
         out = [where.get((y0, y1, w - x1, w - x0)) for y0, y1, x0, x1 in self.boxes]
         return None if any(k is None for k in out) else out  # type: ignore[misc]
+
+    def mirrors(self) -> bool:
+        return self.mirror and self.mirror_map() is not None
 
 
 class Trunk(nn.Module):
@@ -461,7 +465,7 @@ class OwnerRuntime:
         set_lr(self.opt, lr)
         key = (body.seed, msg.env.round, 0)
         steps = len(batch_plan(len(images), cfg.batch_size, key, cfg.local_epochs))
-        mirror = self.cfg is not None and self.cfg.mirror_map() is not None
+        mirror = self.cfg is not None and self.cfg.mirrors()
         batches = part_batches(images, cfg.batch_size, key, cfg.local_epochs, cfg.augment, mirror)
         self.round = _OwnerRound(msg.env.round, batches, steps)
         self._seed = body.seed
@@ -710,7 +714,7 @@ class PyVertical(Algorithm):
         owners = self.owners()
         key = (self.seed, rnd, 0)
         plan = batch_plan(len(al.train_ids), cfg.batch_size, key, cfg.local_epochs)
-        mirror = self.model_cfg.mirror_map() is not None
+        mirror = self.model_cfg.mirrors()
         flips = batch_flips(
             len(al.train_ids), cfg.batch_size, key, cfg.local_epochs, cfg.augment, mirror
         )
@@ -850,7 +854,7 @@ class CentralVertical:
             set_lr(opt, round_lr(cfg, rnd, rounds))
         key = (self.seed, rnd, 0)
         plan = batch_plan(len(labels), cfg.batch_size, key, cfg.local_epochs)
-        mirror = self.cfg.mirror_map() is not None
+        mirror = self.cfg.mirrors()
         iters = [
             part_batches(p, cfg.batch_size, key, cfg.local_epochs, cfg.augment, mirror)
             for p in parts

@@ -41,7 +41,9 @@ class SFLV1(Algorithm):
         load_numpy_state(net, state_to_numpy(self.server_net))
         return net, opt
 
-    def run_round(self, io: ServerIO, rnd: int, participants: list[str], timeout: float) -> RoundTrain:
+    def run_round(
+        self, io: ServerIO, rnd: int, participants: list[str], timeout: float
+    ) -> RoundTrain:
         result = RoundTrain()
         # Per-client sums, added up in participant order at the end: batches arrive in any order
         # over a network, and float addition is not associative.
@@ -59,11 +61,16 @@ class SFLV1(Algorithm):
                 per_client[msg.src].add(loss, correct, n)
                 self.reply_gradients(io, msg, grad, loss)
             elif msg.type is MsgType.CLIENT_UPDATE:
-                updates[msg.src] = (unprefixed(msg.tensors, CLIENT_PREFIX), int(msg.env.body["n_samples"]))
+                updates[msg.src] = (
+                    unprefixed(msg.tensors, CLIENT_PREFIX),
+                    int(msg.env.body["n_samples"]),
+                )
                 active.discard(msg.src)
 
         active = set(participants)
-        result.dropped = self.collect(io, active, time.monotonic() + timeout, on_message, f"round {rnd}")
+        result.dropped = self.collect(
+            io, active, time.monotonic() + timeout, on_message, f"round {rnd}"
+        )
         for part in per_client.values():
             result.loss_sum += part.loss_sum
             result.correct += part.correct
@@ -72,7 +79,9 @@ class SFLV1(Algorithm):
         result.completed = done
         if done:
             weights = [updates[c][1] for c in done]
-            load_numpy_state(self.client_net, weighted_average([updates[c][0] for c in done], weights))
+            load_numpy_state(
+                self.client_net, weighted_average([updates[c][0] for c in done], weights)
+            )
             servers = [state_to_numpy(copies[c][0]) for c in done]
             load_numpy_state(self.server_net, weighted_average(servers, weights))
             self.version += 1
@@ -80,7 +89,9 @@ class SFLV1(Algorithm):
 
     def state(self) -> dict:  # type: ignore[type-arg]
         s = super().state()
-        s["copies"] = {cid: (net.state_dict(), opt.state_dict()) for cid, (net, opt) in self.copies.items()}
+        s["copies"] = {
+            cid: (net.state_dict(), opt.state_dict()) for cid, (net, opt) in self.copies.items()
+        }
         return s
 
     def load_state(self, state: dict) -> None:  # type: ignore[type-arg]

@@ -24,10 +24,13 @@ from splitfed.wire import Message, MsgType
 class SFLV2(Algorithm):
     name = "sflv2"
 
-    def run_round(self, io: ServerIO, rnd: int, participants: list[str], timeout: float) -> RoundTrain:
+    def run_round(
+        self, io: ServerIO, rnd: int, participants: list[str], timeout: float
+    ) -> RoundTrain:
         result = RoundTrain()
         counts = [
-            num_batches(io.clients[c].n_train, self.train_cfg.batch_size) * self.train_cfg.local_epochs
+            num_batches(io.clients[c].n_train, self.train_cfg.batch_size)
+            * self.train_cfg.local_epochs
             for c in participants
         ]
         order = deque(interleaved_order(counts, np.random.default_rng([self.seed, rnd, 0x5F12])))
@@ -49,7 +52,9 @@ class SFLV2(Algorithm):
                 if msg is None:
                     return
                 order.popleft()
-                grad, loss, correct, n = self.server_step(self.server_net, self.server_opt, msg, rnd)
+                grad, loss, correct, n = self.server_step(
+                    self.server_net, self.server_opt, msg, rnd
+                )
                 result.add(loss, correct, n)
                 self.reply_gradients(io, msg, grad, loss)
 
@@ -58,7 +63,10 @@ class SFLV2(Algorithm):
                 waiting[msg.src] = msg
                 advance()
             elif msg.type is MsgType.CLIENT_UPDATE:
-                updates[msg.src] = (unprefixed(msg.tensors, CLIENT_PREFIX), int(msg.env.body["n_samples"]))
+                updates[msg.src] = (
+                    unprefixed(msg.tensors, CLIENT_PREFIX),
+                    int(msg.env.body["n_samples"]),
+                )
                 active.discard(msg.src)
 
         def on_drop(cid: str) -> None:
@@ -72,6 +80,8 @@ class SFLV2(Algorithm):
         result.completed = done
         if done:
             weights = [updates[c][1] for c in done]
-            load_numpy_state(self.client_net, weighted_average([updates[c][0] for c in done], weights))
+            load_numpy_state(
+                self.client_net, weighted_average([updates[c][0] for c in done], weights)
+            )
             self.version += 1
         return result

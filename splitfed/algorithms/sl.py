@@ -18,15 +18,20 @@ from splitfed.wire import Message, MsgType
 class SplitLearning(Algorithm):
     name = "sl"
 
-    def run_round(self, io: ServerIO, rnd: int, participants: list[str], timeout: float) -> RoundTrain:
+    def run_round(
+        self, io: ServerIO, rnd: int, participants: list[str], timeout: float
+    ) -> RoundTrain:
         result = RoundTrain()
         deadline = time.monotonic() + timeout
         for cid in participants:
             io.send(cid, MsgType.ROUND_START, self.round_body(cid), self.global_tensors())
+            active = {cid}
 
-            def on_message(msg: Message, cid: str = cid) -> None:
+            def on_message(msg: Message, cid: str = cid, active: set[str] = active) -> None:
                 if msg.type is MsgType.SMASHED:
-                    grad, loss, correct, n = self.server_step(self.server_net, self.server_opt, msg, rnd)
+                    grad, loss, correct, n = self.server_step(
+                        self.server_net, self.server_opt, msg, rnd
+                    )
                     result.add(loss, correct, n)
                     self.reply_gradients(io, msg, grad, loss)
                 elif msg.type is MsgType.CLIENT_UPDATE:
@@ -34,7 +39,6 @@ class SplitLearning(Algorithm):
                     result.completed.append(cid)
                     active.discard(cid)
 
-            active = {cid}
             result.dropped += self.collect(io, active, deadline, on_message, f"round {rnd} ({cid})")
         self.version += 1
         return result

@@ -29,7 +29,9 @@ class EmotionDataset:
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}")
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}"
+            )
         if len(self.labels) != len(self.images):
             raise ValueError("labels and images differ in length")
         if self.subjects is not None and len(self.subjects) != len(self.images):
@@ -81,10 +83,14 @@ def train_test_split(
     rng = np.random.default_rng([seed, 0x5E1])
     if kind == "subject":
         if ds.subjects is None:
-            raise UserError(f"--split subject needs subject ids, and {ds.name!r} has none; use --split random")
+            raise UserError(
+                f"--split subject needs subject ids, and {ds.name!r} has none; use --split random"
+            )
         people = np.unique(ds.subjects)
         if len(people) < 2:
-            raise UserError(f"--split subject needs at least 2 people, {ds.name!r} has {len(people)}")
+            raise UserError(
+                f"--split subject needs at least 2 people, {ds.name!r} has {len(people)}"
+            )
         people = people[rng.permutation(len(people))]
         n_test = min(len(people) - 1, max(1, int(round(test_fraction * len(people)))))
         test_people = set(people[:n_test].tolist())

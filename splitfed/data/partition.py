@@ -29,7 +29,9 @@ def parse_partition(spec: str) -> tuple[str, float]:
         except ValueError:
             alpha = -1.0
         if alpha <= 0:
-            raise UserError(f"bad partition {spec!r}: dirichlet needs a positive alpha, e.g. dirichlet:0.5")
+            raise UserError(
+                f"bad partition {spec!r}: dirichlet needs a positive alpha, e.g. dirichlet:0.5"
+            )
         return "dirichlet", alpha
     raise UserError(f"unknown partition {spec!r}: use subject, iid or dirichlet:ALPHA")
 
@@ -45,7 +47,9 @@ def partition_indices(ds: EmotionDataset, n: int, spec: str, seed: int) -> list[
             raise UserError(f"--partition subject needs subject ids, and {ds.name!r} has none")
         people = np.unique(ds.subjects)
         if n > len(people):
-            raise UserError(f"{n} clients but only {len(people)} subjects in {ds.name!r}: use fewer clients")
+            raise UserError(
+                f"{n} clients but only {len(people)} subjects in {ds.name!r}: use fewer clients"
+            )
         people = people[rng.permutation(len(people))]
         owner = {p: i % n for i, p in enumerate(people)}
         who = np.array([owner[s] for s in ds.subjects])
@@ -63,7 +67,9 @@ def partition_indices(ds: EmotionDataset, n: int, spec: str, seed: int) -> list[
         parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in parts_l]
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
-        raise UserError(f"client(s) {empty} left with no samples under --partition {spec}: use fewer clients")
+        raise UserError(
+            f"client(s) {empty} left with no samples under --partition {spec}: use fewer clients"
+        )
     return parts
 
 
@@ -91,7 +97,10 @@ def client_shards(
         order = np.arange(len(test))
     test_parts = np.array_split(order, n)
     shards = [
-        (train.subset(p, f"{ds.name}:client{i}"), test.subset(np.sort(t), f"{ds.name}:client{i}:test"))
+        (
+            train.subset(p, f"{ds.name}:client{i}"),
+            test.subset(np.sort(t), f"{ds.name}:client{i}:test"),
+        )
         for i, (p, t) in enumerate(zip(parts, test_parts))
     ]
     return train, test, shards

@@ -104,16 +104,23 @@ def make_identity(rng: np.random.Generator, resting: float) -> Identity:
     )
 
 
-def emotion_aus(emotion: str, intensity: float, ident: Identity, rng: np.random.Generator,
-                noise: float) -> dict[str, float]:
+def emotion_aus(
+    emotion: str, intensity: float, ident: Identity, rng: np.random.Generator, noise: float
+) -> dict[str, float]:
     proto = PROTOTYPES[emotion]
     return {
-        au: float(np.clip(intensity * proto.get(au, 0.0) + ident.rest[au] + rng.normal(0, noise), -0.4, 1.4))
+        au: float(
+            np.clip(
+                intensity * proto.get(au, 0.0) + ident.rest[au] + rng.normal(0, noise), -0.4, 1.4
+            )
+        )
         for au in AUS
     }
 
 
-def _curve(p0: tuple[float, float], p1: tuple[float, float], bulge: float, n: int = 24) -> np.ndarray:
+def _curve(
+    p0: tuple[float, float], p1: tuple[float, float], bulge: float, n: int = 24
+) -> np.ndarray:
     """Quadratic curve from p0 to p1 whose middle is pushed up by `bulge` (negative = down)."""
     t = np.linspace(0, 1, n)[:, None]
     a, b = np.array(p0), np.array(p1)
@@ -121,15 +128,23 @@ def _curve(p0: tuple[float, float], p1: tuple[float, float], bulge: float, n: in
     return (1 - t) ** 2 * a + 2 * (1 - t) * t * mid + t**2 * b
 
 
-def render(ident: Identity, aus: dict[str, float], rng: np.random.Generator, h: int = 48, w: int = 96,
-           pixel_noise: float = 9.0) -> np.ndarray:
+def render(
+    ident: Identity,
+    aus: dict[str, float],
+    rng: np.random.Generator,
+    h: int = 48,
+    w: int = 96,
+    pixel_noise: float = 9.0,
+) -> np.ndarray:
     """Draw one eye-region picture (uint8, h x w) of `ident` showing action units `aus`."""
     s = 4  # draw at 4x and downsample, for smooth lines
     H, W = h * s, w * s
     tex = np.random.default_rng(ident.texture_seed)
     img = np.full((H, W), ident.skin, np.float32)
     # Skin texture: fixed per person (pores, blemishes), low contrast.
-    img += cv2.resize(tex.normal(0, 6, (h // 4, w // 4)).astype(np.float32), (W, H), interpolation=cv2.INTER_CUBIC)
+    img += cv2.resize(
+        tex.normal(0, 6, (h // 4, w // 4)).astype(np.float32), (W, H), interpolation=cv2.INTER_CUBIC
+    )
     a = {k: max(v, 0.0) for k, v in aus.items()}
     a4 = aus["au4"]
     dark = ident.skin * 0.35
@@ -141,19 +156,33 @@ def render(ident: Identity, aus: dict[str, float], rng: np.random.Generator, h: 
         for k in range(3):
             y = H * (0.12 + 0.09 * k)
             pts = _curve((W * 0.28, y), (W * 0.72, y), H * 0.02 * (1 + k * 0.2))
-            cv2.polylines(img, [np.int32(pts)], False, ident.skin - 22 * min(lift, 1.2), line, cv2.LINE_AA)
+            cv2.polylines(
+                img, [np.int32(pts)], False, ident.skin - 22 * min(lift, 1.2), line, cv2.LINE_AA
+            )
 
     # Glabella (vertical frown lines) with AU4; nasal-root wrinkles with AU9.
     if a4 > 0.2:
         for side in (-1, 1):
             x = W * (0.5 + side * 0.03)
-            cv2.line(img, (int(x), int(H * 0.30)), (int(x + side * W * 0.005), int(H * 0.55)),
-                     ident.skin - 40 * min(a4, 1.2), line + 1, cv2.LINE_AA)
+            cv2.line(
+                img,
+                (int(x), int(H * 0.30)),
+                (int(x + side * W * 0.005), int(H * 0.55)),
+                ident.skin - 40 * min(a4, 1.2),
+                line + 1,
+                cv2.LINE_AA,
+            )
     if a["au9"] > 0.15:
         for k in range(3):
             y = H * (0.70 + 0.08 * k)
-            cv2.line(img, (int(W * 0.45), int(y)), (int(W * 0.55), int(y - H * 0.01)),
-                     ident.skin - 45 * min(a["au9"], 1.2), line + 1, cv2.LINE_AA)
+            cv2.line(
+                img,
+                (int(W * 0.45), int(y)),
+                (int(W * 0.55), int(y - H * 0.01)),
+                ident.skin - 45 * min(a["au9"], 1.2),
+                line + 1,
+                cv2.LINE_AA,
+            )
 
     for side in (-1, 1):  # -1: the eye on the left of the picture
         cx = W * (0.5 + side * ident.eye_dx)
@@ -161,7 +190,11 @@ def render(ident: Identity, aus: dict[str, float], rng: np.random.Generator, h: 
         ew = W * ident.eye_w
         inner_x, outer_x = cx - side * ew, cx + side * ew
         # Lids: AU5 opens, AU7 and droop close from above, AU6 pushes the lower lid up.
-        up = ew * ident.eye_open * (1 + 0.55 * aus["au5"] - 0.35 * a["au7"] - 0.35 * a["droop"] - 0.2 * a["au6"])
+        up = (
+            ew
+            * ident.eye_open
+            * (1 + 0.55 * aus["au5"] - 0.35 * a["au7"] - 0.35 * a["droop"] - 0.2 * a["au6"])
+        )
         low = ew * 0.32 * (1 - 0.55 * a["au6"] - 0.3 * a["au7"] - 0.2 * a["au9"] + 0.25 * a["au5"])
         up, low = max(up, ew * 0.08), max(low, ew * 0.04)
         upper = _curve((inner_x, cy), (outer_x, cy - 0.06 * ew), up * 2)
@@ -171,43 +204,92 @@ def render(ident: Identity, aus: dict[str, float], rng: np.random.Generator, h: 
         cv2.fillPoly(mask, [outline], 1.0, cv2.LINE_AA)
         eye = np.full_like(img, 225.0)
         gaze = rng.normal(0, 0.15) * ew
-        cv2.circle(eye, (int(cx + gaze), int(cy - up * 0.2)), int(ew * ident.iris), ident.iris_tone, -1, cv2.LINE_AA)
-        cv2.circle(eye, (int(cx + gaze), int(cy - up * 0.2)), int(ew * ident.iris * 0.45), 10, -1, cv2.LINE_AA)
+        cv2.circle(
+            eye,
+            (int(cx + gaze), int(cy - up * 0.2)),
+            int(ew * ident.iris),
+            ident.iris_tone,
+            -1,
+            cv2.LINE_AA,
+        )
+        cv2.circle(
+            eye,
+            (int(cx + gaze), int(cy - up * 0.2)),
+            int(ew * ident.iris * 0.45),
+            10,
+            -1,
+            cv2.LINE_AA,
+        )
         img = img * (1 - mask) + eye * mask
         cv2.polylines(img, [np.int32(upper)], False, dark, line + 2, cv2.LINE_AA)
         cv2.polylines(img, [np.int32(lower)], False, ident.skin * 0.7, line, cv2.LINE_AA)
         # Lid crease, hidden when the upper lid is raised wide.
         crease = _curve((inner_x, cy - up * 0.6), (outer_x, cy - up * 0.7), up * 1.6 + ew * 0.15)
-        cv2.polylines(img, [np.int32(crease)], False, ident.skin * (0.8 + 0.12 * a["au5"]), line, cv2.LINE_AA)
+        cv2.polylines(
+            img, [np.int32(crease)], False, ident.skin * (0.8 + 0.12 * a["au5"]), line, cv2.LINE_AA
+        )
         # Crow's feet with AU6.
         if a["au6"] > 0.15:
             for k in (-1, 0, 1):
                 x0 = outer_x + side * ew * 0.25
-                cv2.line(img, (int(x0), int(cy + k * ew * 0.15)),
-                         (int(x0 + side * ew * 0.45), int(cy + k * ew * 0.35)),
-                         ident.skin - 40 * min(a["au6"], 1.2), line, cv2.LINE_AA)
+                cv2.line(
+                    img,
+                    (int(x0), int(cy + k * ew * 0.15)),
+                    (int(x0 + side * ew * 0.45), int(cy + k * ew * 0.35)),
+                    ident.skin - 40 * min(a["au6"], 1.2),
+                    line,
+                    cv2.LINE_AA,
+                )
         # Cheek bulge under the eye with AU6/AU9.
         if a["au6"] + a["au9"] > 0.2:
             cheek = _curve((inner_x, cy + low * 2.4), (outer_x, cy + low * 2.4), -ew * 0.2)
-            cv2.polylines(img, [np.int32(cheek)], False, ident.skin - 30 * min(a["au6"] + a["au9"], 1.2),
-                          line, cv2.LINE_AA)
+            cv2.polylines(
+                img,
+                [np.int32(cheek)],
+                False,
+                ident.skin - 30 * min(a["au6"] + a["au9"], 1.2),
+                line,
+                cv2.LINE_AA,
+            )
         # Brows: AU1 lifts the inner end, AU2 the outer end, AU4 lowers and pulls them together.
         by = cy - H * ident.brow_gap
-        inner_b = (cx - side * ew * 0.95 * ident.brow_len + side * W * 0.035 * max(a4, 0),
-                   by - H * 0.16 * aus["au1"] + H * 0.09 * a4 - H * 0.03 * a["au9"])
-        outer_b = (cx + side * ew * 1.25 * ident.brow_len,
-                   by + H * 0.05 - H * 0.13 * aus["au2"] + H * 0.04 * max(a4, 0))
-        arch = H * (ident.brow_arch + 0.05 * a["au2"] - 0.03 * max(a4, 0) + 0.02 * a["au1"] * a["au4"] * 0)
+        inner_b = (
+            cx - side * ew * 0.95 * ident.brow_len + side * W * 0.035 * max(a4, 0),
+            by - H * 0.16 * aus["au1"] + H * 0.09 * a4 - H * 0.03 * a["au9"],
+        )
+        outer_b = (
+            cx + side * ew * 1.25 * ident.brow_len,
+            by + H * 0.05 - H * 0.13 * aus["au2"] + H * 0.04 * max(a4, 0),
+        )
+        arch = H * (
+            ident.brow_arch + 0.05 * a["au2"] - 0.03 * max(a4, 0) + 0.02 * a["au1"] * a["au4"] * 0
+        )
         brow = _curve(inner_b, outer_b, arch)
         thick = max(2, int(H * ident.brow_thick))
-        cv2.polylines(img, [np.int32(brow)], False, ident.skin * ident.brow_tone, thick, cv2.LINE_AA)
+        cv2.polylines(
+            img, [np.int32(brow)], False, ident.skin * ident.brow_tone, thick, cv2.LINE_AA
+        )
         if ident.glasses:
-            cv2.ellipse(img, (int(cx), int(cy)), (int(ew * 1.6), int(ew * 1.1)), 0, 0, 360, 30, line + 1,
-                        cv2.LINE_AA)
+            cv2.ellipse(
+                img,
+                (int(cx), int(cy)),
+                (int(ew * 1.6), int(ew * 1.1)),
+                0,
+                0,
+                360,
+                30,
+                line + 1,
+                cv2.LINE_AA,
+            )
 
     if ident.glasses:
-        cv2.line(img, (int(W * (0.5 - ident.eye_dx) + W * ident.eye_w * 1.6), int(H * ident.eye_y)),
-                 (int(W * (0.5 + ident.eye_dx) - W * ident.eye_w * 1.6), int(H * ident.eye_y)), 30, line + 1)
+        cv2.line(
+            img,
+            (int(W * (0.5 - ident.eye_dx) + W * ident.eye_w * 1.6), int(H * ident.eye_y)),
+            (int(W * (0.5 + ident.eye_dx) - W * ident.eye_w * 1.6), int(H * ident.eye_y)),
+            30,
+            line + 1,
+        )
     if ident.hair > 0:
         edge = _curve((0, H * ident.hair * 1.3), (W, H * ident.hair * 0.7), H * 0.05)
         poly = np.int32(np.vstack([[[0, 0]], edge, [[W, 0]]]))
@@ -215,12 +297,18 @@ def render(ident: Identity, aus: dict[str, float], rng: np.random.Generator, h: 
     # The lower face is masked (mask, niqab, litham) in a share of the pictures.
     if rng.random() < 0.4:
         top = H * rng.uniform(0.9, 0.98)
-        cv2.fillPoly(img, [np.int32([[0, H], [0, top], [W // 2, top - H * 0.04], [W, top], [W, H]])],
-                     float(rng.uniform(10, 240)))
+        cv2.fillPoly(
+            img,
+            [np.int32([[0, H], [0, top], [W // 2, top - H * 0.04], [W, top], [W, H]])],
+            float(rng.uniform(10, 240)),
+        )
 
     # Pose: small roll, scale and shift (the detector's levelling is imperfect).
-    m = cv2.getRotationMatrix2D((W / 2 + rng.normal(0, W * 0.02), H / 2 + rng.normal(0, H * 0.03)),
-                                rng.normal(0, 4.0), rng.uniform(0.93, 1.07))
+    m = cv2.getRotationMatrix2D(
+        (W / 2 + rng.normal(0, W * 0.02), H / 2 + rng.normal(0, H * 0.03)),
+        rng.normal(0, 4.0),
+        rng.uniform(0.93, 1.07),
+    )
     img = cv2.warpAffine(img, m, (W, H), borderMode=cv2.BORDER_REFLECT)
     img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
     # Lighting: a gradient from a random side, global gain and gamma; then blur and noise.

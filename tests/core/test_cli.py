@@ -19,11 +19,21 @@ def invoke(*args: str) -> tuple[int, str]:
 
 
 def test_simulate_writes_metrics_plots_and_checkpoint(tmp_path: Path) -> None:
-    code, out = invoke("simulate", "--algo", "sflv2", "--clients", "2", *SMALL, "--out", str(tmp_path))
+    code, out = invoke(
+        "simulate", "--algo", "sflv2", "--clients", "2", *SMALL, "--out", str(tmp_path)
+    )
     assert code == 0, out
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["algo"] == "sflv2" and m["clients"] == 2 and len(m["rounds"]) == 2
-    for key in ("round", "train_loss", "train_accuracy", "test_accuracy", "bytes_up", "bytes_down", "seconds"):
+    for key in (
+        "round",
+        "train_loss",
+        "train_accuracy",
+        "test_accuracy",
+        "bytes_up",
+        "bytes_down",
+        "seconds",
+    ):
         assert key in m["rounds"][0]
     assert m["rounds"][0]["bytes_up"] > 0 and m["rounds"][0]["bytes_down"] > 0
     for key in ("train_accuracy", "test_accuracy", "macro_f1"):
@@ -35,10 +45,21 @@ def test_simulate_writes_metrics_plots_and_checkpoint(tmp_path: Path) -> None:
 
 
 def test_compare_writes_table_and_plot(tmp_path: Path) -> None:
-    code, out = invoke("compare", "--algos", "centralized,sl,fedavg", "--clients", "2,3", *SMALL, "--out", str(tmp_path))
+    code, out = invoke(
+        "compare",
+        "--algos",
+        "centralized,sl,fedavg",
+        "--clients",
+        "2,3",
+        *SMALL,
+        "--out",
+        str(tmp_path),
+    )
     assert code == 0, out
     md = (tmp_path / "results.md").read_text()
-    assert md.count("| sl |") == 2 and md.count("| fedavg |") == 2 and md.count("| centralized |") == 1
+    assert (
+        md.count("| sl |") == 2 and md.count("| fedavg |") == 2 and md.count("| centralized |") == 1
+    )
     assert "subject" in md
     rows = (tmp_path / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 5
@@ -67,5 +88,7 @@ def test_user_errors_are_one_line_exit_2(args: list[str], message: str, tmp_path
 
 def test_empty_class_folder_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "data" / "happy").mkdir(parents=True)
-    code, out = invoke("simulate", "--algo", "sl", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"))
+    code, out = invoke(
+        "simulate", "--algo", "sl", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o")
+    )
     assert code == 2 and "Traceback" not in out

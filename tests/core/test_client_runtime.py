@@ -51,10 +51,17 @@ def test_only_declared_tensors_cross_the_wire(small_synth) -> None:
             assert t.shape[1:] != image_shape, f"{msg.type} carries an image-shaped tensor {name}"
             if name == "activations":
                 assert t.shape[1:] == act
-    assert {MsgType.SMASHED, MsgType.GRADIENTS, MsgType.CLIENT_UPDATE, MsgType.EVAL_SMASHED,
-            MsgType.EVAL_RESULT} <= seen
+    assert {
+        MsgType.SMASHED,
+        MsgType.GRADIENTS,
+        MsgType.CLIENT_UPDATE,
+        MsgType.EVAL_SMASHED,
+        MsgType.EVAL_RESULT,
+    } <= seen
     # Evaluation results are counts only: no labels travel in EVAL_SMASHED.
-    assert all("labels" not in decode(d).tensors for d in tap.log if decode(d).type is MsgType.EVAL_SMASHED)
+    assert all(
+        "labels" not in decode(d).tensors for d in tap.log if decode(d).type is MsgType.EVAL_SMASHED
+    )
 
 
 def test_bad_messages_are_dropped_not_raised(small_synth) -> None:
@@ -63,10 +70,21 @@ def test_bad_messages_are_dropped_not_raised(small_synth) -> None:
     bad = [
         b"",
         b"garbage" * 10,
-        encode(agg.make(MsgType.GRADIENTS, 0, {"step": 0}, {"grad": np.zeros((2, 8, 24, 48), np.float32)})),
+        encode(
+            agg.make(
+                MsgType.GRADIENTS, 0, {"step": 0}, {"grad": np.zeros((2, 8, 24, 48), np.float32)}
+            )
+        ),
         encode(Sequencer("stranger", "r").make(MsgType.ROUND_START, 0, {})),
         encode(agg.make(MsgType.ROUND_START, 0, {"model": {"cut": 99}})),
-        encode(agg.make(MsgType.EVAL_PREDICTIONS, 0, {"split": "test", "step": 3}, {"pred": np.zeros(2, np.int64)})),
+        encode(
+            agg.make(
+                MsgType.EVAL_PREDICTIONS,
+                0,
+                {"split": "test", "step": 3},
+                {"pred": np.zeros(2, np.int64)},
+            )
+        ),
     ]
     for data in bad:
         assert client.handle_bytes(data) == []

@@ -18,8 +18,14 @@ ROUNDS = 2
 
 
 def run(ds, algo: str, clients: int, **train: object) -> dict:  # type: ignore[no-untyped-def]
-    spec = SimSpec(algo, clients, ROUNDS, seed=7, train=TrainConfig(batch_size=16, **train),
-                   model=ModelConfig(widths=(8, 16, 16), cut=1))
+    spec = SimSpec(
+        algo,
+        clients,
+        ROUNDS,
+        seed=7,
+        train=TrainConfig(batch_size=16, **train),
+        model=ModelConfig(widths=(8, 16, 16), cut=1),
+    )
     return simulate(ds, spec)
 
 
@@ -39,8 +45,12 @@ def test_one_client_equals_centralized(small_synth, algo: str) -> None:
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_sflv1_equals_fedavg(small_synth, optimizer: str) -> None:
-    fedavg = run(small_synth, "fedavg", 3, optimizer=optimizer, lr=0.01 if optimizer == "sgd" else 2e-3)
-    sflv1 = run(small_synth, "sflv1", 3, optimizer=optimizer, lr=0.01 if optimizer == "sgd" else 2e-3)
+    fedavg = run(
+        small_synth, "fedavg", 3, optimizer=optimizer, lr=0.01 if optimizer == "sgd" else 2e-3
+    )
+    sflv1 = run(
+        small_synth, "sflv1", 3, optimizer=optimizer, lr=0.01 if optimizer == "sgd" else 2e-3
+    )
     np.testing.assert_allclose(trajectory(sflv1), trajectory(fedavg), rtol=0, atol=1e-6)
     assert sflv1["final"]["test_confusion"] == fedavg["final"]["test_confusion"]
 
@@ -58,4 +68,7 @@ def test_same_seed_same_numbers(small_synth) -> None:
     second = run(small_synth, "sflv2", 2)
     assert trajectory(first) == trajectory(second)
     # Byte counts match but for the envelopes' timestamps and message ids (a few bytes a message).
-    assert abs(first["comm"]["bytes_up"] - second["comm"]["bytes_up"]) < 1e-3 * first["comm"]["bytes_up"]
+    assert (
+        abs(first["comm"]["bytes_up"] - second["comm"]["bytes_up"])
+        < 1e-3 * first["comm"]["bytes_up"]
+    )

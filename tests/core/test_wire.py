@@ -95,7 +95,9 @@ def test_oversized_message_rejected_before_parsing() -> None:
         validator().check(b"\0" * (MAX_MESSAGE_BYTES + 1))
 
 
-@pytest.mark.parametrize(("compression", "ratio", "tol"), [("fp16", 1.95, 4e-3), ("int8", 3.5, 0.02)])
+@pytest.mark.parametrize(
+    ("compression", "ratio", "tol"), [("fp16", 1.95, 4e-3), ("int8", 3.5, 0.02)]
+)
 def test_activation_compression(compression: str, ratio: float, tol: float) -> None:
     x = np.maximum(np.random.default_rng(1).normal(size=(32, 16, 12, 24)), 0).astype(np.float32)
     full = encode(Sequencer("c", "r").make(MsgType.SMASHED, 0, {}, pack_activations(x, "fp32")))
