@@ -48,7 +48,7 @@ def vdata(small_ds) -> VerticalData:
 
 def tiny_model(v: VerticalData) -> VerticalModelConfig:
     split = ModelConfig(input_shape=v.input_shape, widths=(4, 8, 8, 8), cut=2)
-    return VerticalModelConfig(split=split, boxes=v.boxes)
+    return VerticalModelConfig(split=split, boxes=v.boxes, mirror=True)  # the harder arithmetic
 
 
 def start(v: VerticalData, cfg: VerticalModelConfig, tcfg: TrainConfig, seed: int = SEED):
