@@ -205,7 +205,9 @@ def simulate(algo: str, clients: int, rounds: int, out_dir: Path, **kw: Any) -> 
 
 
 @main.command()
-@click.option("--algos", default="sl,sflv1,sflv2,fedavg,centralized", show_default=True)
+@click.option(
+    "--algos", default="centralized,fedavg,sl,sflv1,sflv2,pyvertical,fedsl", show_default=True
+)
 @click.option("--clients", "clients_list", default="2,5,10", show_default=True)
 @click.option("--rounds", type=int, default=15, show_default=True)
 @click.option(

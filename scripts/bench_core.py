@@ -71,7 +71,7 @@ def main() -> None:
     plot_comparison(results, args.out / "comparison.png")
 
     client, server = build_split_model(model, 0)
-    central = next(m for m in results if m["algo"] == "centralized")
+    central = next((m for m in results if m["algo"] == "centralized"), results[0])
     lines = [
         "## Foundation: algorithms on the synthetic eye-region set",
         "",
@@ -93,14 +93,14 @@ def main() -> None:
     lines.append("")
     for algo in ("sflv1", "sflv2"):
         m = next((m for m in results if m["algo"] == algo and m["clients"] == 2), None)
-        if m is not None:
+        if m is not None and central["algo"] == "centralized":
             gap = (m["final"]["test_accuracy"] - central["final"]["test_accuracy"]) * 100
             lines.append(
                 f"- {algo.upper()} at 2 clients vs centralized, same epochs: test accuracy "
                 f"{m['final']['test_accuracy']:.1%} vs {central['final']['test_accuracy']:.1%} ({gap:+.1f} points)."
             )
     s1 = next((m for m in results if m["algo"] == "sflv1" and m["clients"] == counts[0]), None)
-    if s1 is not None:
+    if s1 is not None and central["algo"] == "centralized":
         tp_c = central["train_samples"] / central["train_seconds"]
         tp_s = s1["train_samples"] / s1["train_seconds"]
         lines.append(

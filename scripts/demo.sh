@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 exec .venv/bin/aggregator compare \
-    --algos "${ALGOS:-sl,sflv1,sflv2,fedavg,centralized}" \
-    --clients "${CLIENTS:-2,5}" --rounds "${ROUNDS:-10}" --synth-identities "${IDENTITIES:-60}" \
+    --algos "${ALGOS:-centralized,fedavg,sl,sflv1,sflv2,pyvertical,fedsl}" \
+    --clients "${CLIENTS:-2,5}" --rounds "${ROUNDS:-10}" --synth-identities "${IDENTITIES:-40}" \
     --out "${OUT:-runs/demo}" "$@"

@@ -68,7 +68,9 @@ def simulate(data: EmotionDataset, spec: SimSpec, on_round: Any = None) -> dict[
     if spec.algo in EXTRA_SIMULATORS:
         return EXTRA_SIMULATORS[spec.algo](data, spec, on_round)
     if spec.algo not in ALGORITHMS:
-        raise UserError(f"unknown algorithm {spec.algo!r}: choose from {', '.join(algorithm_names())}")
+        raise UserError(
+            f"unknown algorithm {spec.algo!r}: choose from {', '.join(algorithm_names())}"
+        )
     split = spec.split or ("subject" if data.has_subjects else "random")
     partition = spec.partition or default_partition(data)
     n = 1 if spec.algo == "centralized" else spec.clients
@@ -100,7 +102,9 @@ def simulate(data: EmotionDataset, spec: SimSpec, on_round: Any = None) -> dict[
         algo.attach_data(train, test)
         metrics = run(algo, None, opts)
     else:
-        runtimes = [ClientRuntime(client_id(i), spec.run_id, tr, te) for i, (tr, te) in enumerate(shards)]
+        runtimes = [
+            ClientRuntime(client_id(i), spec.run_id, tr, te) for i, (tr, te) in enumerate(shards)
+        ]
         transport = InProcessTransport(runtimes)
         io = ServerIO(transport, spec.run_id, model_cfg, train_cfg)
         metrics = run(algo, io, opts)

@@ -123,8 +123,15 @@ def encode(msg: Message) -> bytes:
 
 
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -150,7 +157,9 @@ def read_header(data: bytes) -> tuple[Envelope, dict[str, tuple[str, tuple[int, 
         env = Envelope.model_validate_json(meta["envelope"])
     except ValidationError as e:
         first = e.errors()[0]
-        raise WireError(f"bad envelope: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise WireError(
+            f"bad envelope: {'.'.join(map(str, first['loc']))}: {first['msg']}"
+        ) from None
     if env.schema_version != SCHEMA_VERSION:
         raise WireError(f"schema version {env.schema_version}, expected {SCHEMA_VERSION}")
     specs: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -256,6 +265,7 @@ class Validator:
 
 # ---- tensor packing --------------------------------------------------------------------------
 
+
 def pack_activations(x: np.ndarray, compression: Compression) -> dict[str, np.ndarray]:
     """Activations as fp32, fp16, or uint8 with a per-sample, per-channel affine scale."""
     x = np.asarray(x, dtype=np.float32)
@@ -309,7 +319,10 @@ def weights_spec(state: Mapping[str, np.ndarray], prefix: str = "w.") -> ShapeSp
     out: ShapeSpec = {}
     for k, v in state.items():
         dt = "I64" if v.dtype == np.int64 else "F32"
-        out[prefix + k] = (frozenset({dt}), tuple(v.shape) or (1,))  # safetensors stores scalars as (1,)
+        out[prefix + k] = (
+            frozenset({dt}),
+            tuple(v.shape) or (1,),
+        )  # safetensors stores scalars as (1,)
     return out
 
 
@@ -318,6 +331,7 @@ def is_finite_number(x: object) -> bool:
 
 
 # ---- message bodies that the aggregator receives ------------------------------------------------
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -387,4 +401,6 @@ def check_body(msg: Message) -> _Body:
         return model.model_validate(msg.env.body)
     except ValidationError as e:
         first = e.errors()[0]
-        raise WireError(f"bad {msg.type.value} body: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise WireError(
+            f"bad {msg.type.value} body: {'.'.join(map(str, first['loc']))}: {first['msg']}"
+        ) from None

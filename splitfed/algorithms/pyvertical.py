@@ -241,9 +241,9 @@ class AlgorithmIO(ServerIO):
 
     def _register(self, body: JoinBody) -> None:
         if body.client_id in self.clients:
-            log.info("client %s re-joined", body.client_id)
+            log.debug("client %s re-joined", body.client_id)
         else:
-            log.info("client %s joined with %d records", body.client_id, body.n_train)
+            log.debug("client %s joined with %d records", body.client_id, body.n_train)
         self.clients[body.client_id] = ClientInfo(
             body.client_id, body.n_train, body.n_test, body.class_counts
         )

@@ -31,6 +31,8 @@ from splitfed.errors import UserError
 log = logging.getLogger(__name__)
 
 CLIP_CACHE_VERSION = 1
+# The picture set's defaults: a clip set made with defaults shows the same people, drawn alike.
+_SYNTH = SynthConfig().model_dump()
 
 
 class ClipConfig(BaseModel):
@@ -38,16 +40,22 @@ class ClipConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    identities: int = Field(80, ge=2, description="number of synthetic people")
-    per_emotion: int = Field(6, ge=1, description="clips of each person per emotion")
+    identities: int = Field(_SYNTH["identities"], ge=2, description="number of synthetic people")
+    per_emotion: int = Field(
+        _SYNTH["per_emotion"], ge=1, description="clips per person and emotion"
+    )
     frames: int = Field(4, ge=2, le=64, description="frames per clip, neutral first")
-    height: int = Field(48, ge=16, description="frame height in pixels")
-    width: int = Field(96, ge=32, description="frame width in pixels")
+    height: int = Field(_SYNTH["height"], ge=16, description="frame height in pixels")
+    width: int = Field(_SYNTH["width"], ge=32, description="frame width in pixels")
     seed: int = Field(0, description="generator seed; same seed, same people as the picture set")
-    intensity: tuple[float, float] = Field((0.25, 1.0), description="range of the final intensity")
-    au_noise: float = Field(0.14, ge=0, description="per-clip jitter of each action unit")
-    resting: float = Field(0.35, ge=0, description="how far people's resting faces differ")
-    pixel_noise: float = Field(9.0, ge=0, description="sensor noise of the scene (grey levels)")
+    intensity: tuple[float, float] = Field(
+        _SYNTH["intensity"], description="range of the final intensity"
+    )
+    au_noise: float = Field(_SYNTH["au_noise"], ge=0, description="per-clip jitter of each unit")
+    resting: float = Field(_SYNTH["resting"], ge=0, description="how far resting faces differ")
+    pixel_noise: float = Field(
+        _SYNTH["pixel_noise"], ge=0, description="sensor noise of the scene (grey levels)"
+    )
     frame_noise: float = Field(3.0, ge=0, description="extra sensor noise drawn afresh per frame")
 
     @classmethod

@@ -211,7 +211,9 @@ def test_folder_of_eye_crops_loads_without_detection(tmp_path) -> None:  # type:
     for name in ("happy", "sad"):
         (tmp_path / name).mkdir()
         for i in range(3):
-            cv2.imwrite(str(tmp_path / name / f"{i}.png"), rng.integers(0, 255, (48, 96), dtype=np.uint8))
+            cv2.imwrite(
+                str(tmp_path / name / f"{i}.png"), rng.integers(0, 255, (48, 96), dtype=np.uint8)
+            )
     ds = loaders.load_dataset(str(tmp_path), data_format="folder", use_cache=False)
     assert len(ds) == 6 and ds.images.shape == (6, 1, 48, 96)
     assert ds.class_counts()["happy"] == 3 and ds.meta["no_face"] == 0
