@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from safetensors.numpy import load_file, save_file
 
 from splitfed.errors import UserError
@@ -52,7 +53,14 @@ def read_model_config(path: Path) -> ModelConfig:
         meta = f.metadata() or {}
     if "model" not in meta:
         raise UserError(f"{path}: no model configuration in the checkpoint metadata")
-    return ModelConfig.model_validate_json(meta["model"])
+    try:
+        return ModelConfig.model_validate_json(meta["model"])
+    except ValidationError:
+        algo = meta.get("algo", "?")
+        raise UserError(
+            f"{path}: a {algo} checkpoint, not a split-CNN one; sfl-export reads checkpoints of "
+            "sl, sflv1, sflv2, fedavg and centralized runs"
+        ) from None
 
 
 def load_model(path: Path) -> tuple[ModelConfig, ClientNet, ServerNet]:
