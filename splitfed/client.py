@@ -19,6 +19,7 @@ from torch import nn
 from splitfed.config import TrainConfig
 from splitfed.data.batches import iterate_batches
 from splitfed.data.dataset import EmotionDataset
+from splitfed.device import DeviceRuntime
 from splitfed.model import (
     ClientNet,
     ModelConfig,
@@ -43,7 +44,6 @@ from splitfed.wire import (
     Sequencer,
     ShapeSpec,
     Validator,
-    WireError,
     activation_spec,
     encode,
     pack_activations,
@@ -77,7 +77,7 @@ class _Eval:
     expected: int = 0
 
 
-class ClientRuntime:
+class ClientRuntime(DeviceRuntime):
     """Holds the local data, the client half and its optimizer; never sends an image."""
 
     def __init__(
@@ -155,24 +155,6 @@ class ClientRuntime:
             "input_shape": list(self.train.input_shape),
         }
         return encode(self.seq.make(MsgType.JOIN, 0, body))
-
-    def leave(self, reason: str = "stopped") -> bytes:
-        return encode(self.seq.make(MsgType.LEAVE, 0, {"reason": reason}))
-
-    def handle_bytes(self, data: bytes) -> list[bytes]:
-        """Validate one message from the aggregator and answer it; bad input is logged."""
-        try:
-            msg = self._validator.check(data)
-        except WireError as e:
-            self.rejected += 1
-            log.warning("dropped message from aggregator: %s", e)
-            return []
-        try:
-            return [encode(m) for m in self.handle(msg)]
-        except (ValueError, KeyError, RuntimeError) as e:
-            self.rejected += 1
-            log.warning("could not act on %s: %s", msg.type.value, e)
-            return []
 
     def handle(self, msg: Message) -> list[Message]:
         handlers = {

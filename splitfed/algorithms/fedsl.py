@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from splitfed.algorithms.aggregate import weighted_average
@@ -42,6 +42,7 @@ from splitfed.config import TrainConfig, round_lr
 from splitfed.data.batches import iterate_batches, num_batches, to_tensor
 from splitfed.data.clips import ClipDataset, clips_for, shard_indices
 from splitfed.data.dataset import EmotionDataset
+from splitfed.device import DeviceRuntime
 from splitfed.emotions import NUM_CLASSES
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig, seeded
@@ -64,7 +65,6 @@ from splitfed.wire import (
     Sequencer,
     ShapeSpec,
     Validator,
-    WireError,
     encode,
     weights_spec,
 )
@@ -244,7 +244,7 @@ class _SegEval:
     logits: list[np.ndarray] = field(default_factory=list)
 
 
-class SegmentRuntime:
+class SegmentRuntime(DeviceRuntime):
     """Device (group, segment): its frames of each clip, the labels if last, its sub-network."""
 
     def __init__(
@@ -344,23 +344,6 @@ class SegmentRuntime:
             "labels": self.is_last,
         }
         return encode(self.seq.make(MsgType.JOIN, 0, body))
-
-    def leave(self, reason: str = "stopped") -> bytes:
-        return encode(self.seq.make(MsgType.LEAVE, 0, {"reason": reason}))
-
-    def handle_bytes(self, data: bytes) -> list[bytes]:
-        try:
-            msg = self._validator.check(data)
-        except WireError as e:
-            self.rejected += 1
-            log.warning("%s dropped a message: %s", self.client_id, e)
-            return []
-        try:
-            return [encode(m) for m in self.handle(msg)]
-        except (ValueError, KeyError, RuntimeError, ValidationError) as e:
-            self.rejected += 1
-            log.warning("%s could not act on %s: %s", self.client_id, msg.type.value, e)
-            return []
 
     def handle(self, msg: Message) -> list[Message]:
         handlers = {

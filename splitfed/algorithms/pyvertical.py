@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from splitfed.algorithms.base import Algorithm, RoundTrain
@@ -57,6 +57,7 @@ from splitfed.data.vertical import (
     part_batches,
     vertical_partition,
 )
+from splitfed.device import DeviceRuntime
 from splitfed.emotions import NUM_CLASSES
 from splitfed.errors import UserError
 from splitfed.model import (
@@ -81,7 +82,6 @@ from splitfed.wire import (
     Sequencer,
     ShapeSpec,
     Validator,
-    WireError,
     activation_spec,
     encode,
     pack_activations,
@@ -298,7 +298,7 @@ class _Aligned:
     ids: dict[str, list[str]] = field(default_factory=dict)
 
 
-class OwnerRuntime:
+class OwnerRuntime(DeviceRuntime):
     """A data owner: answers PSI, aligns its records, trains its head; never sends a pixel."""
 
     def __init__(
@@ -368,24 +368,6 @@ class OwnerRuntime:
             "box": list(self.table.box),
         }
         return encode(self.seq.make(MsgType.JOIN, 0, body))
-
-    def leave(self, reason: str = "stopped") -> bytes:
-        return encode(self.seq.make(MsgType.LEAVE, 0, {"reason": reason}))
-
-    def handle_bytes(self, data: bytes) -> list[bytes]:
-        """Validate one message from the label holder and answer it; bad input is logged."""
-        try:
-            msg = self._validator.check(data)
-        except WireError as e:
-            self.rejected += 1
-            log.warning("%s dropped a message: %s", self.client_id, e)
-            return []
-        try:
-            return [encode(m) for m in self.handle(msg)]
-        except (ValueError, KeyError, RuntimeError, ValidationError) as e:
-            self.rejected += 1
-            log.warning("%s could not act on %s: %s", self.client_id, msg.type.value, e)
-            return []
 
     def handle(self, msg: Message) -> list[Message]:
         body = (
