@@ -33,11 +33,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--clients", default="2,5,10")
-    ap.add_argument("--algos", default="centralized,fedavg,sl,sflv1,sflv2")
+    ap.add_argument("--algos", default="centralized,fedavg,sl,sflv1,sflv2,pyvertical,fedsl")
     ap.add_argument("--identities", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/bench_core"))
     ap.add_argument("--section", type=Path, default=None, help="markdown file to write")
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="results.json of earlier runs of this script: their runs are reported, not rerun",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     ds = generate_synth(SynthConfig(identities=args.identities))
@@ -45,10 +52,11 @@ def main() -> None:
     train = TrainConfig()
     algos = args.algos.split(",")
     counts = [int(c) for c in args.clients.split(",")]
-    results = []
+    results = [m for f in args.reuse for m in json.loads(f.read_text())]
+    done = {(m["algo"], m["clients"]) for m in results}
     for n in counts:
         for algo in algos:
-            if algo == "centralized" and n != counts[0]:
+            if algo == "centralized" and n != counts[0] or (algo, n) in done:
                 continue
             t = time.perf_counter()
             spec = SimSpec(
@@ -66,6 +74,8 @@ def main() -> None:
                 flush=True,
             )
             results.append(m)
+    order = {a: i for i, a in enumerate(algos)}
+    results.sort(key=lambda m: (m["clients"] if m["algo"] != "centralized" else 0, order.get(m["algo"], 99)))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results))
     plot_comparison(results, args.out / "comparison.png")

@@ -8,7 +8,6 @@ PY=.venv/bin/python
 mkdir -p runs/bench
 ROUNDS=${ROUNDS:-15}
 $PY scripts/bench_core.py --rounds "$ROUNDS" --out runs/bench/core --section runs/bench/core.md
-[ -f scripts/bench_pyvertical_fedsl.py ] && $PY scripts/bench_pyvertical_fedsl.py --rounds "$ROUNDS" --section runs/bench/vertical.md || true
 $PY scripts/bench_mqtt.py --out runs/bench/mqtt.md
 $PY scripts/bench_export.py --checkpoint runs/bench/core/centralized-2/checkpoint --out runs/bench/export.md
 {
@@ -16,7 +15,7 @@ $PY scripts/bench_export.py --checkpoint runs/bench/core/centralized-2/checkpoin
     echo
     echo "Measured by \`scripts/benchmark.sh\` (which runs the \`scripts/bench_*.py\` below) on $(uname -m), $(nproc) cores, $(date -u +%Y-%m-%d). The machine is shared and noisy: compare ratios within one section, not absolute times across sections. Every accuracy here is on SYNTHETIC eye regions (\`splitfed/data/synth.py\`), not on real faces; KDEF could not be fetched on this machine, so the thesis's KDEF numbers are not compared."
     echo
-    for f in runs/bench/core.md runs/bench/vertical.md runs/bench/mqtt.md runs/bench/export.md; do
+    for f in runs/bench/core.md runs/bench/mqtt.md runs/bench/export.md; do
         [ -f "$f" ] && { cat "$f"; echo; }
     done
 } > BENCHMARKS.md
