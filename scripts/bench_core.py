@@ -56,7 +56,8 @@ def main() -> None:
     done = {(m["algo"], m["clients"]) for m in results}
     for n in counts:
         for algo in algos:
-            if algo == "centralized" and n != counts[0] or (algo, n) in done:
+            size = 1 if algo == "centralized" else n
+            if algo == "centralized" and n != counts[0] or (algo, size) in done:
                 continue
             t = time.perf_counter()
             spec = SimSpec(
@@ -86,7 +87,7 @@ def main() -> None:
         "## Foundation: algorithms on the synthetic eye-region set",
         "",
         f"Produced by `scripts/bench_core.py --rounds {args.rounds} --clients {args.clients} --identities {args.identities}` "
-        f"on {platform.machine()} ({torch.get_num_threads()} torch thread), in one run. Data: SYNTHETIC eye regions "
+        f"on {platform.machine()} ({torch.get_num_threads()} torch thread), one run after another{' (earlier runs reused: ' + ', '.join(str(f) for f in args.reuse) + ')' if args.reuse else ''}. Data: SYNTHETIC eye regions "
         f"({len(ds)} pictures, {args.identities} synthetic people), subject split: {central['data']['n_train']} train / "
         f"{central['data']['n_test']} test pictures of people never seen in training; clients hold whole people. "
         f"Every algorithm trains {args.rounds} epochs (rounds of one local epoch), Adam lr {train.lr}, batch {train.batch_size}.",
@@ -115,7 +116,8 @@ def main() -> None:
         tp_s = s1["train_samples"] / s1["train_seconds"]
         lines.append(
             f"- Simulator throughput, training samples/s: centralized {tp_c:.0f}, SFLV1 x{counts[0]} {tp_s:.0f} "
-            f"(ratio {tp_s / tp_c:.2f}; SFLV1 pays for encoding every batch as a wire message)."
+            f"(ratio SFLV1/centralized {tp_s / tp_c:.2f}). The runs ran one after the other on a shared "
+            "machine whose load changed between them, so this ratio carries that noise."
         )
     macs = conv_macs(client, model.input_shape)
     lines += [
