@@ -38,7 +38,8 @@ class SFLV1(Algorithm):
             self.copies[cid] = (net, make_optimizer(net.parameters(), self.train_cfg))
         net, opt = self.copies[cid]
         set_lr(opt, self.lr)
-        load_numpy_state(net, state_to_numpy(self.server_net))
+        # load_state_dict copies in place, so the optimizer stays bound to the parameters.
+        net.load_state_dict(self.server_net.state_dict())
         return net, opt
 
     def run_round(
