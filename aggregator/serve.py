@@ -28,6 +28,7 @@ from splitfed.cliutil import user_errors
 from splitfed.config import TrainConfig
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig
+from splitfed.mqtt import MqttSettings
 from splitfed.server import ServerIO
 
 log = logging.getLogger("aggregator.serve")
@@ -39,22 +40,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ServeBroker(_Strict):
+class ServeBroker(MqttSettings):
     url: str | None = Field(
         None,
         description="mqtt://HOST:PORT of Mosquitto (or any MQTT broker); "
         "None = start the embedded broker",
     )
     listen: str = Field("127.0.0.1:1883", description="HOST:PORT of the embedded broker")
-    prefix: str = Field("splitfed", pattern=r"^[A-Za-z0-9_-]+$", description="topic prefix")
-    run_id: str = Field("default", pattern=r"^[A-Za-z0-9_-]+$", description="training run")
-    username: str | None = Field(None, description="MQTT user name")
-    password_file: str | None = Field(
-        None,
-        description="file with the MQTT password; relative names resolve in $CREDENTIALS_DIRECTORY",
-    )
     ca_file: str | None = Field(None, description="CA certificate (PEM) for mqtts://")
-    protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="MQTT version")
 
 
 class ServeConfig(_Strict):

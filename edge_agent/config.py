@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splitfed.data.crop import CropConfig
 from splitfed.errors import UserError
+from splitfed.mqtt import MqttSettings
 from splitfed.onnx_client import InferenceConfig
 
 ID = r"^[A-Za-z0-9_-]{1,64}$"
@@ -31,19 +32,9 @@ class TLSConfig(_Strict):
     key_file: Path | None = Field(None, description="client private key (PEM)")
 
 
-class BrokerConfig(_Strict):
+class BrokerConfig(MqttSettings):
     url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://HOST:PORT or mqtts://HOST:PORT")
-    prefix: str = Field("splitfed", pattern=r"^[A-Za-z0-9_-]+$", description="topic prefix")
-    run_id: str = Field("default", pattern=r"^[A-Za-z0-9_-]+$", description="training run")
-    username: str | None = Field(None, description="MQTT user name")
-    password_file: str | None = Field(
-        None,
-        description="file with the MQTT password; relative names resolve in $CREDENTIALS_DIRECTORY",
-    )
     tls: TLSConfig = Field(default_factory=TLSConfig, description="TLS files")
-    protocol: Literal["auto", "5", "3.1.1"] = Field(
-        "auto", description="MQTT version; auto tries 5 and falls back to 3.1.1"
-    )
     keepalive: int = Field(
         10, ge=2, le=600, description="seconds between pings; the last will fires after 1.5x"
     )

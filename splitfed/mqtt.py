@@ -42,6 +42,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
+from pydantic import BaseModel, ConfigDict, Field
 
 from splitfed.errors import UserError
 from splitfed.server import AGGREGATOR_ID
@@ -49,6 +50,24 @@ from splitfed.transport import Incoming, Transport
 from splitfed.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
+
+
+class MqttSettings(BaseModel):
+    """The MQTT settings that the aggregator and the agents share; each app adds its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: str = Field("splitfed", pattern=r"^[A-Za-z0-9_-]+$", description="topic prefix")
+    run_id: str = Field("default", pattern=r"^[A-Za-z0-9_-]+$", description="training run")
+    username: str | None = Field(None, description="MQTT user name")
+    password_file: str | None = Field(
+        None,
+        description="file with the MQTT password; relative names resolve in $CREDENTIALS_DIRECTORY",
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        "auto", description="MQTT version; auto tries 5 and falls back to 3.1.1"
+    )
+
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 UP, DOWN, STATUS, GLOBAL, PREDICTION = "up", "down", "status", "global", "prediction"
