@@ -3,163 +3,30 @@
 from __future__ import annotations
 
 import csv
-import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from pydantic import ValidationError
 from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from aggregator import evaluate as evaluate_commands
+from aggregator import privacy as privacy_commands
+from aggregator.options import (
+    COLUMNS,
+    console,
+    data_options,
+    load_data,
+    make_aggregation,
+    make_configs,
+    print_table,
+    quiet_simulation,
+    result_row,
+    round_progress,
+    set_threads,
+    setup_logging,
+)
 from splitfed.cliutil import user_errors
-from splitfed.config import TrainConfig
-from splitfed.data.dataset import EmotionDataset
 from splitfed.errors import UserError
-from splitfed.model import ModelConfig
-
-F = TypeVar("F", bound=Callable[..., Any])
-console = Console(stderr=True)
-log = logging.getLogger("aggregator")
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
-
-
-def data_options(fn: F) -> F:
-    options = [
-        click.option(
-            "--data",
-            "data",
-            default="synth",
-            show_default=True,
-            help="synth, or a KDEF folder, a folder per class, or a FER2013 CSV",
-        ),
-        click.option(
-            "--data-format",
-            type=click.Choice(["synth", "kdef", "folder", "fer2013"]),
-            help="force the format instead of detecting it from the path",
-        ),
-        click.option(
-            "--partition",
-            default=None,
-            help="subject (default with subject ids), iid, or dirichlet:ALPHA",
-        ),
-        click.option(
-            "--split",
-            type=click.Choice(["subject", "random"]),
-            default=None,
-            help="test split; subject (default with ids) keeps people out of training",
-        ),
-        click.option("--seed", type=int, default=0, show_default=True, help="run seed"),
-        click.option("--batch-size", type=int, default=32, show_default=True),
-        click.option("--lr", type=float, default=2e-3, show_default=True),
-        click.option("--local-epochs", type=int, default=1, show_default=True),
-        click.option(
-            "--cut", type=int, default=2, show_default=True, help="conv blocks on the device"
-        ),
-        click.option(
-            "--compression",
-            type=click.Choice(["fp32", "fp16", "int8"]),
-            default="fp32",
-            show_default=True,
-            help="activations on the wire",
-        ),
-        click.option(
-            "--synth-identities",
-            type=int,
-            default=80,
-            show_default=True,
-            help="people in the synthetic set",
-        ),
-        click.option(
-            "--threads",
-            type=int,
-            default=1,
-            show_default=True,
-            help="torch CPU threads; 1 is fastest for this small network on a busy CPU",
-        ),
-        click.option("-v", "--verbose", is_flag=True),
-    ]
-    for opt in reversed(options):
-        fn = opt(fn)
-    return fn
-
-
-def quiet_simulation(verbose: bool) -> None:
-    """In-process clients join in a blink; their join lines are noise unless asked for."""
-    if not verbose:
-        logging.getLogger("splitfed.server").setLevel(logging.WARNING)
-
-
-def set_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, n))
-
-
-def load_data(data: str, data_format: str | None, identities: int) -> EmotionDataset:
-    if data == "synth" or data_format == "synth":
-        from splitfed.data.synth import SynthConfig, generate_synth
-
-        ds = generate_synth(SynthConfig(identities=identities))
-        log.info(
-            "synthetic eye-region set: %d pictures of %d synthetic people (not real faces)",
-            len(ds),
-            identities,
-        )
-        return ds
-    from splitfed.data.loaders import load_dataset
-
-    return load_dataset(data, data_format=data_format, progress=True)
-
-
-def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, TrainConfig]:
-    try:
-        model = ModelConfig(input_shape=ds.input_shape, cut=kw["cut"])
-        train = TrainConfig(
-            batch_size=kw["batch_size"],
-            lr=kw["lr"],
-            local_epochs=kw["local_epochs"],
-            compression=kw["compression"],
-        )
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "--cut"
-        raise UserError(f"bad setting {where}: {first['msg']}") from None
-    return model, train
-
-
-def round_progress(total: int, label: str) -> tuple[Progress, Callable[[dict[str, Any]], None]]:
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
-    task = progress.add_task(label, total=total)
-
-    def on_round(row: dict[str, Any]) -> None:
-        progress.update(
-            task,
-            advance=1,
-            description=(
-                f"{label}  loss {row['train_loss']:.3f}  test acc {row['test_accuracy']:.1%}"
-            ),
-        )
-
-    return progress, on_round
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -195,8 +62,9 @@ def simulate(algo: str, clients: int, rounds: int, out_dir: Path, **kw: Any) -> 
     ds = load_data(kw["data"], kw["data_format"], kw["synth_identities"])
     model, train = make_configs(kw, ds)
     spec = SimSpec(
-        algo, clients, rounds, kw["seed"], kw["partition"], kw["split"], model, train, out_dir
-    )
+        algo, clients, rounds, kw["seed"], kw["partition"], kw["split"], model, train, out_dir,
+        aggregation=make_aggregation(kw),
+    )  # fmt: skip
     progress, on_round = round_progress(rounds, f"{algo} x{clients}")
     with progress:
         metrics = run_sim(ds, spec, on_round)
@@ -242,11 +110,13 @@ def compare(algos: str, clients_list: str, rounds: int, out_dir: Path, **kw: Any
         ) from None
     ds = load_data(kw["data"], kw["data_format"], kw["synth_identities"])
     model, train = make_configs(kw, ds)
+    aggregation = make_aggregation(kw)
     results: list[dict[str, Any]] = []
     jobs = [(a, n) for n in counts for a in names if not (a == "centralized" and n != counts[0])]
     for a, n in jobs:
         sub = out_dir / f"{a}-{n}" if a != "centralized" else out_dir / "centralized"
-        spec = SimSpec(a, n, rounds, kw["seed"], kw["partition"], kw["split"], model, train, sub)
+        spec = SimSpec(a, n, rounds, kw["seed"], kw["partition"], kw["split"], model, train, sub,
+                       aggregation=aggregation)  # fmt: skip
         progress, on_round = round_progress(rounds, f"{a} x{n}" if a != "centralized" else a)
         with progress:
             results.append(run_sim(ds, spec, on_round))
@@ -255,34 +125,6 @@ def compare(algos: str, clients_list: str, rounds: int, out_dir: Path, **kw: Any
     plot_comparison(results, out_dir / "comparison.png")
     print_table(results)
     console.print(f"wrote {out_dir}/results.md, results.csv, comparison.png")
-
-
-COLUMNS = ["algo", "clients", "train acc", "test acc", "macro-F1", "wall s", "MB/round"]
-
-
-def result_row(m: dict[str, Any]) -> list[str]:
-    return [
-        m["algo"],
-        str(m["clients"]),
-        f"{m['final']['train_accuracy']:.1%}",
-        f"{m['final']['test_accuracy']:.1%}",
-        f"{m['final']['macro_f1']:.3f}",
-        f"{m['wall_seconds']:.1f}",
-        f"{m['comm']['train_bytes_per_round'] / 1e6:.2f}",
-    ]
-
-
-def print_table(results: list[dict[str, Any]]) -> None:
-    table = Table(
-        title="results (test = people never seen in training)"
-        if results and results[0]["data"].get("split") == "subject"
-        else "results"
-    )
-    for c in COLUMNS:
-        table.add_column(c, justify="left" if c == "algo" else "right")
-    for m in results:
-        table.add_row(*result_row(m))
-    Console().print(table)
 
 
 def write_results(results: list[dict[str, Any]], out_dir: Path) -> None:
@@ -359,6 +201,9 @@ def _register_optional() -> None:
 
 
 _register_optional()
+main.add_command(evaluate_commands.evaluate)
+main.add_command(evaluate_commands.predict)
+main.add_command(privacy_commands.privacy_report)
 
 if __name__ == "__main__":
     main()

@@ -25,15 +25,19 @@ from rich.live import Live
 from rich.table import Table
 
 from splitfed.cliutil import user_errors
-from splitfed.config import TrainConfig
+from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig
-from splitfed.mqtt import MqttSettings
-from splitfed.server import ServerIO
+from splitfed.mqtt import ID_RE, MqttSettings
+from splitfed.server import AGGREGATOR_ID, Presence, ServerIO
+from splitfed.transport import Incoming
+from splitfed.wire import Message
 
 log = logging.getLogger("aggregator.serve")
 
-SERVE_ALGOS = ("sl", "sflv1", "sflv2")
+# What `serve` deploys (splitfed.simulate.served_names(); a test keeps the two in step).
+SERVE_ALGOS = ("fedavg", "sl", "sflv1", "sflv2")
+NOT_ENROLLED = "client not enrolled"  # the counted reason for ids outside --allow-clients
 
 
 class _Strict(BaseModel):
@@ -41,19 +45,28 @@ class _Strict(BaseModel):
 
 
 class ServeBroker(MqttSettings):
+    """The aggregator's broker: the shared MQTT settings, or the embedded broker's own."""
+
     url: str | None = Field(
         None,
-        description="mqtt://HOST:PORT of Mosquitto (or any MQTT broker); "
+        description="mqtt[s]://HOST:PORT of Mosquitto (or any MQTT broker); "
         "None = start the embedded broker",
     )
     listen: str = Field("127.0.0.1:1883", description="HOST:PORT of the embedded broker")
-    ca_file: str | None = Field(None, description="CA certificate (PEM) for mqtts://")
+    users_file: Path | None = Field(
+        None,
+        description="embedded broker: USER:HASH lines it accepts logins from "
+        "(python -m splitfed.broker add-user); required beyond loopback unless insecure",
+    )
+    insecure: bool = Field(
+        False, description="embedded broker: allow listening beyond loopback without logins"
+    )
 
 
 class ServeConfig(_Strict):
     """Everything `serve` needs; a YAML file with these keys, overridden by the flags."""
 
-    algo: Literal["sl", "sflv1", "sflv2"] = Field("sflv1", description="algorithm")
+    algo: Literal["fedavg", "sl", "sflv1", "sflv2"] = Field("sflv1", description="algorithm")
     min_clients: int = Field(2, ge=1, description="agents to wait for before the first round")
     rounds: int = Field(10, ge=1, description="rounds to train")
     round_timeout: float = Field(
@@ -79,13 +92,29 @@ class ServeConfig(_Strict):
         5.0, ge=0, description="seconds a round waits for agents that dropped out to reconnect"
     )
     serve_forever: bool = Field(False, description="keep answering live predictions after training")
+    allow_clients: Path | None = Field(
+        None,
+        description="file of client ids (one a line, # comments) allowed to join; None = any",
+    )
     threads: int | None = Field(None, ge=1, description="torch threads")
+    aggregation: AggregationConfig = Field(
+        default_factory=AggregationConfig, description="how the devices' copies are combined"
+    )
+    step_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="SL, SFLV2: seconds the round waits on one agent that stays connected but "
+        "stops answering before it goes on without it (None: only the round timeout)",
+    )
 
 
 class ServeIO(ServerIO):
     """ServerIO for a live federation.
 
     Only agents that hold training data train (camera-only agents just ask for predictions).
+    With an allow list (`allowed`), a message from any other id is dropped before it is
+    parsed and counted as "client not enrolled"; with the shipped Mosquitto ACL the topic a
+    message arrives on is the sender's authenticated identity, so this is enrolment.
     After an outage (a broker restart fires every agent's last will) the next round waits for
     the agents to reconnect: up to `grace` seconds while fewer than `min_clients` are back, up
     to `outage_timeout` while none is.
@@ -98,9 +127,12 @@ class ServeIO(ServerIO):
         min_clients: int = 1,
         grace: float = 5.0,
         outage_timeout: float = 600.0,
+        allowed: frozenset[str] | None = None,
         **kw: Any,
     ) -> None:
         super().__init__(*args, **kw)
+        self.allowed = allowed
+        self._warned: set[str] = set()  # un-enrolled ids already logged (bounded)
         self.data_info = data_info if data_info is not None else {}
         self.min_clients = min_clients
         self.grace = grace
@@ -110,6 +142,18 @@ class ServeIO(ServerIO):
     def next(self, deadline: float) -> Any:
         self.last_poll = time.monotonic()
         return super().next(deadline)
+
+    def _accept(self, ev: Incoming) -> Message | Presence | None:
+        if self.allowed is not None and ev.client_id not in self.allowed:
+            if ev.data is None:
+                return None  # a stranger's presence is no event of this run
+            self.rejected[NOT_ENROLLED] += 1
+            if ev.client_id not in self._warned and len(self._warned) < 1000:
+                self._warned.add(ev.client_id)
+                log.warning("dropped messages from %s: %s (logged once)", ev.client_id,
+                            NOT_ENROLLED)  # fmt: skip
+            return None
+        return super()._accept(ev)
 
     def trainers(self) -> list[str]:
         return sorted(c for c, i in self.clients.items() if i.online and i.n_train > 0)
@@ -140,6 +184,25 @@ class ServeIO(ServerIO):
             "clients_samples": [i.n_train for i in info],
         })  # fmt: skip
         return online
+
+
+def load_allow_list(path: Path) -> frozenset[str]:
+    """Client ids from a file: one a line, `#` starts a comment; a bad id names its line."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read the allow list {path}: {e.strerror}") from None
+    ids: set[str] = set()
+    for n, raw in enumerate(lines, 1):
+        cid = raw.split("#", 1)[0].strip()
+        if not cid:
+            continue
+        if not ID_RE.match(cid) or cid == AGGREGATOR_ID:
+            raise UserError(f"{path} line {n}: bad client id {cid!r} (1-64 of A-Z a-z 0-9 _ -)")
+        ids.add(cid)
+    if not ids:
+        raise UserError(f"the allow list {path} names no client: nobody could train")
+    return frozenset(ids)
 
 
 def _set(d: dict[str, Any], path: str, value: Any) -> None:
@@ -294,6 +357,21 @@ class Dashboard:
 @click.option(
     "--password-file", help="file with the MQTT password (relative: $CREDENTIALS_DIRECTORY)"
 )
+@click.option("--tls-ca", help="CA certificate (PEM) of the broker, for mqtts://")
+@click.option("--tls-cert", help="the aggregator's certificate (PEM), for mutual TLS")
+@click.option("--tls-key", help="the private key (PEM) of --tls-cert")
+@click.option(
+    "--broker-users",
+    help="embedded broker: file of USER:HASH logins (python -m splitfed.broker add-user)",
+)
+@click.option(
+    "--insecure", is_flag=True, help="embedded broker: listen beyond loopback without logins"
+)
+@click.option(
+    "--allow-clients",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="only these client ids (one a line, # comments) may join and train",
+)
 @click.option("--protocol", type=click.Choice(["auto", "5", "3.1.1"]), help="MQTT version [auto]")
 @click.option(
     "--presence-grace", type=float, help="seconds a last will waits for the agent to reconnect [5]"
@@ -305,6 +383,16 @@ class Dashboard:
     "--serve-forever", is_flag=True, help="after training, keep answering live predictions"
 )
 @click.option("--threads", type=int, help="torch threads [default: torch's]")
+@click.option(
+    "--aggregation",
+    type=click.Choice(["mean", "trimmed-mean", "median"]),
+    help="how client (and SFLV1/FedAvg server) halves are combined [default: mean]",
+)
+@click.option("--trim-ratio", type=float, help="trimmed-mean: share cut at each end [0.2]")
+@click.option("--clip-update-norm", type=float, help="clip each update to this L2 norm [off]")
+@click.option(
+    "--step-timeout", type=float, help="SL/SFLV2: seconds before a silent agent is skipped [off]"
+)
 @click.option(
     "--out",
     "out",
@@ -321,7 +409,7 @@ def serve(
     **kw: Any,
 ) -> None:
     """Train with edge agents over MQTT (same algorithms and metrics as simulate)."""
-    from aggregator.cli import setup_logging
+    from aggregator.options import setup_logging
 
     setup_logging(verbose)
     overrides = {
@@ -332,6 +420,12 @@ def serve(
         "broker.username": kw["username"],
         "broker.password_file": kw["password_file"],
         "broker.protocol": kw["protocol"],
+        "broker.tls.ca_file": kw["tls_ca"],
+        "broker.tls.cert_file": kw["tls_cert"],
+        "broker.tls.key_file": kw["tls_key"],
+        "broker.users_file": kw["broker_users"],
+        "broker.insecure": True if kw["insecure"] else None,
+        "allow_clients": kw["allow_clients"],
         "algo": kw["algo"],
         "min_clients": kw["min_clients"],
         "rounds": kw["rounds"],
@@ -352,6 +446,10 @@ def serve(
         "rejoin_grace": kw["rejoin_grace"],
         "presence_grace": kw["presence_grace"],
         "threads": kw["threads"],
+        "aggregation.method": kw["aggregation"],
+        "aggregation.trim_ratio": kw["trim_ratio"],
+        "aggregation.clip_update_norm": kw["clip_update_norm"],
+        "step_timeout": kw["step_timeout"],
     }
     cfg = load_serve_config(config_path, overrides)
     try:
@@ -362,7 +460,7 @@ def serve(
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     if metrics is not None:
-        from aggregator.cli import console, print_table
+        from aggregator.options import console, print_table
 
         print_table([metrics])
         console.print(
@@ -390,11 +488,11 @@ def run_serve(
     import torch
 
     from splitfed import sdnotify
-    from splitfed.algorithms import ALGORITHMS
     from splitfed.broker import EmbeddedBroker
     from splitfed.metrics import write_json
-    from splitfed.mqtt import LinkSettings, MqttTransport, read_password
+    from splitfed.mqtt import MqttTransport
     from splitfed.runner import RunOptions, run
+    from splitfed.simulate import strategy_class
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -406,7 +504,7 @@ def run_serve(
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, on_signal)
-    from aggregator.cli import console, load_data
+    from aggregator.options import console, load_data
 
     eval_ds = None
     if cfg.eval_data:
@@ -420,24 +518,33 @@ def run_serve(
     embedded = None
     if b.url is None:
         host, port = _host_port(b.listen)
-        embedded = EmbeddedBroker(host, port)
+        embedded = EmbeddedBroker(host, port, users_file=b.users_file, insecure=b.insecure)
+        embedded.check()  # before anything binds or connects
+        if b.users_file is not None and not (b.username and b.password_file):
+            raise UserError(
+                "with --broker-users the aggregator logs in to its broker too: give --username "
+                "and --password-file of a user in that file"
+            )
         url = embedded.url
+    elif b.users_file is not None or b.insecure:
+        raise UserError("--broker-users and --insecure are for the embedded broker (no --broker)")
     else:
         url = b.url
-    settings = LinkSettings.from_url(
-        url, protocol=b.protocol, ca_file=b.ca_file, password=read_password(b.password_file)
-    )
-    if b.username:
-        settings.username = b.username
+    settings = b.link_settings(url)
+    allowed = load_allow_list(cfg.allow_clients) if cfg.allow_clients is not None else None
+    if allowed is not None:
+        log.info("enrolment: %d client id(s) may join (%s)", len(allowed), cfg.allow_clients)
     transport = MqttTransport(settings, b.prefix, b.run_id, presence_grace=cfg.presence_grace)
     data_info: dict[str, Any] = {"source": "agents"}
     io = ServeIO(
         transport, b.run_id, model_cfg, cfg.train, data_info=data_info,
         min_clients=cfg.min_clients, grace=cfg.rejoin_grace, outage_timeout=cfg.round_timeout,
+        allowed=allowed,
     )  # fmt: skip
     # Sequence numbers that grow across restarts, so agents accept a resumed aggregator.
     io.seq.seq = time.time_ns() // 1000
-    algo = ALGORITHMS[cfg.algo](model_cfg, cfg.train, cfg.seed)
+    algo = strategy_class(cfg.algo)(model_cfg, cfg.train, cfg.seed, cfg.aggregation)
+    algo.step_timeout = cfg.step_timeout
     dash = Dashboard(cfg, io, url + (" (embedded)" if embedded else ""))
 
     def on_round(row: dict[str, Any]) -> None:
@@ -493,6 +600,7 @@ def run_serve(
                 "messages_up": transport.messages_up,
                 "messages_down": transport.messages_down,
                 "transport_dropped": transport.dropped_total,
+                "transport_dropped_by_reason": dict(transport.dropped),
                 "rejected_by_reason": dict(io.rejected),
             }
         )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import queue
 import threading
 import time
 from collections import Counter, deque
@@ -29,8 +28,10 @@ from splitfed.model import ClientNet
 from splitfed.mqtt import (
     DOWN,
     GLOBAL,
+    INBOX_BYTES,
     PREDICTION,
     STATUS,
+    FairInbox,
     LinkSettings,
     MqttLink,
     parse_presence,
@@ -40,6 +41,7 @@ from splitfed.mqtt import (
 from splitfed.server import AGGREGATOR_ID
 from splitfed.wire import (
     MsgType,
+    RejectLog,
     Validator,
     WireError,
     encode,
@@ -88,6 +90,8 @@ class Agent:
         exit_when_done: bool = False,
         predict_ttl: float = 5.0,
         on_prediction: Callable[[Prediction], None] | None = None,
+        inbox_size: int = 4096,
+        inbox_bytes: int = INBOX_BYTES,
     ) -> None:
         self.runtime = runtime
         self.client_id = runtime.client_id
@@ -97,9 +101,14 @@ class Agent:
         self.exit_when_done = exit_when_done
         self.predict_ttl = predict_ttl
         self.on_prediction = on_prediction
-        self.inbox: queue.Queue[tuple[str, str, bytes, float]] = queue.Queue()
+        # One queue per topic, served in turn and bounded in bytes: a flood on one topic (say
+        # junk on `down`) neither exhausts memory nor holds back the aggregator's status.
+        self.inbox: FairInbox[tuple[str, str, bytes, float]] = FairInbox(
+            inbox_size, inbox_bytes, inbox_size // 2, inbox_bytes // 2
+        )
         self.lock = threading.RLock()  # one sender sequence: runtime replies and live frames
         self.counters: Counter[str] = Counter()
+        self.rejects = RejectLog(log, f"agent {runtime.client_id}")  # what it refused, by reason
         self.aggregator_instance: str | None = None
         self.aggregator_state = "unknown"
         self.joined = threading.Event()
@@ -139,7 +148,14 @@ class Agent:
         if parsed is None:
             self.counters["foreign_topic"] += 1
             return
-        self.inbox.put((parsed[0], parsed[1], bytes(payload), time.perf_counter()))
+        item = (parsed[0], parsed[1], bytes(payload), time.perf_counter())
+        reason = self.inbox.put(f"{parsed[0]}/{parsed[1]}", item, len(payload))
+        if reason is not None:
+            self._reject(reason, f"{len(payload)} bytes on {name[:120]}")
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.counters["rejected"] += 1
+        self.rejects.reject(reason, detail, "the network")
 
     # ---- main loop -----------------------------------------------------------------------------
 
@@ -155,10 +171,10 @@ class Agent:
         while not self.stop.is_set():
             if watchdog is not None:
                 watchdog.ping()
-            try:
-                cid, kind, payload, received = self.inbox.get(timeout=0.2)
-            except queue.Empty:
+            item = self.inbox.get(0.2)
+            if item is None:
                 continue
+            cid, kind, payload, received = item
             try:
                 self.dispatch(cid, kind, payload, received)
             except Exception:  # one bad message must not end the agent
@@ -166,18 +182,22 @@ class Agent:
                 log.exception("agent %s: failed to handle a %s message", self.client_id, kind)
 
     def dispatch(self, cid: str, kind: str, payload: bytes, received: float | None = None) -> None:
+        """Act on one received message; whatever goes wrong is a rejection with a reason."""
+        try:
+            self._dispatch(cid, kind, payload, received)
+        except WireError as e:
+            self._reject(e.reason, str(e))
+        except Exception as e:  # noqa: BLE001 - the agent's edge: one message never ends it
+            self._reject("handler_error", f"{kind} message: {type(e).__name__}: {e}")
+
+    def _dispatch(self, cid: str, kind: str, payload: bytes, received: float | None) -> None:
         if cid == AGGREGATOR_ID and kind == STATUS:
             self._on_aggregator_status(payload)
             return
         if kind not in (DOWN, GLOBAL) or (kind == DOWN and cid != self.client_id):
             return
         self.counters["received"] += 1
-        try:
-            env, _ = read_header(payload)
-        except WireError as e:
-            self.counters["rejected"] += 1
-            log.warning("dropped message from aggregator: %s", e)
-            return
+        env, _ = read_header(payload)  # a WireError is counted by dispatch
         if env.type is MsgType.PREDICTION:
             self._on_prediction(payload)
             return
@@ -299,9 +319,11 @@ class Agent:
         try:
             msg = self._pred_validator.check(payload)
             frame = int(msg.env.body["frame"])
-        except (WireError, KeyError, TypeError, ValueError) as e:
-            self.counters["rejected"] += 1
-            log.warning("dropped prediction: %s", e)
+        except WireError as e:
+            self._reject(e.reason, f"prediction: {e}")
+            return
+        except (KeyError, TypeError, ValueError) as e:
+            self._reject("bad_body", f"prediction: {type(e).__name__}: {e}")
             return
         sent = self.predict_sent.pop(msg.env.reply_to, None)
         probs = msg.tensors["probs"]
@@ -320,6 +342,7 @@ class Agent:
             "client_id": self.client_id,
             "counters": dict(self.counters),
             "runtime_rejected": self.runtime.rejected,
+            "rejected_by_reason": dict(self.rejects.counts + self.runtime.rejected_by_reason),
             "grad_latency_ms": {
                 "n": len(self.grad_latency),
                 "p50": pct(self.grad_latency, 50),

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from edge_agent.config import CameraConfig
+from splitfed.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,46 @@ def open_capture(cfg: CameraConfig) -> cv2.VideoCapture:
     else:
         cap = cv2.VideoCapture(cfg.source, api)
     return cap
+
+
+def describe(source: str) -> str:
+    """The device a person would look for: /dev/videoN for an index, else the file or URL."""
+    return f"camera {source} (/dev/video{source})" if source.isdigit() else source
+
+
+def check_camera(cfg: CameraConfig) -> None:
+    """Open the camera and read one frame now, or raise a UserError naming it and the fix.
+
+    Live mode waits for the global weights before it starts capturing; a missing camera must
+    be said at start-up, not minutes later as a watchdog warning.
+    """
+    source = cfg.source
+    if not source.isdigit() and "://" not in source and not Path(source).exists():
+        raise UserError(
+            f"cannot open {source}: no such file; give a camera index (--camera 0), a video "
+            "file or a stream URL"
+        )
+    cap = open_capture(cfg)
+    try:
+        ok = cap.isOpened()
+        got_frame = ok and bool(cap.read()[0])
+    finally:
+        cap.release()
+    if got_frame:
+        return
+    what = describe(source)
+    if source.isdigit():
+        fix = (
+            f"check that /dev/video{source} exists (ls /dev/video*), that this user is in group "
+            "`video` (sudo usermod -aG video $USER, then log in again) and that no other program "
+            "holds it; or classify a recording with --camera FILE"
+        )
+    elif "://" in source:
+        fix = "check the URL, the network and the stream's credentials"
+    else:
+        fix = "check that it is a video file OpenCV can decode (mp4, avi, mkv)"
+    state = "opens but gives no frames" if ok else "cannot be opened"
+    raise UserError(f"{what} {state}: {fix}")
 
 
 def offer(q: queue.Queue[Any], item: Any, drops: Counter[str], name: str) -> bool:

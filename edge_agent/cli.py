@@ -22,6 +22,7 @@ import numpy as np
 from edge_agent.config import AgentConfig, load_config
 from splitfed.cliutil import plain_logging, user_errors
 from splitfed.errors import UserError
+from splitfed.mqtt import LinkSettings
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("edge_agent")
@@ -38,6 +39,11 @@ def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
         "broker.prefix": kw.get("prefix"),
         "broker.run_id": kw.get("run_id"),
         "broker.protocol": kw.get("protocol"),
+        "broker.username": kw.get("username"),
+        "broker.password_file": kw.get("password_file"),
+        "broker.tls.ca_file": kw.get("tls_ca"),
+        "broker.tls.cert_file": kw.get("tls_cert"),
+        "broker.tls.key_file": kw.get("tls_key"),
         "camera.source": kw.get("camera"),
         "state_dir": kw.get("state_dir"),
         "data.dataset": kw.get("dataset"),
@@ -57,20 +63,10 @@ def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
     return o
 
 
-def link_settings(cfg: AgentConfig) -> Any:
-    from splitfed.mqtt import LinkSettings, read_password
-
+def link_settings(cfg: AgentConfig) -> LinkSettings:
+    """The broker connection of the config; bad TLS or password files are a UserError here."""
     b = cfg.broker
-    settings = LinkSettings.from_url(
-        b.url, protocol=b.protocol, keepalive=b.keepalive, session_expiry=b.session_expiry,
-        password=read_password(b.password_file),
-        ca_file=str(b.tls.ca_file) if b.tls.ca_file else None,
-        cert_file=str(b.tls.cert_file) if b.tls.cert_file else None,
-        key_file=str(b.tls.key_file) if b.tls.key_file else None,
-    )  # fmt: skip
-    if b.username:
-        settings.username = b.username
-    return settings
+    return b.link_settings(b.url, keepalive=b.keepalive, session_expiry=b.session_expiry)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -101,6 +97,13 @@ def _stop_on_signals(stop: threading.Event) -> None:
 @click.option(
     "--protocol", type=click.Choice(["auto", "5", "3.1.1"]), help="MQTT version [default: auto]"
 )
+@click.option("--username", help="MQTT user name [default: none, or the one in the broker URL]")
+@click.option(
+    "--password-file", help="file with the MQTT password (relative: in $CREDENTIALS_DIRECTORY)"
+)
+@click.option("--tls-ca", help="CA certificate (PEM) of the broker, for mqtts://")
+@click.option("--tls-cert", help="this device's certificate (PEM), for mutual TLS")
+@click.option("--tls-key", help="the private key (PEM) of --tls-cert")
 @click.option("--camera", help="live frames from a camera index (0), a video file or a stream URL")
 @click.option(
     "--dataset", help="train on: synth, a data-set path, or 'crops' (collected on this device)"
@@ -164,6 +167,10 @@ def run_agent(cfg: AgentConfig, stats_file: Path | None = None) -> dict[str, Any
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.live.enabled:
+        from edge_agent.camera import check_camera
+
+        check_camera(cfg.camera)  # said now, not after the global weights arrive
     settings = link_settings(cfg)
     shard = training_shard(cfg)
     if shard is None and not cfg.live.enabled:
@@ -300,7 +307,7 @@ def _onnx_half(cfg: AgentConfig, agent: Any) -> Any:
                 from splitfed.training import state_to_numpy
 
                 if "rq" not in holder:
-                    from export.onnx import Requantizer
+                    from splitfed.quantize import Requantizer
 
                     holder["rq"] = Requantizer(
                         agent.runtime.model_cfg, cfg.state_dir / "models", cfg.inference,

@@ -22,19 +22,28 @@ from splitfed.onnx_client import InferenceConfig
 ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 
+def default_client_id(hostname: str | None = None) -> str:
+    """This host's name made safe for MQTT topics ([A-Za-z0-9_-], at most 64 characters).
+
+    `edge-agent --camera 0` must work as typed on a fresh device; the host name is the id a
+    person recognises in the broker's topics. Dots and other characters become '-'.
+    """
+    import re
+    import socket
+
+    name = socket.gethostname() if hostname is None else hostname
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:64].strip("-")
+    return safe or "edge-agent"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TLSConfig(_Strict):
-    ca_file: Path | None = Field(None, description="CA certificate (PEM) of the broker")
-    cert_file: Path | None = Field(None, description="client certificate (PEM)")
-    key_file: Path | None = Field(None, description="client private key (PEM)")
-
-
 class BrokerConfig(MqttSettings):
+    """The agent's broker: the shared MQTT settings (user, password file, `tls`) and its own."""
+
     url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://HOST:PORT or mqtts://HOST:PORT")
-    tls: TLSConfig = Field(default_factory=TLSConfig, description="TLS files")
     keepalive: int = Field(
         10, ge=2, le=600, description="seconds between pings; the last will fires after 1.5x"
     )
@@ -118,7 +127,11 @@ class CollectConfig(_Strict):
 
 
 class AgentConfig(_Strict):
-    client_id: str = Field(pattern=ID, description="this device's id")
+    client_id: str = Field(
+        default_factory=default_client_id,
+        pattern=ID,
+        description="this device's id (default: the host name, made safe for topics)",
+    )
     broker: BrokerConfig = Field(default_factory=BrokerConfig, description="MQTT connection")
     camera: CameraConfig = Field(default_factory=CameraConfig, description="camera capture")
     crop: CropConfig = Field(default_factory=CropConfig, description="face detection and eye crop")

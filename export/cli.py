@@ -56,6 +56,55 @@ def _checkpoint_meta(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def _training_data(checkpoint: Path) -> dict[str, Any] | None:
+    """What the checkpoint says it was trained on (checkpoint.json's `data`), if it says."""
+    import json
+
+    from splitfed.checkpoint import INFO_FILE
+
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    data = info.get("data") if isinstance(info, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def held_out_people(
+    checkpoint: Path, ds: EmotionDataset, split: str, n_train: int, n_test: int
+) -> str | None:
+    """Who the parity crops are, when they are provably people the model never trained on.
+
+    Only a subject split can say so: either of the data set the checkpoint was trained on,
+    reproduced exactly (same split, same counts, so the same held-out people), or of another
+    data set. Without subject ids, or when the training split cannot be matched, None: the
+    manifest then reports int8 agreement only, never an accuracy that includes training people.
+    """
+    if split != "subject" or not ds.has_subjects:
+        log.info("%s has no subject ids: parity reports int8 agreement only, no accuracy", ds.name)
+        return None
+    trained_on = _training_data(checkpoint)
+    if trained_on is None or not trained_on.get("name"):
+        log.info("%s does not say which data it was trained on: agreement only", checkpoint)
+        return None
+    if trained_on["name"] != ds.name:
+        return f"people of {ds.name}, not the data set the model was trained on"
+    same = (
+        trained_on.get("split") == "subject"
+        and trained_on.get("n_train") == n_train
+        and trained_on.get("n_test") == n_test
+    )
+    if not same:
+        log.warning(
+            "the split of %s (%d/%d) is not the one the model was trained with (%s/%s); pass "
+            "--seed and the data of the training run: parity reports agreement only",
+            ds.name, n_train, n_test, trained_on.get("n_train"), trained_on.get("n_test"),
+        )  # fmt: skip
+        return None
+    return "people never seen in training (held-out side of the training run's subject split)"
+
+
 def _check_cut(cfg: ModelConfig, checkpoint: Path, cut: int | None, out: Path) -> None:
     """A checkpoint from another cut layer makes smashed data the aggregator cannot use."""
     from export.onnx import read_manifest
@@ -98,11 +147,17 @@ def _summary(manifest: dict[str, Any], out: Path) -> None:
         line = f"int8 vs fp32: top-1 agreement {p['int8_top1_agreement']:.1%}"
         if "int8_accuracy_drop_points" in p:
             line += (
-                f", test accuracy {p['fp32_accuracy']:.1%} -> {p['int8_accuracy']:.1%} "
+                f", accuracy {p['fp32_accuracy']:.1%} -> {p['int8_accuracy']:.1%} "
                 f"(drop {p['int8_accuracy_drop_points']:.2f} points, target <= "
-                f"{p['int8_accuracy_drop_target_points']:.0f})"
+                f"{p['int8_accuracy_drop_target_points']:.0f}) on {p['int8_samples']} crops of "
+                f"{p['accuracy_on']}"
             )
-        console.print(line + f" on {p['int8_samples']} {p['int8_sample_source']} crops")
+        else:
+            line += (
+                f" on {p['int8_samples']} held-out crops (no accuracy: these may be people "
+                "the model trained on)"
+            )
+        console.print(line)
     console.print(f"wrote {out / 'manifest.json'}")
 
 
@@ -260,7 +315,9 @@ def _main(
     algo, rnd = meta.get("algo", "model"), meta.get("round", "?")
     version = model_version or f"{algo}-r{rnd}-{weights_digest(client)}"
     ds = _data(calibration, data_format, synth_identities, cfg)
-    train, test = train_test_split(ds, default_split(ds), seed=seed)
+    split = default_split(ds)
+    train, test = train_test_split(ds, split, seed=seed)
+    accuracy_on = held_out_people(checkpoint, ds, split, len(train), len(test))
     calib = None
     if int8:
         rng = np.random.default_rng([seed, 0xCA1])
@@ -279,7 +336,8 @@ def _main(
             exporter=exporter,  # type: ignore[arg-type]
             source={"checkpoint": str(checkpoint), "algo": algo, "round": rnd,
                     "data": calibration if calibration == "synth" else str(Path(calibration)),
-                    "split_seed": seed},
+                    "split_seed": seed, "split": split},
+            accuracy_on=accuracy_on,
         )  # fmt: skip
     except ParityError as e:
         click.echo(f"error: export failed its parity check: {e}", err=True)

@@ -76,7 +76,9 @@ def main() -> None:
             )
             results.append(m)
     order = {a: i for i, a in enumerate(algos)}
-    results.sort(key=lambda m: (m["clients"] if m["algo"] != "centralized" else 0, order.get(m["algo"], 99)))
+    results.sort(
+        key=lambda m: (m["clients"] if m["algo"] != "centralized" else 0, order.get(m["algo"], 99))
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results))
     plot_comparison(results, args.out / "comparison.png")

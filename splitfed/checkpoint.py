@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from splitfed.errors import UserError
 from splitfed.model import ClientNet, ModelConfig, ServerNet, build_split_model
-from splitfed.training import load_numpy_state, state_to_numpy
+from splitfed.training import load_numpy_state
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -28,8 +28,7 @@ INFO_FILE = "checkpoint.json"
 def save_checkpoint(directory: Path, algo: Any, info: dict[str, Any]) -> None:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"client.{k}": v for k, v in state_to_numpy(algo.client_net).items()}
-    tensors.update({f"server.{k}": v for k, v in state_to_numpy(algo.server_net).items()})
+    tensors = algo.checkpoint_tensors()  # client.* and server.* for the split CNN
     meta = {
         "model": algo.model_cfg.model_dump_json(),
         "algo": algo.name,

@@ -207,7 +207,13 @@ class ClientRuntime(DeviceRuntime):
         set_lr(self.full_opt, lr)
         key = (int(body["seed"]), msg.env.round, int(body["client_index"]))
         batches = iterate_batches(
-            self.train, cfg.batch_size, key, cfg.local_epochs, train=True, augment=cfg.augment
+            self.train,
+            cfg.batch_size,
+            key,
+            cfg.local_epochs,
+            train=True,
+            augment=cfg.augment,
+            jitter=cfg.jitter,
         )
         self.round = _Round(msg.env.round, key[0], key[2], batches)
         if body["mode"] == "local":

@@ -17,6 +17,25 @@ def round_lr(cfg: TrainConfig, rnd: int, rounds: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * rnd / rounds))
 
 
+class JitterConfig(BaseModel):
+    """Geometric jitter of training crops, as wide as face detectors disagree on the band.
+
+    Another detector places the band a little higher or lower, tighter or looser, and less
+    level; training on such crops keeps the model from relying on one detector's geometry.
+    All zero turns it off (the plain flips and pixel shifts of `augment` remain).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(0.0, ge=0, le=0.5, description="zoom drawn from 1 +- scale")
+    rotation: float = Field(0.0, ge=0, le=45, description="roll drawn from +- degrees")
+    shift_y: float = Field(0.0, ge=0, le=0.5, description="band offset, +- fraction of height")
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale > 0 or self.rotation > 0 or self.shift_y > 0
+
+
 class TrainConfig(BaseModel):
     """Optimisation settings; identical on every model copy so that splits change no arithmetic."""
 
@@ -34,3 +53,27 @@ class TrainConfig(BaseModel):
     compression: Compression = Field("fp32", description="activations on the wire")
     grad_compression: GradCompression = Field("fp32", description="gradients on the wire")
     augment: bool = Field(True, description="augment training batches on the device")
+    jitter: JitterConfig = Field(
+        default_factory=JitterConfig, description="geometric jitter when augmenting"
+    )
+
+
+class AggregationConfig(BaseModel):
+    """How the aggregator combines the copies of a model half that devices send back.
+
+    `mean` is FedAvg's sample-weighted mean. `median` and `trimmed-mean` work per coordinate and
+    ignore the sample weights, so one device cannot pull the result far however it scales its
+    update; clipping bounds each update's distance from the current global half first.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["mean", "trimmed-mean", "median"] = Field(
+        "mean", description="rule that combines the devices' copies of a half"
+    )
+    trim_ratio: float = Field(
+        0.2, ge=0, lt=0.5, description="trimmed-mean: share of copies cut at each end per value"
+    )
+    clip_update_norm: float | None = Field(
+        None, gt=0, description="clip each update (copy minus global half) to this L2 norm"
+    )

@@ -1,17 +1,19 @@
 """What every device-side runtime shares: validated input, answers as encoded messages.
 
 `ClientRuntime` (split CNN), the FedSL segment and the PyVertical owner differ in what they
-compute, not in how a message is checked, answered, or refused.
+compute, not in how a message is checked, answered, or refused. `handle_bytes` is the device's
+edge: whatever a received message makes go wrong becomes a counted rejection with a reason.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
+from collections import Counter
 
 from pydantic import ValidationError
 
-from splitfed.wire import Message, MsgType, Sequencer, Validator, WireError, encode
+from splitfed.wire import Message, MsgType, RejectLog, Sequencer, Validator, WireError, encode
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +37,37 @@ class DeviceRuntime(abc.ABC):
     def leave(self, reason: str = "stopped") -> bytes:
         return encode(self.seq.make(MsgType.LEAVE, 0, {"reason": reason}))
 
+    @property
+    def rejects(self) -> RejectLog:
+        """This device's rejections by reason (created on first use: the subclasses' own
+        `__init__` set up everything else and need not call ours)."""
+        rl = self.__dict__.get("_rejects")
+        if rl is None:
+            rl = self.__dict__["_rejects"] = RejectLog(log, self.client_id)
+        return rl
+
+    @property
+    def rejected_by_reason(self) -> Counter[str]:
+        return self.rejects.counts
+
+    def _reject(self, reason: str, detail: str) -> list[bytes]:
+        self.rejected += 1
+        self.rejects.reject(reason, detail, "aggregator")
+        return []
+
     def handle_bytes(self, data: bytes) -> list[bytes]:
         """Validate one message from the aggregator and answer it; bad input is logged."""
         try:
             msg = self._validator.check(data)
         except WireError as e:
-            self.rejected += 1
-            log.warning("%s dropped a message: %s", self.client_id, e)
-            return []
+            return self._reject(e.reason, str(e))
+        except Exception as e:  # noqa: BLE001 - the device's edge: nothing received may escape
+            return self._reject("malformed", f"{type(e).__name__}: {e}")
         try:
             return [encode(m) for m in self.handle(msg)]
-        except (ValueError, KeyError, RuntimeError, ValidationError) as e:
-            self.rejected += 1
-            log.warning("%s could not act on %s: %s", self.client_id, msg.type.value, e)
-            return []
+        except (ValueError, KeyError, ValidationError) as e:
+            return self._reject("semantic", f"could not act on {msg.type.value}: {e}")
+        except Exception as e:  # noqa: BLE001 - e.g. OverflowError, MemoryError, torch errors
+            return self._reject(
+                "handler_error", f"could not act on {msg.type.value}: {type(e).__name__}: {e}"
+            )

@@ -39,12 +39,16 @@ def plot_curves(metrics: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_confusion(conf: np.ndarray, path: Path, title: str) -> None:
+def plot_confusion(conf: np.ndarray, path: Path, title: str, mark_absent: bool = False) -> None:
+    """Counts, shaded by recall; with `mark_absent`, classes with no pictures say so."""
     norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(6, 5.2))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    rows = [
+        f"{e} (none)" if mark_absent and conf[i].sum() == 0 else e for i, e in enumerate(EMOTIONS)
+    ]
     ax.set_xticks(range(len(EMOTIONS)), EMOTIONS, rotation=45, ha="right")
-    ax.set_yticks(range(len(EMOTIONS)), EMOTIONS)
+    ax.set_yticks(range(len(EMOTIONS)), rows)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     for i in range(conf.shape[0]):
         for j in range(conf.shape[1]):
@@ -59,7 +63,7 @@ def plot_confusion(conf: np.ndarray, path: Path, title: str) -> None:
             )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -99,3 +103,45 @@ def plot_comparison(results: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def evaluation_report(conf: np.ndarray) -> dict[str, Any]:
+    """Accuracy, macro-F1 and per-class recall of a confusion matrix (rows true, columns predicted).
+
+    A class with no picture in the data set has no recall: it is listed in `absent_classes` with
+    `recall` null and left out of the macro-F1, rather than scored as 0 or 1. Pictures of
+    present classes that were predicted as an absent class still count against their own class.
+    """
+    conf = np.asarray(conf, dtype=np.int64)
+    support = conf.sum(1)
+    predicted = conf.sum(0)
+    tp = np.diag(conf)
+    per_class: dict[str, dict[str, Any]] = {}
+    f1s: list[float] = []
+    for i, name in enumerate(EMOTIONS[: conf.shape[0]]):
+        n, p = int(support[i]), int(predicted[i])
+        recall = float(tp[i] / n) if n else None
+        precision = float(tp[i] / p) if p else None
+        f1: float | None = None
+        if n:
+            denom = 2 * tp[i] + (p - tp[i]) + (n - tp[i])
+            f1 = float(2 * tp[i] / denom) if denom else 0.0
+            f1s.append(f1)
+        per_class[name] = {
+            "n": n,
+            "predicted": p,
+            "recall": recall,
+            "precision": precision,
+            "f1": f1,
+            "absent": n == 0,
+        }
+    total = int(conf.sum())
+    return {
+        "n": total,
+        "accuracy": float(tp.sum() / total) if total else None,
+        "macro_f1": float(np.mean(f1s)) if f1s else None,
+        "per_class": per_class,
+        "absent_classes": [k for k, v in per_class.items() if v["absent"]],
+        "confusion": conf.tolist(),
+        "classes": list(EMOTIONS[: conf.shape[0]]),
+    }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,9 +23,19 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_shape: tuple[int, int, int] = Field((1, 48, 96), description="C, H, W of an eye crop")
+    input_norm: Literal["global", "per-crop"] = Field(
+        "global",
+        description="'global': the fixed pixel mean/std only; 'per-crop': the client half's first "
+        "layer also standardises each crop, so exposure and contrast drop out",
+    )
     widths: tuple[int, ...] = Field((16, 32, 64, 96), description="channels of each conv block")
     stem_stride: int = Field(2, ge=1, le=4, description="stride of the first convolution")
     cut: int = Field(2, ge=1, description="number of conv blocks on the client (the cut layer)")
+    bottleneck: int | None = Field(
+        None,
+        ge=1,
+        description="channels of a 1x1 conv at the cut: fewer bytes and less detail on the wire",
+    )
     head_pool: tuple[int, int] = Field(
         (3, 6), description="pooled grid before the classifier; keeps where brows and lids are"
     )
@@ -50,15 +61,43 @@ def _block(c_in: int, c_out: int, pool: bool, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _bottleneck(c_in: int, c_out: int) -> list[nn.Module]:
+    """1x1 conv at the cut, part of the device's last block so the cut stays a block boundary."""
+    return [nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class PerCropNorm(nn.Module):
+    """Standardise each crop over its own pixels (all channels): zero mean, unit variance.
+
+    Another camera or light changes a crop's exposure and contrast, a near-affine map of its
+    pixels; this undoes it before the first convolution. It sits inside the client half, so
+    training, the ONNX export and live inference apply it alike and no caller can forget it.
+    It has no parameters, so weights and checkpoints are the same with and without it.
+    """
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        centred = x - mean
+        var = centred.pow(2).mean(dim=(1, 2, 3), keepdim=True)
+        return centred / torch.sqrt(var + self.eps)
+
+
 class ClientNet(nn.Module):
     """The device half: conv blocks up to the cut; its output is the smashed data."""
 
-    def __init__(self, blocks: list[nn.Module]) -> None:
+    def __init__(
+        self, blocks: list[nn.Module], input_norm: Literal["global", "per-crop"] = "global"
+    ) -> None:
         super().__init__()
+        self.norm: nn.Module = PerCropNorm() if input_norm == "per-crop" else nn.Identity()
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)
+        return self.blocks(self.norm(x))
 
 
 class ServerNet(nn.Module):
@@ -94,8 +133,11 @@ def build_split_model(cfg: ModelConfig, seed: int) -> tuple[ClientNet, ServerNet
             stride = cfg.stem_stride if i == 0 else 1
             blocks.append(_block(c_in, w, pool=i < len(cfg.widths) - 1, stride=stride))
             c_in = w
+            if cfg.bottleneck is not None and i == cfg.cut - 1:
+                blocks[-1].extend(_bottleneck(w, cfg.bottleneck))
+                c_in = cfg.bottleneck
         server = ServerNet(blocks[cfg.cut :], c_in, cfg.head_pool, cfg.dropout, cfg.num_classes)
-        client = ClientNet(blocks[: cfg.cut])
+        client = ClientNet(blocks[: cfg.cut], cfg.input_norm)
     finally:
         torch.random.set_rng_state(gen_state)
     return client, server
@@ -107,7 +149,7 @@ def smashed_shape(cfg: ModelConfig) -> tuple[int, int, int]:
     h, w = -(-h // cfg.stem_stride), -(-w // cfg.stem_stride)
     for _ in range(cfg.cut):
         h, w = h // 2, w // 2
-    return cfg.widths[cfg.cut - 1], h, w
+    return cfg.bottleneck or cfg.widths[cfg.cut - 1], h, w
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -24,17 +24,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import re
 import socket
+import ssl
+import sys
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -47,9 +48,25 @@ from pydantic import BaseModel, ConfigDict, Field
 from splitfed.errors import UserError
 from splitfed.server import AGGREGATOR_ID
 from splitfed.transport import Incoming, Transport
-from splitfed.wire import MAX_MESSAGE_BYTES
+from splitfed.wire import MAX_MESSAGE_BYTES, RejectLog
 
 log = logging.getLogger(__name__)
+
+
+class TLSSettings(BaseModel):
+    """TLS files for `mqtts://`; a certificate and key make it mutual TLS (per-device identity)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ca_file: Path | None = Field(
+        None, description="CA certificate (PEM) that signed the broker's; None = the system's CAs"
+    )
+    cert_file: Path | None = Field(
+        None, description="this client's certificate (PEM), for brokers that require one"
+    )
+    key_file: Path | None = Field(
+        None, description="the private key (PEM, unencrypted) of cert_file, if not inside it"
+    )
 
 
 class MqttSettings(BaseModel):
@@ -67,6 +84,25 @@ class MqttSettings(BaseModel):
     protocol: Literal["auto", "5", "3.1.1"] = Field(
         "auto", description="MQTT version; auto tries 5 and falls back to 3.1.1"
     )
+    tls: TLSSettings = Field(default_factory=TLSSettings, description="TLS files for mqtts://")
+
+    def link_settings(self, url: str, **kw: Any) -> LinkSettings:
+        """Settings to reach `url` as this config says: user, password (from its file), TLS.
+
+        Everything is checked here, before any connection, so that a missing or bad file is one
+        line of error (UserError) at start-up rather than a retry loop in the background.
+        """
+        t = self.tls
+        s = LinkSettings.from_url(
+            url, protocol=self.protocol, password=read_password(self.password_file),
+            ca_file=str(t.ca_file) if t.ca_file else None,
+            cert_file=str(t.cert_file) if t.cert_file else None,
+            key_file=str(t.key_file) if t.key_file else None, **kw,
+        )  # fmt: skip
+        if self.username:
+            s.username = self.username
+        s.check()
+        return s
 
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -149,6 +185,56 @@ class LinkSettings:
             raise UserError("put the MQTT password in a file (password_file), not in the URL")
         return cls(host=p.hostname, port=port, tls=tls, username=p.username or None, **kw)
 
+    def check(self) -> None:
+        """Refuse contradictory settings and unreadable TLS files, each in one line (UserError)."""
+        files = [f for f in (self.ca_file, self.cert_file, self.key_file) if f]
+        if files and not self.tls:
+            raise UserError(
+                f"TLS files given but the broker mqtt://{self.host}:{self.port} is plain MQTT: "
+                "use an mqtts:// URL (default port 8883)"
+            )
+        if self.password is not None and not self.username:
+            raise UserError("an MQTT password needs a user name (--username or username)")
+        if self.tls:
+            self.ssl_context()
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """TLS 1.2 or later, the broker's certificate and host name verified, our own if given.
+
+        Built here rather than by paho's `tls_set` so that the minimum version is pinned and a
+        bad file is named in the error.
+        """
+        if self.key_file and not self.cert_file:
+            raise UserError("a TLS key needs its certificate (--tls-cert or tls.cert_file)")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificate and host name
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            if self.ca_file:
+                ctx.load_verify_locations(cafile=self.ca_file)
+            else:
+                ctx.load_default_certs()
+        except OSError as e:  # ssl.SSLError is an OSError too, without a file name
+            reason = _tls_reason(e)
+            raise UserError(f"cannot load the TLS CA file {self.ca_file}: {reason}") from None
+        if self.cert_file:
+            try:
+                # A passphrase prompt would hang a service: encrypted keys fail instead.
+                ctx.load_cert_chain(self.cert_file, self.key_file, password=lambda: b"")
+            except OSError as e:
+                what = f"{self.cert_file}" + (f" / {self.key_file}" if self.key_file else "")
+                raise UserError(
+                    f"cannot load the TLS certificate and key {what}: {_tls_reason(e)}"
+                ) from None
+        return ctx
+
+
+def _tls_reason(e: OSError) -> str:
+    """The short reason of an ssl/OS error ("No such file or directory", "KEY_VALUES_MISMATCH")."""
+    if isinstance(e, ssl.SSLError):
+        # OpenSSL's "PEM lib" (no reason code) covers garbage, a missing and an encrypted key.
+        return str(e.reason or "not valid PEM, or the key is missing or encrypted")
+    return e.strerror or str(e)
+
 
 def read_password(path: str | Path | None) -> str | None:
     """The password in `path`; relative names resolve in $CREDENTIALS_DIRECTORY (systemd)."""
@@ -160,9 +246,12 @@ def read_password(path: str | Path | None) -> str | None:
         if base:
             p = Path(base) / p
     try:
-        return p.read_text().rstrip("\r\n")
+        password = p.read_text().rstrip("\r\n")
     except OSError as e:
         raise UserError(f"cannot read the MQTT password file {p}: {e.strerror}") from None
+    if not password:
+        raise UserError(f"the MQTT password file {p} is empty")
+    return password
 
 
 # ---- one connection ----------------------------------------------------------------------------
@@ -195,9 +284,12 @@ class MqttLink:
         self.connects = 0
         self.disconnects = 0
         self.publish_failures = 0
+        self.unsent_disconnected = 0  # qos-0 messages dropped while no broker was connected
+        self._unsent_logged = False  # said once per outage, then only counted
         self.connack_timeout = 3.0
         self._connected = threading.Event()
         self._closing = False
+        self._last_fail = ""  # reason of the last failed connection attempt, logged once
         self._lock = threading.Lock()
         self._client = self._make_client()
 
@@ -218,12 +310,13 @@ class MqttLink:
         if s.username:
             c.username_pw_set(s.username, s.password)
         if s.tls:
-            c.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file)
+            c.tls_set_context(s.ssl_context())
         c.will_set(self.status_topic, b"offline", qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_socket_open = self._on_socket_open
+        c.on_connect_fail = self._on_connect_fail
         return c
 
     def start(self) -> None:
@@ -266,6 +359,7 @@ class MqttLink:
                 threading.Thread(target=self._downgrade, name="mqtt-downgrade", daemon=True).start()
             return
         self.connects += 1
+        self._last_fail = ""
         log.info(
             "MQTT connected to %s:%d as %s (MQTT %s, session present: %s)",
             self.settings.host,
@@ -283,6 +377,7 @@ class MqttLink:
             else:
                 client.subscribe([(t, 1) for t in self.subscriptions])
         client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
+        self._unsent_logged = False
         self._connected.set()
 
     def _on_socket_open(self, client: mqtt.Client, _u: Any, sock: Any) -> None:
@@ -303,6 +398,20 @@ class MqttLink:
         t = threading.Timer(self.connack_timeout, check)
         t.daemon = True
         t.start()
+
+    def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+        # paho calls this inside its `except OSError`, and retries quietly: say why, once per
+        # reason, so that a refused certificate is not an endless silent retry.
+        err = sys.exc_info()[1]
+        reason = _tls_reason(err) if isinstance(err, OSError) else "unknown error"
+        if reason != self._last_fail:
+            self._last_fail = reason
+            log.warning(
+                "MQTT connection to %s:%d failed (%s); retrying",
+                self.settings.host,
+                self.settings.port,
+                reason,
+            )
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         was = self._connected.is_set()
@@ -347,6 +456,16 @@ class MqttLink:
             return False
         if info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0:
             return True  # queued by paho, sent after the reconnect
+        if info.rc == mqtt.MQTT_ERR_NO_CONN:
+            # qos 0 with no broker (live predictions of an offline device): expected, so one
+            # line per outage and a count, not an ERROR per frame.
+            self.publish_failures += 1
+            self.unsent_disconnected += 1
+            if not self._unsent_logged:
+                self._unsent_logged = True
+                log.warning("no MQTT broker connected: %s and other qos-0 messages are dropped "
+                            "and counted until it connects", name)  # fmt: skip
+            return False
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             self.publish_failures += 1
             log.error("MQTT publish to %s failed: %s", name, mqtt.error_string(info.rc))
@@ -374,13 +493,94 @@ class MqttLink:
 
 # ---- the aggregator's transport ----------------------------------------------------------------
 
+INBOX_ITEMS = 8192
+INBOX_BYTES = 256 * 1024 * 1024
+SENDER_ITEMS = 1024
+SENDER_BYTES = 64 * 1024 * 1024
+PRESENCE_BYTES = 64  # what a queued presence change is charged
+
+T = TypeVar("T")
+
+
+class FairInbox(Generic[T]):
+    """A bounded inbox that serves its senders in turn.
+
+    Bounded in items and in bytes, in total and per sender: a sender that floods fills its own
+    share and then loses the excess (`put` says why, for the caller to count), while the other
+    senders' messages still get in, and `get` takes one item from each waiting sender in turn.
+    A sender's first queued item is admitted whenever the total allows, so that one large
+    legitimate message is never refused for its size alone. Per-sender order is kept.
+    """
+
+    def __init__(
+        self,
+        max_items: int = INBOX_ITEMS,
+        max_bytes: int = INBOX_BYTES,
+        sender_items: int = SENDER_ITEMS,
+        sender_bytes: int = SENDER_BYTES,
+    ) -> None:
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.sender_items = sender_items
+        self.sender_bytes = sender_bytes
+        self.items = 0
+        self.bytes = 0
+        self._queues: dict[str, deque[tuple[T, int]]] = {}
+        self._queued_bytes: dict[str, int] = {}
+        self._turn: deque[str] = deque()  # senders with something queued, the next one first
+        self._cond = threading.Condition()
+
+    def put(self, sender: str, item: T, size: int) -> str | None:
+        """Queue `item` (charged `size` bytes); None when queued, else the reason it was not."""
+        with self._cond:
+            if self.items >= self.max_items:
+                return "inbox_full"
+            if self.bytes + size > self.max_bytes:
+                return "inbox_bytes"
+            q = self._queues.get(sender)
+            if q is None:
+                q = self._queues[sender] = deque()
+                self._queued_bytes[sender] = 0
+                self._turn.append(sender)
+            elif len(q) >= self.sender_items or (
+                self._queued_bytes[sender] + size > self.sender_bytes
+            ):
+                return "sender_over_budget"
+            q.append((item, size))
+            self._queued_bytes[sender] += size
+            self.items += 1
+            self.bytes += size
+            self._cond.notify()
+            return None
+
+    def get(self, timeout: float) -> T | None:
+        """The next item, taking senders in turn; None when nothing came within `timeout`."""
+        with self._cond:
+            if not self._turn and not self._cond.wait_for(lambda: bool(self._turn), timeout):
+                return None
+            sender = self._turn.popleft()
+            q = self._queues[sender]
+            item, size = q.popleft()
+            self.items -= 1
+            self.bytes -= size
+            if q:
+                self._queued_bytes[sender] -= size
+                self._turn.append(sender)
+            else:
+                del self._queues[sender], self._queued_bytes[sender]
+            return item
+
+    def __len__(self) -> int:
+        return self.items
+
 
 class MqttTransport(Transport):
     """`Transport` over MQTT for `ServerIO`: one `up` topic per agent in, one `down` topic out.
 
-    Incoming payloads are queued by paho's thread and handed out by `recv`; anything that is
-    not a message of this run (foreign topic, bad client id, bad status, oversized, full inbox)
-    is dropped here, logged and counted in `dropped`.
+    Incoming payloads are queued by paho's thread in a `FairInbox` (bounded in messages and
+    bytes, per sender and in total, senders served in turn) and handed out by `recv`; anything
+    that is not a message of this run (foreign topic, bad client id, bad status, oversized, no
+    room) is dropped here, counted by reason in `dropped` and logged (rate-limited).
     """
 
     def __init__(
@@ -389,8 +589,11 @@ class MqttTransport(Transport):
         prefix: str,
         run_id: str,
         max_payload: int = MAX_MESSAGE_BYTES,
-        inbox_size: int = 8192,
+        inbox_size: int = INBOX_ITEMS,
         presence_grace: float = 5.0,
+        inbox_bytes: int = INBOX_BYTES,
+        sender_inbox_size: int = SENDER_ITEMS,
+        sender_inbox_bytes: int = SENDER_BYTES,
     ) -> None:
         self.prefix = prefix
         self.run_id = run_id
@@ -399,12 +602,15 @@ class MqttTransport(Transport):
         self._offline: dict[str, float] = {}  # client -> when its `offline` takes effect
         self._offline_lock = threading.Lock()
         self.instance = uuid.uuid4().hex[:16]
-        self.inbox: queue.Queue[Incoming] = queue.Queue(maxsize=inbox_size)
+        self.inbox: FairInbox[Incoming] = FairInbox(
+            inbox_size, inbox_bytes, sender_inbox_size, sender_inbox_bytes
+        )
         self.bytes_up = 0
         self.bytes_down = 0
         self.messages_up = 0
         self.messages_down = 0
-        self.dropped: Counter[str] = Counter()
+        self.drops = RejectLog(log, "MQTT transport")
+        self.dropped: Counter[str] = self.drops.counts
         self.presence: dict[str, str] = {}
         subs = [f"{prefix}/{run_id}/+/{UP}", f"{prefix}/{run_id}/+/{STATUS}"]
         self.link = MqttLink(
@@ -420,14 +626,13 @@ class MqttTransport(Transport):
         self.link.start()
         return self.link.wait_connected(wait) if wait > 0 else self.link.online()
 
-    def _drop(self, reason: str, name: str) -> None:
-        self.dropped[reason] += 1
-        log.warning("dropped MQTT message on %s: %s", name[:120], reason)
+    def _drop(self, reason: str, name: str, detail: str = "") -> None:
+        self.drops.reject(reason, detail or reason, name[:120])
 
     def _on_message(self, name: str, payload: bytes) -> None:
         parsed = parse_topic(self.prefix, self.run_id, name)
         if parsed is None:
-            self._drop("foreign topic", name)
+            self._drop("foreign_topic", name)
             return
         cid, kind = parsed
         if cid == AGGREGATOR_ID:
@@ -437,7 +642,7 @@ class MqttTransport(Transport):
                 return  # a cleared retained status
             presence = parse_presence(payload)
             if presence is None:
-                self._drop("bad status payload", name)
+                self._drop("bad_status", name)
                 return
             state = presence[0]
             self.presence[cid] = state
@@ -454,20 +659,22 @@ class MqttTransport(Transport):
             self._put(Incoming(cid, presence=state), name)  # type: ignore[arg-type]
             return
         if kind != UP:
-            self._drop(f"unexpected topic kind {kind}", name)
+            self._drop("unexpected_kind", name, f"topic kind {kind}")
             return
         if len(payload) > self.max_payload:
-            self._drop(f"payload of {len(payload)} bytes over {self.max_payload}", name)
+            self._drop(
+                "oversized", name, f"payload of {len(payload)} bytes over {self.max_payload}"
+            )
             return
         self.bytes_up += len(payload)
         self.messages_up += 1
         self._put(Incoming(cid, data=bytes(payload)), name)
 
     def _put(self, ev: Incoming, name: str) -> None:
-        try:
-            self.inbox.put_nowait(ev)
-        except queue.Full:
-            self._drop("inbox full", name)
+        size = len(ev.data) if ev.data is not None else PRESENCE_BYTES
+        reason = self.inbox.put(ev.client_id, ev, size)
+        if reason is not None:
+            self._drop(reason, name, f"{reason}: {size} bytes, inbox holds {self.inbox.bytes}")
 
     # -- Transport --
 
@@ -489,11 +696,11 @@ class MqttTransport(Transport):
                 for c in due[1:]:
                     self._put(Incoming(c, presence="offline"), f"{c}/{STATUS}")
                 return Incoming(due[0], presence="offline")
-            try:
-                return self.inbox.get(timeout=max(0.0, min(deadline, nxt) - now))
-            except queue.Empty:
-                if time.monotonic() >= deadline:
-                    return None
+            ev = self.inbox.get(max(0.0, min(deadline, nxt) - now))
+            if ev is not None:
+                return ev
+            if time.monotonic() >= deadline:
+                return None
 
     def publish_global(self, data: bytes) -> None:
         self.bytes_down += len(data)

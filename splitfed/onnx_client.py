@@ -20,7 +20,7 @@ from splitfed.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Keys of the ONNX metadata_props that `export.onnx` writes into every model it produces.
+# Keys of the ONNX metadata_props that `splitfed.quantize` writes into every model it produces.
 META_FORMAT = "splitfed.format"
 META_MODEL = "splitfed.model"  # ModelConfig as JSON
 META_VERSION = "splitfed.model_version"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from splitfed.algorithms.base import Algorithm
+from splitfed.algorithms.base import Strategy
 from splitfed.checkpoint import load_state, save_checkpoint
 from splitfed.metrics import plot_confusion, plot_curves, write_json
 from splitfed.server import ServerIO
@@ -44,7 +44,7 @@ def _bytes(io: ServerIO | None) -> tuple[int, int]:
     return io.transport.bytes_up, io.transport.bytes_down
 
 
-def run(algo: Algorithm, io: ServerIO | None, opts: RunOptions) -> dict[str, Any]:
+def run(algo: Strategy, io: ServerIO | None, opts: RunOptions) -> dict[str, Any]:
     """Run all rounds and return the metrics dictionary (also written to out_dir)."""
     started = time.perf_counter()
     participants: list[str] = []

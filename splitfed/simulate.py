@@ -8,11 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from splitfed.algorithms import ALGORITHMS
+from splitfed.algorithms.base import Strategy
 from splitfed.algorithms.centralized import Centralized
+from splitfed.algorithms.fedavg import FedAvg
+from splitfed.algorithms.fedsl.simulate import simulate_fedsl
+from splitfed.algorithms.fedsl.strategy import FedSL
+from splitfed.algorithms.pyvertical.simulate import simulate_pyvertical
+from splitfed.algorithms.pyvertical.strategy import PyVertical
+from splitfed.algorithms.sflv1 import SFLV1
+from splitfed.algorithms.sflv2 import SFLV2
+from splitfed.algorithms.sl import SplitLearning
 from splitfed.client import ClientRuntime
-from splitfed.config import TrainConfig
-from splitfed.data.dataset import EmotionDataset, SplitKind
+from splitfed.config import AggregationConfig, TrainConfig
+from splitfed.data.dataset import EmotionDataset, SplitKind, default_split
 from splitfed.data.partition import client_shards, default_partition
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig
@@ -25,6 +33,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SimSpec:
+    """One in-process run: algorithm, clients, rounds and everything that shapes the numbers."""
+
     algo: str
     clients: int
     rounds: int
@@ -35,43 +45,71 @@ class SimSpec:
     train: TrainConfig | None = None
     out_dir: Path | None = None
     run_id: str = "sim"
+    aggregation: AggregationConfig | None = None
+    step_timeout: float | None = None  # SL, SFLV2: skip a device silent this long (s)
+    # Device runtimes in place of the honest ones (tests: attackers, silent devices).
+    runtime_factory: Callable[..., ClientRuntime] | None = None
 
 
 def client_id(i: int) -> str:
     return f"client-{i:02d}"
 
 
-# Algorithms whose data layout differs from one-crop-per-sample (vertical partitions, sequences)
-# register a simulator of their own here: name -> callable(data, spec, on_round) -> metrics.
-EXTRA_SIMULATORS: dict[str, Callable[[EmotionDataset, SimSpec, Any], dict[str, Any]]] = {}
+Simulator = Callable[[EmotionDataset, SimSpec, Any], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One algorithm: its strategy, how the simulator runs it, whether `serve` deploys it."""
+
+    strategy: type[Strategy]
+    simulate: Simulator | None = None  # None: one crop per sample, `simulate_split` runs it
+    served: bool = False
+
+
+# The one list of algorithms. Those whose data differ from one crop per sample (vertical
+# parts, clip segments) bring their own simulator; the others share `simulate_split`.
+REGISTRY: dict[str, Entry] = {
+    "centralized": Entry(Centralized),
+    "fedavg": Entry(FedAvg, served=True),
+    "sl": Entry(SplitLearning, served=True),
+    "sflv1": Entry(SFLV1, served=True),
+    "sflv2": Entry(SFLV2, served=True),
+    "pyvertical": Entry(PyVertical, simulate_pyvertical),
+    "fedsl": Entry(FedSL, simulate_fedsl),
+}
 
 
 def algorithm_names() -> list[str]:
-    _load_extras()
-    return [*ALGORITHMS, *EXTRA_SIMULATORS]
+    return list(REGISTRY)
 
 
-def _load_extras() -> None:
-    # Importing the package registers the extra simulators it provides.
-    import importlib
+def served_names() -> list[str]:
+    """Algorithms `aggregator serve` runs with edge agents over MQTT."""
+    return [name for name, e in REGISTRY.items() if e.served]
 
-    for mod in ("splitfed.algorithms.pyvertical", "splitfed.algorithms.fedsl"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+
+def strategy_class(name: str) -> type[Strategy]:
+    if name not in REGISTRY:
+        raise UserError(f"unknown algorithm {name!r}: choose from {', '.join(REGISTRY)}")
+    return REGISTRY[name].strategy
 
 
 def simulate(data: EmotionDataset, spec: SimSpec, on_round: Any = None) -> dict[str, Any]:
-    _load_extras()
-    if spec.algo in EXTRA_SIMULATORS:
-        return EXTRA_SIMULATORS[spec.algo](data, spec, on_round)
-    if spec.algo not in ALGORITHMS:
+    """Run `spec` in-process and return its metrics (also written to spec.out_dir)."""
+    if spec.algo not in REGISTRY:
         raise UserError(
             f"unknown algorithm {spec.algo!r}: choose from {', '.join(algorithm_names())}"
         )
-    split = spec.split or ("subject" if data.has_subjects else "random")
+    entry = REGISTRY[spec.algo]
+    if entry.simulate is not None:
+        return entry.simulate(data, spec, on_round)
+    return simulate_split(data, spec, on_round)
+
+
+def simulate_split(data: EmotionDataset, spec: SimSpec, on_round: Any = None) -> dict[str, Any]:
+    """The split-CNN algorithms: one crop per sample, clients with subject-wise shards."""
+    split = spec.split or default_split(data)
     partition = spec.partition or default_partition(data)
     n = 1 if spec.algo == "centralized" else spec.clients
     train, test, shards = client_shards(data, n, partition, split, spec.seed)
@@ -79,7 +117,8 @@ def simulate(data: EmotionDataset, spec: SimSpec, on_round: Any = None) -> dict[
     if tuple(model_cfg.input_shape) != data.input_shape:
         model_cfg = model_cfg.model_copy(update={"input_shape": data.input_shape})
     train_cfg = spec.train or TrainConfig()
-    algo = ALGORITHMS[spec.algo](model_cfg, train_cfg, spec.seed)
+    algo = strategy_class(spec.algo)(model_cfg, train_cfg, spec.seed, spec.aggregation)
+    algo.step_timeout = spec.step_timeout
     data_info = {
         "name": data.name,
         "n_train": len(train),
@@ -102,9 +141,8 @@ def simulate(data: EmotionDataset, spec: SimSpec, on_round: Any = None) -> dict[
         algo.attach_data(train, test)
         metrics = run(algo, None, opts)
     else:
-        runtimes = [
-            ClientRuntime(client_id(i), spec.run_id, tr, te) for i, (tr, te) in enumerate(shards)
-        ]
+        make = spec.runtime_factory or ClientRuntime
+        runtimes = [make(client_id(i), spec.run_id, tr, te) for i, (tr, te) in enumerate(shards)]
         transport = InProcessTransport(runtimes)
         io = ServerIO(transport, spec.run_id, model_cfg, train_cfg)
         metrics = run(algo, io, opts)

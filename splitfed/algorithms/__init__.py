@@ -1,16 +1,6 @@
-"""The algorithms of the thesis, each a strategy with its round logic in one module."""
+"""The algorithms of the thesis, each a strategy on the interface of `base.Strategy`.
 
-from __future__ import annotations
-
-from splitfed.algorithms.base import Algorithm, RoundTrain
-from splitfed.algorithms.centralized import Centralized
-from splitfed.algorithms.fedavg import FedAvg
-from splitfed.algorithms.sflv1 import SFLV1
-from splitfed.algorithms.sflv2 import SFLV2
-from splitfed.algorithms.sl import SplitLearning
-
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (Centralized, FedAvg, SplitLearning, SFLV1, SFLV2)
-}
-
-__all__ = ["ALGORITHMS", "Algorithm", "RoundTrain"]
+`aggregate` holds the arithmetic as pure functions; `cnn` what the split-CNN algorithms share;
+`pyvertical/` and `fedsl/` are packages of their own (model, strategy, simulation). The
+simulator's registry (`splitfed.simulate.REGISTRY`) is the one place that lists them.
+"""

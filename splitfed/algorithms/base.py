@@ -1,7 +1,11 @@
-"""What every algorithm shares: the global model, round configuration, server steps, evaluation.
+"""The shape every algorithm has: a strategy with three hooks, run by one receive loop.
 
-An algorithm is a strategy object (as in Flower): `run_round` holds its round logic and talks
-only to `ServerIO`; the aggregation arithmetic lives in `aggregate.py`.
+As in Flower's strategies, an algorithm says how to *configure* a round (which messages start
+it), how to *handle* one message, and how to *aggregate* what came back; the arithmetic lives
+in pure functions (`aggregate.py`). This base owns what is the same everywhere: the loop that
+takes checked messages from `ServerIO`, the round deadline, a per-step deadline for algorithms
+that wait on one device at a time, devices that drop out or re-join mid-round, and the
+bookkeeping of client updates (sample counts capped by what the aggregator saw).
 """
 
 from __future__ import annotations
@@ -9,21 +13,20 @@ from __future__ import annotations
 import abc
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from torch import nn
+from pydantic import BaseModel
 
-from splitfed.client import CLIENT_PREFIX, SERVER_PREFIX
-from splitfed.config import TrainConfig, round_lr
-from splitfed.emotions import NUM_CLASSES
-from splitfed.model import ModelConfig, build_split_model, seeded
+from splitfed.algorithms.aggregate import aggregate_states, max_samples
+from splitfed.config import AggregationConfig, TrainConfig, round_lr
 from splitfed.server import Presence, ServerIO
-from splitfed.training import make_optimizer, prefixed, set_lr, state_to_numpy
-from splitfed.wire import Message, MsgType, pack_gradients, unpack_activations
+from splitfed.training import load_numpy_state, set_lr, state_to_numpy, unprefixed
+from splitfed.wire import Message, MsgType
 
 log = logging.getLogger(__name__)
 
@@ -43,25 +46,99 @@ class RoundTrain:
         self.correct += correct
         self.seen += n
 
+    def merge(self, other: RoundTrain) -> None:
+        self.loss_sum += other.loss_sum
+        self.correct += other.correct
+        self.seen += other.seen
 
-class Algorithm(abc.ABC):
-    """Base of all strategies; holds the global client and server halves."""
+
+@dataclass
+class ClientUpdate:
+    """One device's CLIENT_UPDATE: its weights per model half and the sample count it earned."""
+
+    halves: dict[str, dict[str, np.ndarray]]
+    n_samples: int
+    body: dict[str, Any]
+
+
+@dataclass
+class RoundState:
+    """One round in flight: who is still expected, what arrived, what the base must watch."""
+
+    rnd: int
+    participants: list[str]
+    active: set[str]
+    result: RoundTrain = field(default_factory=RoundTrain)
+    updates: dict[str, ClientUpdate] = field(default_factory=dict)
+    # Samples of each device's smashed batches this round: the most it may claim to have trained.
+    trained: Counter[str] = field(default_factory=Counter)
+    # The one device the round cannot go on without right now (SL, SFLV2); the step timeout
+    # applies to it. None when the round waits on everybody at once.
+    waiting_on: str | None = None
+
+    def done(self) -> list[str]:
+        """Devices whose update arrived, in participant order (float sums depend on order)."""
+        return [c for c in self.participants if c in self.updates]
+
+
+class Strategy(abc.ABC):
+    """Base of all algorithms: membership, learning rate, the receive loop, client updates."""
 
     name: ClassVar[str]
     mode: ClassVar[Literal["split", "local"]] = "split"
     uses_clients: ClassVar[bool] = True
+    model_cfg: BaseModel
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int) -> None:
-        self.model_cfg = model_cfg
+    def __init__(
+        self, train_cfg: TrainConfig, seed: int, aggregation: AggregationConfig | None = None
+    ) -> None:
         self.train_cfg = train_cfg
         self.seed = seed
-        self.client_net, self.server_net = build_split_model(model_cfg, seed)
-        self.server_opt = make_optimizer(self.server_net.parameters(), train_cfg)
-        self.loss_fn = nn.CrossEntropyLoss()
+        self.aggregation = aggregation or AggregationConfig()
         self.version = 0
         self.indices: dict[str, int] = {}
         self.total_rounds = 1
         self.lr = train_cfg.lr
+        # Seconds the round waits on the one device it cannot go on without; None = no limit
+        # but the round's own deadline.
+        self.step_timeout: float | None = None
+
+    # ---- the three hooks --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def configure_round(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:
+        """Send what starts the round; return its state with the devices it expects."""
+
+    @abc.abstractmethod
+    def handle(self, io: ServerIO, state: RoundState, msg: Message) -> None:
+        """Act on one checked message of an active device; discard it from `state.active`
+        when it is done. Raise ValueError/KeyError for a message that makes no sense."""
+
+    @abc.abstractmethod
+    def aggregate(self, io: ServerIO, state: RoundState) -> RoundTrain:
+        """Fold what the round produced into the global model; return its counts."""
+
+    def on_drop(self, io: ServerIO, state: RoundState, client_id: str) -> None:  # noqa: B027
+        """A device left the round (offline, re-joined, silent); the round goes on."""
+
+    # ---- the round --------------------------------------------------------------------------
+
+    def run_round(
+        self, io: ServerIO, rnd: int, participants: list[str], timeout: float
+    ) -> RoundTrain:
+        """Train one round with these devices: configure, feed messages to `handle`, aggregate."""
+        state = self.configure_round(io, rnd, participants)
+        dropped = self.collect(
+            io,
+            state.active,
+            time.monotonic() + timeout,
+            lambda msg: self.handle(io, state, msg),
+            f"round {rnd}",
+            lambda cid: self.on_drop(io, state, cid),
+            waiting_on=lambda: state.waiting_on,
+        )
+        state.result.dropped.extend(dropped)
+        return self.aggregate(io, state)
 
     def start_round(self, rnd: int, total_rounds: int) -> None:
         """Set this round's learning rate on every optimizer the aggregator holds."""
@@ -71,9 +148,9 @@ class Algorithm(abc.ABC):
             set_lr(opt, self.lr)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.server_opt]
+        return []
 
-    # ---- membership and configuration ---------------------------------------------------------
+    # ---- membership -------------------------------------------------------------------------
 
     def client_index(self, client_id: str) -> int:
         """A stable index per client (sorted ids at the first round, then in order of joining)."""
@@ -85,57 +162,7 @@ class Algorithm(abc.ABC):
         for cid in sorted(client_ids):
             self.client_index(cid)
 
-    def round_body(self, client_id: str, **extra: Any) -> dict[str, Any]:
-        return {
-            "algo": self.name,
-            "mode": self.mode,
-            "seed": self.seed,
-            "client_index": self.client_index(client_id),
-            "model": self.model_cfg.model_dump(mode="json"),
-            "train": self.train_cfg.model_dump(mode="json"),
-            "weights_version": self.version,
-            "lr": self.lr,
-            **extra,
-        }
-
-    def global_tensors(self, full: bool = False) -> dict[str, np.ndarray]:
-        t = prefixed(state_to_numpy(self.client_net), CLIENT_PREFIX)
-        if full:
-            t.update(prefixed(state_to_numpy(self.server_net), SERVER_PREFIX))
-        return t
-
-    @abc.abstractmethod
-    def run_round(
-        self, io: ServerIO, rnd: int, participants: list[str], timeout: float
-    ) -> RoundTrain:
-        """Train one round with these clients; update the global halves."""
-
-    # ---- shared steps -------------------------------------------------------------------------
-
-    def server_step(
-        self, net: nn.Module, opt: torch.optim.Optimizer, msg: Message, rnd: int
-    ) -> tuple[np.ndarray, float, int, int]:
-        """One server-half step on a batch of smashed data; returns the activation gradient."""
-        act = torch.from_numpy(unpack_activations(msg.tensors)).requires_grad_(True)
-        y = torch.from_numpy(msg.tensors["labels"])
-        if int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES:
-            raise ValueError("label out of range")
-        step = int(msg.env.body["step"])
-        net.train()
-        with seeded(self.seed, rnd, self.client_index(msg.src), step, 1):
-            out = net(act)
-        loss = self.loss_fn(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        assert act.grad is not None
-        correct = int((out.argmax(1) == y).sum())
-        return act.grad.numpy(), loss.item(), correct, len(y)
-
-    def reply_gradients(self, io: ServerIO, msg: Message, grad: np.ndarray, loss: float) -> None:
-        tensors = pack_gradients(grad, self.train_cfg.grad_compression)
-        body = {"step": int(msg.env.body["step"]), "loss": loss}
-        io.send(msg.src, MsgType.GRADIENTS, body, tensors, reply_to=msg.env.message_id)
+    # ---- the receive loop -------------------------------------------------------------------
 
     def collect(
         self,
@@ -145,12 +172,15 @@ class Algorithm(abc.ABC):
         on_message: Callable[[Message], None],
         what: str,
         on_drop: Callable[[str], None] | None = None,
+        waiting_on: Callable[[], str | None] | None = None,
     ) -> list[str]:
         """Feed messages from `active` clients to `on_message` until none is left active.
 
         `on_message` removes a client from `active` when it is done. A client that goes offline
-        or re-joins (it lost its state) is dropped; at the deadline the rest are dropped.
-        Returns the dropped clients, so the round can finish with those that did.
+        or re-joins (it lost its state) is dropped; at the deadline the rest are dropped. With a
+        `step_timeout`, the client `waiting_on()` names is dropped once it has sent nothing for
+        that long, and the others go on. Returns the dropped clients, so the round can finish
+        with those that did.
         """
         dropped: list[str] = []
 
@@ -160,9 +190,31 @@ class Algorithm(abc.ABC):
             if on_drop is not None:
                 on_drop(cid)
 
+        watched: str | None = None
+        step_deadline = deadline
         while active:
-            ev = io.next(deadline)
+            now = time.monotonic()
+            current = waiting_on() if waiting_on is not None else None
+            if current not in active:
+                current = None
+            if self.step_timeout is None or current is None:
+                watched, step_deadline = None, deadline
+            elif current != watched:
+                watched, step_deadline = current, min(deadline, now + self.step_timeout)
+            ev = io.next(step_deadline)
             if ev is None:
+                if watched is not None and time.monotonic() < deadline:
+                    # The transport had nothing from it for a whole step: skip it.
+                    log.warning(
+                        "%s: %s sent nothing for %.0f s; going on without it",
+                        what,
+                        watched,
+                        self.step_timeout,
+                    )
+                    io.rejected["step timeout"] += 1
+                    drop(watched)
+                    watched = None
+                    continue
                 log.warning("%s: timed out waiting for %s", what, ", ".join(sorted(active)))
                 dropped.extend(sorted(active))
                 active.clear()
@@ -182,10 +234,12 @@ class Algorithm(abc.ABC):
                     drop(ev.src)
                 continue
             if ev.type is MsgType.PREDICT:
-                self.answer_predict(io, ev)
+                self.on_predict(io, ev)
                 continue
             if ev.src not in active:
                 continue
+            if ev.src == watched and self.step_timeout is not None:
+                step_deadline = min(deadline, time.monotonic() + self.step_timeout)
             try:
                 on_message(ev)
             except (ValueError, KeyError, RuntimeError) as e:
@@ -193,72 +247,107 @@ class Algorithm(abc.ABC):
                 io.rejected["semantic"] += 1
         return dropped
 
-    # ---- evaluation ---------------------------------------------------------------------------
+    def on_predict(self, io: ServerIO, msg: Message) -> None:  # noqa: B027
+        """Live mode's PREDICT during training; algorithms without a server half ignore it."""
 
-    def predict(self, act: np.ndarray) -> np.ndarray:
-        """Server-half logits for smashed data, in eval mode."""
-        self.server_net.eval()
-        with torch.no_grad():
-            return self.server_net(torch.from_numpy(act)).numpy()
+    # ---- client updates, written once -------------------------------------------------------
 
-    def answer_predict(self, io: ServerIO, msg: Message) -> None:
-        """Live mode: answer one frame's smashed data with the predicted emotion."""
-        logits = self.predict(unpack_activations(msg.tensors))
-        probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
-        body = {"frame": int(msg.env.body["frame"]), "classes": probs.argmax(1).tolist()}
-        io.send(
-            msg.src,
-            MsgType.PREDICTION,
-            body,
-            {"probs": probs.astype(np.float32)},
-            reply_to=msg.env.message_id,
-            round=msg.env.round,
+    def accept_update(
+        self, io: ServerIO, state: RoundState, msg: Message, prefixes: Sequence[str]
+    ) -> ClientUpdate:
+        """Keep a device's CLIENT_UPDATE (its halves under `prefixes`) and mark it done.
+
+        The sample count weighs its update in the average, so it is capped at what this device
+        can have trained: for split algorithms what its smashed batches showed this round, for
+        local training the training set it declared when it joined.
+        """
+        claimed = int(msg.env.body["n_samples"])
+        if claimed < 0:
+            raise ValueError(f"negative sample count {claimed}")
+        cap = self.sample_cap(io, state, msg.src)
+        n = claimed
+        if claimed > cap:
+            log.warning(
+                "%s claims %d samples, the aggregator saw it train %d; capped",
+                msg.src,
+                claimed,
+                cap,
+            )
+            io.rejected["n_samples above what was trained"] += 1
+            n = cap
+        update = ClientUpdate(
+            {p: unprefixed(msg.tensors, p) for p in prefixes}, n, dict(msg.env.body)
+        )
+        state.updates[msg.src] = update
+        state.active.discard(msg.src)
+        return update
+
+    def sample_cap(self, io: ServerIO, state: RoundState, client_id: str) -> int:
+        """The most samples `client_id` can have trained this round (split: smashed rows)."""
+        return max_samples(
+            state.trained[client_id], self.train_cfg.local_epochs, self.train_cfg.batch_size
         )
 
+    def combine(
+        self,
+        states: Sequence[Mapping[str, np.ndarray]],
+        weights: Sequence[float],
+        reference: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The aggregate of several copies of one half, with the configured rule."""
+        agg = self.aggregation
+        return aggregate_states(
+            states,
+            weights,
+            method=agg.method,
+            trim=agg.trim_ratio,
+            reference=reference,
+            clip_norm=agg.clip_update_norm,
+        )
+
+    def average_into(
+        self,
+        net: torch.nn.Module,
+        states: Sequence[Mapping[str, np.ndarray]],
+        weights: Sequence[float],
+    ) -> None:
+        """Load the aggregate of `states` into `net` (its current weights are the reference)."""
+        reference = state_to_numpy(net) if self.aggregation.clip_update_norm else None
+        load_numpy_state(net, self.combine(states, weights, reference))
+
+    def average_updates(self, state: RoundState, nets: Mapping[str, torch.nn.Module]) -> list[str]:
+        """Average the round's updates into `nets` (prefix -> half), weighted by samples."""
+        done = state.done()
+        if done:
+            weights = [state.updates[c].n_samples for c in done]
+            for prefix, net in nets.items():
+                self.average_into(net, [state.updates[c].halves[prefix] for c in done], weights)
+        return done
+
+    # ---- evaluation and checkpoints ---------------------------------------------------------
+
+    @abc.abstractmethod
     def evaluate(
         self, io: ServerIO, participants: list[str], split: str, timeout: float
     ) -> np.ndarray:
-        """Confusion counts over the clients' own data; labels never leave the devices."""
-        conf = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-        full = self.mode == "local"
-        tensors = self.global_tensors(full=full)
-        for cid in participants:
-            io.send(cid, MsgType.EVAL_REQUEST, self.round_body(cid, split=split), tensors)
+        """Confusion counts of the global model on the devices' `split` data."""
 
-        def on_message(msg: Message) -> None:
-            nonlocal conf
-            if msg.type is MsgType.EVAL_SMASHED and msg.env.body["split"] == split:
-                pred = self.predict(unpack_activations(msg.tensors)).argmax(1).astype(np.int64)
-                body = {"split": split, "step": int(msg.env.body["step"])}
-                io.send(
-                    msg.src,
-                    MsgType.EVAL_PREDICTIONS,
-                    body,
-                    {"pred": pred},
-                    reply_to=msg.env.message_id,
-                )
-            elif msg.type is MsgType.EVAL_RESULT and msg.env.body["split"] == split:
-                conf += np.asarray(msg.env.body["confusion"], dtype=np.int64)
-                active.discard(msg.src)
+    def round_body(self, client_id: str, **extra: Any) -> dict[str, Any]:
+        """The configuration every round message carries (what the runner publishes)."""
+        return {"algo": self.name, "seed": self.seed, **extra}
 
-        active = set(participants)
-        self.collect(io, active, time.monotonic() + timeout, on_message, f"evaluation ({split})")
-        return conf
+    def global_tensors(self, full: bool = False) -> dict[str, np.ndarray]:
+        """Weights the runner publishes after a round (split algorithms only)."""
+        return {}
 
-    # ---- checkpoints --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def checkpoint_tensors(self) -> dict[str, np.ndarray]:
+        """The trained model as named arrays, for model.safetensors."""
 
+    @abc.abstractmethod
     def state(self) -> dict[str, Any]:
-        return {
-            "client": self.client_net.state_dict(),
-            "server": self.server_net.state_dict(),
-            "server_opt": self.server_opt.state_dict(),
-            "version": self.version,
-            "indices": dict(self.indices),
-        }
+        """Everything a resumed aggregator needs (written to its own disk only)."""
 
+    @abc.abstractmethod
     def load_state(self, state: dict[str, Any]) -> None:
-        self.client_net.load_state_dict(state["client"])
-        self.server_net.load_state_dict(state["server"])
-        self.server_opt.load_state_dict(state["server_opt"])
-        self.version = int(state["version"])
-        self.indices = dict(state["indices"])
+        """Restore what `state` returned."""

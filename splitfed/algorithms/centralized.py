@@ -7,25 +7,29 @@ same seeded batches and the same seeded forward passes as a client with index 0.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
-from splitfed.algorithms.base import Algorithm, RoundTrain
+from splitfed.algorithms.base import RoundState, RoundTrain
+from splitfed.algorithms.cnn import SplitCNN
 from splitfed.data.batches import iterate_batches
 from splitfed.data.dataset import EmotionDataset
 from splitfed.emotions import NUM_CLASSES
 from splitfed.model import seeded
 from splitfed.server import ServerIO
 from splitfed.training import confusion, make_optimizer
+from splitfed.wire import Message
 
 
-class Centralized(Algorithm):
+class Centralized(SplitCNN):
     name = "centralized"
     mode = "local"
     uses_clients = False
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.client_opt = make_optimizer(self.client_net.parameters(), self.train_cfg)
         self.train_data: EmotionDataset | None = None
         self.eval_data: dict[str, EmotionDataset] = {}
@@ -36,6 +40,16 @@ class Centralized(Algorithm):
     def attach_data(self, train: EmotionDataset, test: EmotionDataset) -> None:
         self.train_data = train
         self.eval_data = {"train": train, "test": test}
+
+    # No devices and no messages: the round is one loop here, so the hooks are not used.
+    def configure_round(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:
+        raise NotImplementedError("centralized training has no devices to configure")
+
+    def handle(self, io: ServerIO, state: RoundState, msg: Message) -> None:
+        raise NotImplementedError("centralized training receives no messages")
+
+    def aggregate(self, io: ServerIO, state: RoundState) -> RoundTrain:
+        raise NotImplementedError("centralized training has nothing to aggregate")
 
     def run_round(
         self, io: ServerIO | None, rnd: int, participants: list[str], timeout: float
@@ -52,6 +66,7 @@ class Centralized(Algorithm):
             cfg.local_epochs,
             train=True,
             augment=cfg.augment,
+            jitter=cfg.jitter,
         )
         for step, (x, y) in enumerate(batches):
             with seeded(self.seed, rnd, 0, step, 0):
@@ -79,11 +94,11 @@ class Centralized(Algorithm):
                 conf += confusion(y.numpy(), self.server_net(self.client_net(x)).argmax(1).numpy())
         return conf
 
-    def state(self) -> dict:  # type: ignore[type-arg]
+    def state(self) -> dict[str, Any]:
         s = super().state()
         s["client_opt"] = self.client_opt.state_dict()
         return s
 
-    def load_state(self, state: dict) -> None:  # type: ignore[type-arg]
+    def load_state(self, state: dict[str, Any]) -> None:
         super().load_state(state)
         self.client_opt.load_state_dict(state["client_opt"])

@@ -8,24 +8,33 @@ tests hold it to exactly that.
 from __future__ import annotations
 
 import copy
-import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from splitfed.algorithms.aggregate import weighted_average
-from splitfed.algorithms.base import Algorithm, RoundTrain
+from splitfed.algorithms.base import RoundState, RoundTrain
+from splitfed.algorithms.cnn import SplitCNN
 from splitfed.client import CLIENT_PREFIX
 from splitfed.model import ServerNet
 from splitfed.server import ServerIO
-from splitfed.training import load_numpy_state, make_optimizer, set_lr, state_to_numpy, unprefixed
+from splitfed.training import make_optimizer, set_lr, state_to_numpy
 from splitfed.wire import Message, MsgType
 
 
-class SFLV1(Algorithm):
+@dataclass
+class _Round(RoundState):
+    copies: dict[str, tuple[ServerNet, torch.optim.Optimizer]] = field(default_factory=dict)
+    # Per-client sums, added up in participant order at the end: batches arrive in any order
+    # over a network, and float addition is not associative.
+    per_client: dict[str, RoundTrain] = field(default_factory=dict)
+
+
+class SFLV1(SplitCNN):
     name = "sflv1"
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         # One server copy and one optimizer per client, kept across rounds like the client's own.
         self.copies: dict[str, tuple[ServerNet, torch.optim.Optimizer]] = {}
 
@@ -42,60 +51,46 @@ class SFLV1(Algorithm):
         net.load_state_dict(self.server_net.state_dict())
         return net, opt
 
-    def run_round(
-        self, io: ServerIO, rnd: int, participants: list[str], timeout: float
-    ) -> RoundTrain:
-        result = RoundTrain()
-        # Per-client sums, added up in participant order at the end: batches arrive in any order
-        # over a network, and float addition is not associative.
-        per_client = {cid: RoundTrain() for cid in participants}
+    def configure_round(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:
         copies = {cid: self._copy_for(cid) for cid in participants}
-        updates: dict[str, tuple[dict, int]] = {}  # type: ignore[type-arg]
-        tensors = self.global_tensors()
-        for cid in participants:
-            io.send(cid, MsgType.ROUND_START, self.round_body(cid), tensors)
-
-        def on_message(msg: Message) -> None:
-            if msg.type is MsgType.SMASHED:
-                net, opt = copies[msg.src]
-                grad, loss, correct, n = self.server_step(net, opt, msg, rnd)
-                per_client[msg.src].add(loss, correct, n)
-                self.reply_gradients(io, msg, grad, loss)
-            elif msg.type is MsgType.CLIENT_UPDATE:
-                updates[msg.src] = (
-                    unprefixed(msg.tensors, CLIENT_PREFIX),
-                    int(msg.env.body["n_samples"]),
-                )
-                active.discard(msg.src)
-
-        active = set(participants)
-        result.dropped = self.collect(
-            io, active, time.monotonic() + timeout, on_message, f"round {rnd}"
+        base = self.start_clients(io, rnd, participants)
+        return _Round(
+            base.rnd,
+            base.participants,
+            base.active,
+            copies=copies,
+            per_client={cid: RoundTrain() for cid in participants},
         )
-        for part in per_client.values():
-            result.loss_sum += part.loss_sum
-            result.correct += part.correct
-            result.seen += part.seen
-        done = [cid for cid in participants if cid in updates]
-        result.completed = done
-        if done:
-            weights = [updates[c][1] for c in done]
-            load_numpy_state(
-                self.client_net, weighted_average([updates[c][0] for c in done], weights)
-            )
-            servers = [state_to_numpy(copies[c][0]) for c in done]
-            load_numpy_state(self.server_net, weighted_average(servers, weights))
-            self.version += 1
-        return result
 
-    def state(self) -> dict:  # type: ignore[type-arg]
+    def handle(self, io: ServerIO, state: RoundState, msg: Message) -> None:
+        assert isinstance(state, _Round)
+        if msg.type is MsgType.SMASHED:
+            net, opt = state.copies[msg.src]
+            loss, correct, n = self.train_batch(io, state, msg, net, opt)
+            state.per_client[msg.src].add(loss, correct, n)
+        elif msg.type is MsgType.CLIENT_UPDATE:
+            self.accept_update(io, state, msg, (CLIENT_PREFIX,))
+
+    def aggregate(self, io: ServerIO, state: RoundState) -> RoundTrain:
+        assert isinstance(state, _Round)
+        for part in state.per_client.values():
+            state.result.merge(part)
+        done = self.average_updates(state, {CLIENT_PREFIX: self.client_net})
+        state.result.completed = done
+        if done:
+            servers = [state_to_numpy(state.copies[c][0]) for c in done]
+            self.average_into(self.server_net, servers, [state.updates[c].n_samples for c in done])
+            self.version += 1
+        return state.result
+
+    def state(self) -> dict[str, Any]:
         s = super().state()
         s["copies"] = {
             cid: (net.state_dict(), opt.state_dict()) for cid, (net, opt) in self.copies.items()
         }
         return s
 
-    def load_state(self, state: dict) -> None:  # type: ignore[type-arg]
+    def load_state(self, state: dict[str, Any]) -> None:
         super().load_state(state)
         for cid, (net_state, opt_state) in state.get("copies", {}).items():
             net, opt = self._copy_for(cid)

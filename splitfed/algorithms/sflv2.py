@@ -3,85 +3,84 @@
 Clients start the round together; the server takes their batches in a seeded random order
 (each client's own batches stay in sequence) and steps its single server half on each. Client
 halves are averaged at the end of the round. With one client this is centralized training.
+
+The server waits on one client at a time (the next in the order); a client that stays connected
+but stops answering is skipped after the step timeout and the others go on.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from splitfed.algorithms.aggregate import interleaved_order, weighted_average
-from splitfed.algorithms.base import Algorithm, RoundTrain
+from splitfed.algorithms.aggregate import interleaved_order
+from splitfed.algorithms.base import RoundState, RoundTrain
+from splitfed.algorithms.cnn import SplitCNN
 from splitfed.client import CLIENT_PREFIX
 from splitfed.data.batches import num_batches
 from splitfed.server import ServerIO
-from splitfed.training import load_numpy_state, unprefixed
 from splitfed.wire import Message, MsgType
 
 
-class SFLV2(Algorithm):
+@dataclass
+class _Round(RoundState):
+    order: deque[int] = field(default_factory=deque)
+    waiting: dict[str, Message] = field(default_factory=dict)  # a batch that came early
+    gone: set[str] = field(default_factory=set)
+
+
+class SFLV2(SplitCNN):
     name = "sflv2"
 
-    def run_round(
-        self, io: ServerIO, rnd: int, participants: list[str], timeout: float
-    ) -> RoundTrain:
-        result = RoundTrain()
+    def configure_round(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:
         counts = [
             num_batches(io.clients[c].n_train, self.train_cfg.batch_size)
             * self.train_cfg.local_epochs
             for c in participants
         ]
         order = deque(interleaved_order(counts, np.random.default_rng([self.seed, rnd, 0x5F12])))
-        waiting: dict[str, Message] = {}
-        gone: set[str] = set()
-        updates: dict[str, tuple[dict, int]] = {}  # type: ignore[type-arg]
-        tensors = self.global_tensors()
-        for cid in participants:
-            io.send(cid, MsgType.ROUND_START, self.round_body(cid), tensors)
+        base = self.start_clients(io, rnd, participants)
+        state = _Round(base.rnd, base.participants, base.active, order=order)
+        self._advance(io, state)
+        return state
 
-        def advance() -> None:
-            # Serve the schedule as far as the batches that have arrived allow.
-            while order:
-                cid = participants[order[0]]
-                if cid in gone:
-                    order.popleft()
-                    continue
-                msg = waiting.pop(cid, None)
-                if msg is None:
-                    return
-                order.popleft()
-                grad, loss, correct, n = self.server_step(
-                    self.server_net, self.server_opt, msg, rnd
-                )
-                result.add(loss, correct, n)
-                self.reply_gradients(io, msg, grad, loss)
+    def _advance(self, io: ServerIO, state: _Round) -> None:
+        """Serve the schedule as far as the batches that have arrived allow."""
+        while state.order:
+            cid = state.participants[state.order[0]]
+            if cid in state.gone:
+                state.order.popleft()
+                continue
+            msg = state.waiting.pop(cid, None)
+            if msg is None:
+                state.waiting_on = cid
+                return
+            state.order.popleft()
+            state.result.add(*self.train_batch(io, state, msg, self.server_net, self.server_opt))
+        # The schedule is done: the clients' updates are what the round waits for now.
+        state.waiting_on = next(
+            (c for c in state.participants if c in state.active and c not in state.updates), None
+        )
 
-        def on_message(msg: Message) -> None:
-            if msg.type is MsgType.SMASHED:
-                waiting[msg.src] = msg
-                advance()
-            elif msg.type is MsgType.CLIENT_UPDATE:
-                updates[msg.src] = (
-                    unprefixed(msg.tensors, CLIENT_PREFIX),
-                    int(msg.env.body["n_samples"]),
-                )
-                active.discard(msg.src)
+    def handle(self, io: ServerIO, state: RoundState, msg: Message) -> None:
+        assert isinstance(state, _Round)
+        if msg.type is MsgType.SMASHED:
+            state.waiting[msg.src] = msg
+            self._advance(io, state)
+        elif msg.type is MsgType.CLIENT_UPDATE:
+            self.accept_update(io, state, msg, (CLIENT_PREFIX,))
+            self._advance(io, state)
 
-        def on_drop(cid: str) -> None:
-            gone.add(cid)
-            advance()
+    def on_drop(self, io: ServerIO, state: RoundState, client_id: str) -> None:
+        assert isinstance(state, _Round)
+        state.gone.add(client_id)
+        self._advance(io, state)
 
-        active = set(participants)
-        deadline = time.monotonic() + timeout
-        result.dropped = self.collect(io, active, deadline, on_message, f"round {rnd}", on_drop)
-        done = [cid for cid in participants if cid in updates]
-        result.completed = done
+    def aggregate(self, io: ServerIO, state: RoundState) -> RoundTrain:
+        done = self.average_updates(state, {CLIENT_PREFIX: self.client_net})
+        state.result.completed = done
         if done:
-            weights = [updates[c][1] for c in done]
-            load_numpy_state(
-                self.client_net, weighted_average([updates[c][0] for c in done], weights)
-            )
             self.version += 1
-        return result
+        return state.result

@@ -1,44 +1,64 @@
 """Vanilla split learning: clients take turns; the client half is relayed from one to the next.
 
 There is one server half. Each client in turn receives the current client half, trains through
-all its batches with the server, and hands its client half back to be passed on.
+all its batches with the server, and hands its client half back to be passed on. The round
+waits on one client at a time: one that drops out or stops answering (the step timeout) is
+skipped, and the next starts from the client half the last one handed back.
 """
 
 from __future__ import annotations
 
-import time
+from collections import deque
+from dataclasses import dataclass, field
 
-from splitfed.algorithms.base import Algorithm, RoundTrain
+from splitfed.algorithms.base import RoundState, RoundTrain
+from splitfed.algorithms.cnn import SplitCNN
 from splitfed.client import CLIENT_PREFIX
 from splitfed.server import ServerIO
-from splitfed.training import load_numpy_state, unprefixed
+from splitfed.training import load_numpy_state
 from splitfed.wire import Message, MsgType
 
 
-class SplitLearning(Algorithm):
+@dataclass
+class _Round(RoundState):
+    queue: deque[str] = field(default_factory=deque)  # clients whose turn is still to come
+
+
+class SplitLearning(SplitCNN):
     name = "sl"
 
-    def run_round(
-        self, io: ServerIO, rnd: int, participants: list[str], timeout: float
-    ) -> RoundTrain:
-        result = RoundTrain()
-        deadline = time.monotonic() + timeout
-        for cid in participants:
+    def configure_round(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:
+        state = _Round(rnd, list(participants), set(), queue=deque(participants))
+        self._next_turn(io, state)
+        return state
+
+    def _next_turn(self, io: ServerIO, state: _Round) -> None:
+        """Hand the current client half to the next client in line."""
+        state.waiting_on = None
+        if state.queue:
+            cid = state.queue.popleft()
             io.send(cid, MsgType.ROUND_START, self.round_body(cid), self.global_tensors())
-            active = {cid}
+            state.active.add(cid)
+            state.waiting_on = cid
 
-            def on_message(msg: Message, cid: str = cid, active: set[str] = active) -> None:
-                if msg.type is MsgType.SMASHED:
-                    grad, loss, correct, n = self.server_step(
-                        self.server_net, self.server_opt, msg, rnd
-                    )
-                    result.add(loss, correct, n)
-                    self.reply_gradients(io, msg, grad, loss)
-                elif msg.type is MsgType.CLIENT_UPDATE:
-                    load_numpy_state(self.client_net, unprefixed(msg.tensors, CLIENT_PREFIX))
-                    result.completed.append(cid)
-                    active.discard(cid)
+    def handle(self, io: ServerIO, state: RoundState, msg: Message) -> None:
+        assert isinstance(state, _Round)
+        if msg.type is MsgType.SMASHED:
+            state.result.add(*self.train_batch(io, state, msg, self.server_net, self.server_opt))
+        elif msg.type is MsgType.CLIENT_UPDATE:
+            # Relayed, not averaged: the sample count weighs nothing here.
+            update = self.accept_update(io, state, msg, (CLIENT_PREFIX,))
+            load_numpy_state(self.client_net, update.halves[CLIENT_PREFIX])
+            state.result.completed.append(msg.src)
+            self._next_turn(io, state)
 
-            result.dropped += self.collect(io, active, deadline, on_message, f"round {rnd} ({cid})")
+    def on_drop(self, io: ServerIO, state: RoundState, client_id: str) -> None:
+        assert isinstance(state, _Round)
+        if state.waiting_on == client_id:
+            self._next_turn(io, state)
+
+    def aggregate(self, io: ServerIO, state: RoundState) -> RoundTrain:
+        assert isinstance(state, _Round)
+        state.result.dropped.extend(state.queue)  # the round ran out of time before their turn
         self.version += 1
-        return result
+        return state.result

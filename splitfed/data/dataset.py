@@ -6,6 +6,7 @@ whole shard on a Raspberry Pi, and converted to float only per batch.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,7 +15,13 @@ import numpy as np
 from splitfed.emotions import EMOTIONS, NUM_CLASSES
 from splitfed.errors import UserError
 
-SplitKind = Literal["subject", "random"]
+log = logging.getLogger(__name__)
+
+SplitKind = Literal["subject", "random", "predefined"]
+# meta key of a per-picture "train"/"test" array: the data set's own split (FER2013's Usage
+# column, or train/ and test/ folders), used by the `predefined` split.
+SPLIT_ROLE = "split_role"
+_warned_mixed: set[str] = set()
 
 
 @dataclass
@@ -51,13 +58,29 @@ class EmotionDataset:
         return self.subjects is not None
 
     def subset(self, index: np.ndarray, name: str | None = None) -> EmotionDataset:
+        """The pictures at `index`; per-picture meta arrays (sessions, split roles) follow them."""
+        n = len(self)
+        meta = {
+            k: v[index] if isinstance(v, np.ndarray) and v.ndim == 1 and len(v) == n else v
+            for k, v in self.meta.items()
+        }
         return EmotionDataset(
             name=name or self.name,
             images=self.images[index],
             labels=self.labels[index],
             subjects=None if self.subjects is None else self.subjects[index],
-            meta=dict(self.meta),
+            meta=meta,
         )
+
+    @property
+    def split_roles(self) -> np.ndarray | None:
+        """Per picture "train" or "test" when the data set comes with its own split, else None."""
+        roles = self.meta.get(SPLIT_ROLE)
+        if isinstance(roles, np.ndarray) and len(roles) == len(self):
+            kinds = set(np.unique(roles).tolist())
+            if kinds == {"train", "test"}:
+                return roles
+        return None
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=NUM_CLASSES)
@@ -71,7 +94,24 @@ class EmotionDataset:
 
 
 def default_split(ds: EmotionDataset) -> SplitKind:
+    """The data set's own split when it has one, else by person, else random (with a warning)."""
+    if ds.split_roles is not None:
+        return "predefined"
     return "subject" if ds.has_subjects else "random"
+
+
+def warn_people_mixed(ds: EmotionDataset) -> None:
+    """Say once per data set that test accuracy will include people seen in training."""
+    if ds.name in _warned_mixed:
+        return
+    _warned_mixed.add(ds.name)
+    log.warning(
+        "%s has no subject ids, so the random split cannot keep people apart: the same people "
+        "are in train and test and test accuracy overstates accuracy on new people. Fix: add "
+        "subjects.csv (header file,subject; one line per picture, file relative to the data-set "
+        "folder) and the split keeps each person on one side",
+        ds.name,
+    )
 
 
 def train_test_split(
@@ -95,13 +135,23 @@ def train_test_split(
         n_test = min(len(people) - 1, max(1, int(round(test_fraction * len(people)))))
         test_people = set(people[:n_test].tolist())
         is_test = np.array([s in test_people for s in ds.subjects])
+    elif kind == "predefined":
+        roles = ds.split_roles
+        if roles is None:
+            raise UserError(
+                f"--split predefined needs a data set with its own train/test split (FER2013's "
+                f"Usage column, or train/ and test/ folders), and {ds.name!r} has none"
+            )
+        is_test = roles == "test"
     elif kind == "random":
+        if ds.subjects is None:
+            warn_people_mixed(ds)
         order = rng.permutation(len(ds))
         n_test = max(1, int(round(test_fraction * len(ds))))
         is_test = np.zeros(len(ds), dtype=bool)
         is_test[order[:n_test]] = True
     else:
-        raise UserError(f"unknown split {kind!r}: use subject or random")
+        raise UserError(f"unknown split {kind!r}: use subject, random or predefined")
     train = ds.subset(np.flatnonzero(~is_test), f"{ds.name}:train")
     test = ds.subset(np.flatnonzero(is_test), f"{ds.name}:test")
     return train, test

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from splitfed.data.crop import CropConfig, EyeRegionCropper, resolve_backend
-from splitfed.data.dataset import EmotionDataset
+from splitfed.data.dataset import SPLIT_ROLE, EmotionDataset
 from splitfed.emotions import EMOTIONS, FER2013_TO_INDEX, KDEF_CODES, emotion_index
 from splitfed.errors import UserError
 
@@ -41,7 +41,7 @@ KDEF_PATTERN = re.compile(
 )
 # FER2013 faces are aligned 48x48 crops: these rows hold the forehead, brows and eyes.
 FER_ROWS = (0.05, 0.55)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: split roles, FER-sized pictures, skipped folders
 MAX_EXAMPLES = 10
 
 
@@ -54,7 +54,7 @@ def default_cache_dir() -> Path:
 # -- format detection ----------------------------------------------------------------------------
 
 
-def _visible_files(root: Path) -> Iterator[Path]:
+def visible_files(root: Path) -> Iterator[Path]:
     """Files under `root`, sorted, skipping hidden files and folders (.DS_Store, .git)."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -84,7 +84,7 @@ def detect_format(path: str | Path) -> str:
                 f"found {','.join(header)}"
             )
         raise UserError(f"{p}: expected a folder of images or a FER2013 .csv file")
-    images = [f for f in _visible_files(p) if f.suffix.lower() in IMAGE_EXTENSIONS]
+    images = [f for f in visible_files(p) if f.suffix.lower() in IMAGE_EXTENSIONS]
     kdef = sum(1 for f in images if KDEF_PATTERN.match(f.name))
     if images and kdef * 2 >= len(images):
         return "kdef"
@@ -126,13 +126,27 @@ class _Problems:
         return meta
 
 
-PROBLEM_KINDS = ("unreadable", "no_face", "excluded_angle", "ignored")
+PROBLEM_KINDS = (
+    "unreadable", "no_face", "excluded_angle", "ignored", "unknown_class", "not_image",
+)  # fmt: skip
 _PROBLEM_WORDS = {
     "unreadable": "unreadable or not an image",
     "no_face": "without a detectable face",
     "excluded_angle": "not straight-on (KDEF angle other than S; use all_angles to keep)",
     "ignored": "not named like KDEF files",
+    "unknown_class": f"not named after an emotion ({', '.join(EMOTIONS)} or a synonym)",
+    "not_image": "not image files (by extension)",
 }
+# Folders that hold a data set's own split (FER2013's folder form has train/ and test/).
+SPLIT_FOLDERS = {
+    "train": "train", "training": "train",
+    "test": "test", "testing": "test", "publictest": "test", "privatetest": "test",
+    "val": "test", "valid": "test", "validation": "test",
+}  # fmt: skip
+FER_USAGE = {"training": "train", "publictest": "test", "privatetest": "test"}
+# Square pictures of this side are FER2013's aligned faces: too small for a face detector,
+# already aligned, so the eye band is cut at fixed rows as for the CSV form.
+FER_SIDE = 48
 
 
 @dataclass
@@ -142,6 +156,7 @@ class _Item:
     label: int
     subject: str | None
     session: str | None = None
+    role: str | None = None  # "train"/"test" from the data set's own split folders
 
 
 @contextmanager
@@ -178,7 +193,7 @@ def _progress(enabled: bool, total: int, what: str) -> Iterator[Any]:
 
 def _list_kdef(root: Path, all_angles: bool, problems: _Problems) -> list[_Item]:
     items: list[_Item] = []
-    for f in _visible_files(root):
+    for f in visible_files(root):
         rel = f.relative_to(root).as_posix()
         m = KDEF_PATTERN.match(f.name)
         if m is None:
@@ -207,29 +222,62 @@ def _read_subjects_csv(path: Path) -> dict[str, str]:
     return mapping
 
 
-def _list_folder(root: Path) -> tuple[list[_Item], bool]:
-    """Items of a folder-per-class data set, and whether subjects.csv gave subject ids."""
+def _class_folders(parent: Path, root: Path, problems: _Problems) -> list[tuple[Path, int]]:
+    """Emotion folders of `parent`; other folders are skipped and counted as unknown classes."""
     classes: list[tuple[Path, int]] = []
-    for d in sorted(root.iterdir()):
+    for d in sorted(parent.iterdir()):
         if not d.is_dir() or d.name.startswith("."):
             continue
         idx = emotion_index(d.name)
         if idx is None:
-            raise UserError(
-                f"unknown class folder {d.name!r} in {root}: folder names must be emotions "
-                f"({', '.join(EMOTIONS)}) or a synonym"
-            )
-        classes.append((d, idx))
+            problems.add("unknown_class", d.relative_to(root).as_posix() + "/")
+        else:
+            classes.append((d, idx))
+    return classes
+
+
+def _split_folders(root: Path) -> dict[Path, str]:
+    """train/ and test/ folders (any case) of a data set that comes with its own split."""
+    found = {
+        d: SPLIT_FOLDERS[d.name.lower()]
+        for d in sorted(root.iterdir())
+        if d.is_dir() and d.name.lower() in SPLIT_FOLDERS
+    }
+    return found if set(found.values()) == {"train", "test"} else {}
+
+
+def _list_folder(root: Path, problems: _Problems) -> tuple[list[_Item], bool]:
+    """Items of a folder-per-class data set, and whether subjects.csv gave subject ids.
+
+    With train/ and test/ folders that each hold class folders, every picture keeps the role
+    of its folder. Folders not named after an emotion and files that are not images are
+    skipped and counted, so one stray folder does not stop a load.
+    """
+    splits = _split_folders(root)
+    parents: list[tuple[Path, str | None]] = list(splits.items()) or [(root, None)]
+    classes: list[tuple[Path, int, str | None]] = []
+    for parent, role in parents:
+        classes += [(d, idx, role) for d, idx in _class_folders(parent, root, problems)]
+    if splits:
+        for d in sorted(root.iterdir()):
+            if d.is_dir() and not d.name.startswith(".") and d not in splits:
+                problems.add("unknown_class", d.name + "/")
     if not classes:
-        raise UserError(f"{root}: no class folders (one subfolder per emotion expected)")
+        raise UserError(
+            f"{root}: no class folders (one subfolder per emotion expected, "
+            f"{', '.join(EMOTIONS)} or a synonym; or train/ and test/ folders holding them)"
+        )
     subjects_csv = root / "subjects.csv"
     subjects = _read_subjects_csv(subjects_csv) if subjects_csv.is_file() else None
     items: list[_Item] = []
-    for d, idx in classes:
-        for f in _visible_files(d):
+    for d, idx, role in classes:
+        for f in visible_files(d):
             rel = f.relative_to(root).as_posix()
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                problems.add("not_image", rel)
+                continue
             subject = None if subjects is None else subjects.get(rel)
-            items.append(_Item(f, rel, idx, subject))
+            items.append(_Item(f, rel, idx, subject, role=role))
     return items, subjects is not None
 
 
@@ -324,12 +372,15 @@ def _crop_items(
     kept: list[_Item] = []
     with EyeRegionCropper(crop) as cropper, _progress(progress, len(items), "eye crops") as bar:
         for item in items:
-            image = _imread(item.path)
+            image = read_image(item.path)
             if image is None:
                 problems.add("unreadable", item.rel)
             elif image.shape[:2] == (crop.height, crop.width):
                 # Already an eye crop at this size (e.g. `edge-agent collect`): keep as it is.
                 crops.append(_as_crop(image, crop))
+                kept.append(item)
+            elif image.shape[:2] == (FER_SIDE, FER_SIDE):
+                crops.append(fer2013_crop(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), crop))
                 kept.append(item)
             else:
                 out = cropper.crop(image)
@@ -349,7 +400,7 @@ def _as_crop(image: np.ndarray, crop: CropConfig) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB).transpose(2, 0, 1).copy()
 
 
-def _imread(path: Path) -> np.ndarray | None:
+def read_image(path: Path) -> np.ndarray | None:
     """cv2.imread that answers None (never raises) for anything that is not a readable image."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
@@ -380,6 +431,8 @@ def _build_images(
     meta: dict[str, object] = {"backend": backend}
     if fmt == "kdef":
         meta["sessions"] = np.array([it.session or "" for it in kept], dtype=str)
+    if any(it.role for it in kept):
+        meta[SPLIT_ROLE] = np.array([it.role or "" for it in kept], dtype=str)
     images = (
         np.stack(crops)
         if crops
@@ -435,6 +488,9 @@ def _build_fer2013(
     meta: dict[str, object] = {}
     if i_use is not None:
         meta["usage"] = np.array(usage, dtype=str)
+        roles = _usage_roles(path, usage)
+        if roles is not None:
+            meta[SPLIT_ROLE] = roles
     images = (
         np.stack(crops)
         if crops
@@ -447,6 +503,28 @@ def _build_fer2013(
         subjects=None,
         meta=meta,
     )
+
+
+def _usage_roles(path: Path, usage: list[str]) -> np.ndarray | None:
+    """FER2013's own split: Training rows train, PublicTest and PrivateTest rows test.
+
+    Rows with another Usage value train (and are counted in a warning); a file whose rows are
+    all on one side has no usable split of its own.
+    """
+    roles = np.array([FER_USAGE.get(u.strip().lower(), "train") for u in usage], dtype=str)
+    unknown = [u for u in usage if u.strip().lower() not in FER_USAGE]
+    if unknown:
+        log.warning(
+            "%s: %d row(s) with a Usage other than Training/PublicTest/PrivateTest (e.g. %r) "
+            "are used for training",
+            path,
+            len(unknown),
+            unknown[0],
+        )
+    if set(roles.tolist()) != {"train", "test"}:
+        log.info("%s: the Usage column holds one side only; no split of its own", path)
+        return None
+    return roles
 
 
 def _fer_row(row: list[str], i_emo: int, i_pix: int) -> tuple[int, np.ndarray] | None:
@@ -504,7 +582,7 @@ def load_dataset(
         items = _list_kdef(root, all_angles, problems)
         files = [root / it.rel for it in items]
     elif fmt == "folder":
-        items, has_subjects = _list_folder(root)
+        items, has_subjects = _list_folder(root, problems)
         files = [it.path for it in items]
     else:
         files = [root]
@@ -570,15 +648,17 @@ def _examples(meta: dict[str, object], kind: str) -> list[str]:
 
 
 def _report_problems(root: Path, meta: dict[str, object]) -> None:
-    for kind in ("unreadable", "no_face"):
+    for kind in ("unreadable", "no_face", "unknown_class", "not_image"):
         n = _count(meta, kind)
         if n:
+            what = {"unknown_class": "folder(s)", "not_image": "file(s)"}.get(kind, "image(s)")
             log.warning(
-                "%s: %d image(s) %s, left out (e.g. %s)",
+                "%s: %d %s %s, skipped: %s",
                 root,
                 n,
+                what,
                 _PROBLEM_WORDS[kind],
-                ", ".join(_examples(meta, kind)[:3]),
+                ", ".join(_examples(meta, kind)[:5]) + (", ..." if n > 5 else ""),
             )
     for kind in ("excluded_angle", "ignored"):
         n = _count(meta, kind)
@@ -603,7 +683,11 @@ def prepare_report(ds: EmotionDataset) -> dict[str, object]:
         "subjects": ds.subject_counts() if ds.has_subjects else None,
         "cache_hit": bool(meta.get("cache_hit", False)),
         "cache_file": meta.get("cache_file"),
+        "own_split": None,
     }
+    roles = ds.split_roles
+    if roles is not None:
+        report["own_split"] = {r: int(np.sum(roles == r)) for r in ("train", "test")}
     for kind in PROBLEM_KINDS:
         report[kind] = _count(meta, kind)
         report[f"{kind}_files"] = _examples(meta, kind)
@@ -661,8 +745,17 @@ def render_report(report: dict[str, object]) -> Any:
         for sid, n in subjects.items():  # type: ignore[union-attr]
             people.add_row(sid, str(n))
         parts.append(people)
-    else:
-        parts.append("no subject ids: use --split random (or add subjects.csv)")
+    own = report.get("own_split")
+    if own:
+        parts.append(
+            f"the data set's own split is used by default: {own['train']} train / "  # type: ignore[index]
+            f"{own['test']} test pictures"  # type: ignore[index]
+        )
+    elif not subjects:
+        parts.append(
+            "no subject ids: the split will be random, with the same people in train and test; "
+            "add subjects.csv (file,subject) to keep people apart"
+        )
     return Group(*parts)
 
 

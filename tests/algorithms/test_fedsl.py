@@ -10,15 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from splitfed.algorithms.fedsl import (
-    CentralSequence,
-    FedSL,
-    SegmentRuntime,
-    SeqModelConfig,
-    build_federation,
-    device_id,
-)
-from splitfed.algorithms.pyvertical import AlgorithmIO
+from splitfed.algorithm_io import AlgorithmIO
+from splitfed.algorithms.fedsl import FedSL, SeqModelConfig
+from splitfed.algorithms.fedsl.simulate import build_federation, device_id
 from splitfed.config import TrainConfig
 from splitfed.data.clips import (
     ClipConfig,
@@ -30,9 +24,11 @@ from splitfed.data.clips import (
 from splitfed.data.dataset import EmotionDataset
 from splitfed.data.partition import client_shards
 from splitfed.data.synth import SynthConfig, generate_synth
+from splitfed.devices.segment import SegmentRuntime
 from splitfed.errors import UserError
 from splitfed.simulate import SimSpec, simulate
 from splitfed.transport import InProcessTransport
+from tests.oracles import CentralSequence
 
 SEED = 5
 SIZE = {"identities": 4, "per_emotion": 1, "height": 24, "width": 48}

@@ -10,12 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from splitfed.algorithms.pyvertical import (
-    CentralVertical,
-    VerticalModelConfig,
-    build_federation,
-    build_vertical_model,
-)
+from splitfed.algorithms.pyvertical import VerticalModelConfig, build_vertical_model
+from splitfed.algorithms.pyvertical.simulate import build_federation
 from splitfed.config import TrainConfig
 from splitfed.data.partition import client_shards
 from splitfed.data.synth import SynthConfig, generate_synth
@@ -31,6 +27,7 @@ from splitfed.data.vertical import (
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig
 from splitfed.wire import decode
+from tests.oracles import CentralVertical
 
 SEED = 3
 ALIGN = 8  # the scale of the device half: stride-2 stem, then two pools

@@ -129,3 +129,28 @@ def fer_csv(tmp_path: Path) -> Path:
     path = tmp_path / "fer2013.csv"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture
+def fer_folder(tmp_path: Path) -> Path:
+    """FER2013's folder form (as on Kaggle): train/ and test/, each with a folder per emotion
+    (Kaggle's names: fear, disgust, surprise...) of 48x48 gray faces; plus a stray class folder,
+    a notes file among the pictures and a README at the top."""
+    root = tmp_path / "fer2013"
+    rng = np.random.default_rng(11)
+    layout = {
+        "train": {"angry": 3, "fear": 2, "happy": 4, "surprise": 1},
+        "test": {"angry": 1, "happy": 2, "disgust": 1},
+    }
+    for split, classes in layout.items():
+        for emotion, n in classes.items():
+            folder = root / split / emotion
+            folder.mkdir(parents=True)
+            for i in range(n):
+                face = rng.integers(0, 256, (48, 48), dtype=np.uint8)
+                assert cv2.imwrite(str(folder / f"{split[:2]}_{i:05d}.jpg"), face)
+    (root / "train" / "contempt").mkdir()  # FER+ has it; this project's 7 classes do not
+    assert cv2.imwrite(str(root / "train" / "contempt" / "x.png"), np.zeros((48, 48), np.uint8))
+    (root / "train" / "happy" / "Thumbs.db").write_bytes(b"\0" * 64)
+    (root / "README.md").write_text("FER2013, folder form\n")
+    return root

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import types
@@ -11,7 +12,8 @@ import pytest
 
 from splitfed.data import loaders
 from splitfed.data.crop import CropConfig
-from splitfed.data.dataset import EmotionDataset
+from splitfed.data.dataset import EmotionDataset, default_split, train_test_split
+from splitfed.data.partition import client_shards
 from splitfed.emotions import EMOTIONS, FER2013_TO_INDEX
 from splitfed.errors import UserError
 
@@ -114,25 +116,99 @@ def test_folder_per_class_with_synonyms_and_subjects(folder_dir, tmp_path) -> No
     assert ds.meta["format"] == "folder" and ds.meta["no_face"] == 0
 
 
-def test_folder_without_subjects_csv(tmp_path, astronaut_bgr) -> None:
+def test_folder_without_subjects_csv_warns_that_people_mix(tmp_path, astronaut_bgr, caplog) -> None:
     import cv2
 
     root = tmp_path / "plain"
     (root / "angry").mkdir(parents=True)
     cv2.imwrite(str(root / "angry" / "x.png"), astronaut_bgr)
+    cv2.imwrite(str(root / "angry" / "y.png"), cv2.flip(astronaut_bgr, 1))
     (root / "angry" / "notes.txt").write_text("hello")
     ds = loaders.load_dataset(str(root), cache_dir=tmp_path / "cache")
-    assert ds.subjects is None and ds.labels.tolist() == [EMOTIONS.index("angry")]
-    assert ds.meta["unreadable"] == 1 and ds.meta["unreadable_files"] == ["angry/notes.txt"]
+    assert ds.subjects is None and ds.labels.tolist() == [EMOTIONS.index("angry")] * 2
+    assert ds.meta["not_image"] == 1 and ds.meta["not_image_files"] == ["angry/notes.txt"]
+    assert ds.meta["unreadable"] == 0
+    assert default_split(ds) == "random"
+    with caplog.at_level(logging.WARNING, logger="splitfed.data.dataset"):
+        train_test_split(ds, "random")
+        train_test_split(ds, "random", seed=1)
+    warnings = [r.getMessage() for r in caplog.records if "cannot keep people apart" in r.message]
+    assert len(warnings) == 1 and "subjects.csv" in warnings[0]  # the fix, said once
 
 
-def test_unknown_class_folder_is_a_one_line_user_error(tmp_path) -> None:
+def test_subject_split_gives_no_mixing_warning(folder_dir, tmp_path, caplog) -> None:
+    ds = loaders.load_dataset(str(folder_dir), cache_dir=tmp_path)
+    with caplog.at_level(logging.WARNING):
+        train, test = train_test_split(ds, default_split(ds))
+    assert set(train.subjects).isdisjoint(set(test.subjects))
+    assert not [r for r in caplog.records if "people apart" in r.getMessage()]
+
+
+def test_unknown_class_folders_and_non_images_are_skipped_and_named(
+    tmp_path, astronaut_bgr, caplog
+) -> None:
+    import cv2
+
+    root = tmp_path / "mixed"
+    for name in ("happy", "bored", "misc"):
+        (root / name).mkdir(parents=True)
+        cv2.imwrite(str(root / name / "a.png"), astronaut_bgr)
+    (root / "happy" / "labels.json").write_text("{}")
+    (root / "happy" / "clip.mp4").write_bytes(b"\0" * 10)
+    with caplog.at_level(logging.WARNING, logger="splitfed.data.loaders"):
+        ds = loaders.load_dataset(str(root), "folder", cache_dir=tmp_path / "cache")
+    assert len(ds) == 1 and ds.labels.tolist() == [EMOTIONS.index("happy")]
+    assert ds.meta["unknown_class"] == 2 and ds.meta["unknown_class_files"] == ["bored/", "misc/"]
+    assert ds.meta["not_image"] == 2
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "2 folder(s) not named after an emotion" in text and "bored/, misc/" in text
+    assert "2 file(s) not image files" in text and "happy/clip.mp4" in text
+    report = loaders.report_text(loaders.prepare_report(ds))
+    assert "unknown class" in report and "bored/" in report
+
+
+def test_only_unknown_class_folders_is_a_one_line_user_error(tmp_path) -> None:
     root = tmp_path / "bad"
-    (root / "happy").mkdir(parents=True)
-    (root / "bored").mkdir()
-    with pytest.raises(UserError, match="bored") as info:
+    (root / "bored").mkdir(parents=True)
+    with pytest.raises(UserError, match="no class folders") as info:
         loaders.load_dataset(str(root), "folder", cache_dir=tmp_path / "cache")
     assert "\n" not in str(info.value)
+
+
+def test_fer2013_folder_form_keeps_its_own_split(fer_folder, tmp_path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="splitfed.data.loaders"):
+        ds = loaders.load_dataset(str(fer_folder), cache_dir=tmp_path)
+    assert loaders.detect_format(fer_folder) == "folder"
+    assert len(ds) == 14 and ds.images.shape[1:] == (1, 48, 96)
+    assert ds.meta["no_face"] == 0  # 48x48 aligned faces: cut at fixed rows, no detector
+    assert ds.meta["unknown_class_files"] == ["train/contempt/"]
+    assert ds.meta["not_image_files"] == ["train/happy/Thumbs.db"]
+    assert any("train/contempt/" in r.getMessage() for r in caplog.records)
+    assert default_split(ds) == "predefined"
+    train, test = train_test_split(ds, default_split(ds))
+    assert len(train) == 10 and len(test) == 4
+    assert train.class_counts()["afraid"] == 2 and train.class_counts()["surprised"] == 1
+    assert test.class_counts() == {
+        **{e: 0 for e in EMOTIONS},
+        "angry": 1,
+        "happy": 2,
+        "disgusted": 1,
+    }
+    assert set(np.asarray(test.meta["split_role"]).tolist()) == {"test"}  # meta follows subsets
+    hit = loaders.load_dataset(str(fer_folder), cache_dir=tmp_path)
+    assert hit.meta["cache_hit"] is True and default_split(hit) == "predefined"
+    report = loaders.prepare_report(hit)
+    assert report["own_split"] == {"train": 10, "test": 4}
+    assert "own split is used by default: 10 train / 4 test" in loaders.report_text(report)
+
+
+def test_fer2013_folder_crop_matches_the_csv_form(fer_folder, tmp_path) -> None:
+    import cv2
+
+    face = cv2.imread(str(fer_folder / "test" / "disgust" / "te_00000.jpg"), cv2.IMREAD_GRAYSCALE)
+    ds = loaders.load_dataset(str(fer_folder), cache_dir=tmp_path)
+    i = int(np.flatnonzero(ds.labels == EMOTIONS.index("disgusted"))[0])
+    np.testing.assert_array_equal(ds.images[i], loaders.fer2013_crop(face, CropConfig()))
 
 
 def test_fer2013_csv(fer_csv, tmp_path) -> None:
@@ -147,6 +223,28 @@ def test_fer2013_csv(fer_csv, tmp_path) -> None:
     hit = loaders.load_dataset(str(fer_csv), "fer2013", cache_dir=tmp_path)
     assert hit.meta["cache_hit"] is True
     np.testing.assert_array_equal(hit.meta["usage"], ds.meta["usage"])
+
+
+def test_fer2013_csv_uses_its_usage_split(fer_csv, tmp_path) -> None:
+    ds = loaders.load_dataset(str(fer_csv), cache_dir=tmp_path)
+    assert default_split(ds) == "predefined"
+    train, test = train_test_split(ds, default_split(ds), seed=5)
+    assert np.asarray(train.meta["usage"]).tolist() == ["Training"] * 4
+    assert sorted(np.asarray(test.meta["usage"]).tolist()) == ["PrivateTest", "PublicTest"]
+    _, shard_test, _ = client_shards(ds, 2)  # what simulate and --shard do by default
+    assert len(shard_test) == 2
+
+
+def test_fer2013_csv_without_test_rows_has_no_split_of_its_own(tmp_path) -> None:
+    rows = ["emotion,pixels,Usage"] + [
+        f"{i % 7},{' '.join(['128'] * (48 * 48))},Training" for i in range(4)
+    ]
+    path = tmp_path / "train_only.csv"
+    path.write_text("\n".join(rows) + "\n")
+    ds = loaders.load_dataset(str(path), cache_dir=tmp_path / "c")
+    assert ds.split_roles is None and default_split(ds) == "random"
+    with pytest.raises(UserError, match="has none"):
+        train_test_split(ds, "predefined")
 
 
 def test_fer2013_crop_takes_the_upper_band() -> None:

@@ -222,10 +222,10 @@ def test_cli_exports_int8(trained: Trained, tmp_path: Path) -> None:
 def test_cli_fails_a_broken_export(
     trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import export.onnx
+    import splitfed.quantize
 
-    monkeypatch.setattr(export.onnx, "FP32_TOLERANCE", 0.0)  # any rounding now counts as broken
-    monkeypatch.setattr(export.onnx, "FP32_REL_TOLERANCE", 0.0)
+    monkeypatch.setattr(splitfed.quantize, "FP32_TOLERANCE", 0.0)  # any rounding is now broken
+    monkeypatch.setattr(splitfed.quantize, "FP32_REL_TOLERANCE", 0.0)
     args = ["--checkpoint", str(trained.checkpoint), "--out", str(tmp_path),
             "--exporter", "torchscript", "--synth-identities", "4"]  # fmt: skip
     res = CliRunner().invoke(main, args)
@@ -331,3 +331,87 @@ def test_quantization_follows_the_device_provider() -> None:
     assert (trt.format, trt.activation, trt.symmetric_activations) == ("qdq", "int8", True)
     cpu = QuantConfig.for_providers(["CPUExecutionProvider"])
     assert (cpu.format, cpu.activation, cpu.per_channel) == ("qdq", "uint8", True)
+
+
+# ---- parity: accuracy only on people the model never trained on --------------------------------
+
+
+@pytest.fixture(scope="module")
+def synth_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint trained by simulate on the 8-person synthetic set (subject split, seed 0)."""
+    from splitfed.config import TrainConfig
+    from splitfed.data.synth import SynthConfig, generate_synth
+    from splitfed.simulate import SimSpec, simulate
+
+    out = tmp_path_factory.mktemp("synth_run")
+    spec = SimSpec(algo="centralized", clients=1, rounds=1, out_dir=out,
+                   train=TrainConfig(batch_size=16))  # fmt: skip
+    simulate(generate_synth(SynthConfig(identities=8)), spec)
+    return out / "checkpoint"
+
+
+def _export_parity(checkpoint: Path, out: Path, *args: str) -> tuple[dict, str]:
+    res = CliRunner().invoke(
+        main,
+        ["--checkpoint", str(checkpoint), "--out", str(out), "--int8", "--exporter",
+         "torchscript", "--calibration-samples", "32", *args],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return json.loads((out / "manifest.json").read_text())["parity"], res.output
+
+
+def test_parity_accuracy_on_the_training_runs_held_out_people(
+    synth_run: Path, tmp_path: Path
+) -> None:
+    p, output = _export_parity(synth_run, tmp_path, "--synth-identities", "8")
+    assert "never seen in training" in p["accuracy_on"]
+    assert 0.0 <= p["fp32_accuracy"] <= 1.0 and "int8_accuracy_drop_points" in p
+    assert "never seen in training" in " ".join(output.split())
+
+
+def test_parity_is_agreement_only_when_the_split_differs(synth_run: Path, tmp_path: Path) -> None:
+    """Other synthetic people counts give another split: unseen people cannot be proven."""
+    p, output = _export_parity(synth_run, tmp_path, "--synth-identities", "10")
+    assert "int8_top1_agreement" in p
+    assert not {"fp32_accuracy", "int8_accuracy", "accuracy_on"} & set(p)
+    assert "no accuracy" in output
+
+
+def test_parity_is_agreement_only_without_subject_ids(synth_run: Path, tmp_path: Path) -> None:
+    import cv2
+
+    rng = np.random.default_rng(3)
+    for emotion in ("happy", "sad", "neutral"):
+        (tmp_path / "crops" / emotion).mkdir(parents=True)
+        for i in range(12):
+            face = rng.integers(0, 256, (48, 96), dtype=np.uint8)
+            assert cv2.imwrite(str(tmp_path / "crops" / emotion / f"{i}.png"), face)
+    p, _ = _export_parity(synth_run, tmp_path / "out", "--calibration", str(tmp_path / "crops"))
+    assert "int8_top1_agreement" in p and p["int8_samples"] > 0
+    assert "fp32_accuracy" not in p and "accuracy_on" not in p
+
+
+def test_parity_on_another_data_set_with_subject_ids_is_named(
+    synth_run: Path, tmp_path: Path, folder_of_people: Path
+) -> None:
+    p, _ = _export_parity(synth_run, tmp_path / "out", "--calibration", str(folder_of_people))
+    assert p["accuracy_on"].startswith("people of folder:people")
+    assert "not the data set the model was trained on" in p["accuracy_on"]
+
+
+@pytest.fixture
+def folder_of_people(tmp_path: Path) -> Path:
+    """Ready eye crops of 6 people in class folders, with subjects.csv."""
+    import cv2
+
+    root = tmp_path / "people"
+    rng = np.random.default_rng(5)
+    lines = ["file,subject"]
+    for emotion in ("happy", "angry"):
+        (root / emotion).mkdir(parents=True)
+        for person in range(6):
+            rel = f"{emotion}/p{person}.png"
+            assert cv2.imwrite(str(root / rel), rng.integers(0, 256, (48, 96), dtype=np.uint8))
+            lines.append(f"{rel},p{person}")
+    (root / "subjects.csv").write_text("\n".join(lines) + "\n")
+    return root

@@ -288,16 +288,22 @@ def check_payloads(
     run_id: str,
     compression: str = "fp32",
     grad_compression: str = "fp32",
+    full: bool = False,
 ) -> tuple[list[str], Counter[str]]:
     """Every payload a tap saw, checked: (problems, count per message type).
 
     Only wire messages of the declared shapes, presence words and prediction JSON; no tensor
-    shaped like an image; nothing but presence and global weights retained.
+    shaped like an image; nothing but presence and global weights retained. With `full`
+    (FedAvg), round and evaluation messages and updates carry both halves.
     """
     model = ModelConfig()
     smashed = smashed_shape(model)
-    client, _ = build_split_model(model, 0)
+    client, server = build_split_model(model, 0)
     weights = {f"w.{k}": tuple(v.shape) or (1,) for k, v in state_to_numpy(client).items()}
+    both = {
+        **weights,
+        **{f"s.{k}": tuple(v.shape) or (1,) for k, v in state_to_numpy(server).items()},
+    }
     act_dtype = {"fp32": "F32", "fp16": "F16", "int8": "U8"}[compression]
     grad_dtype = {"fp32": "F32", "fp16": "F16"}[grad_compression]
     problems: list[str] = []
@@ -364,7 +370,8 @@ def check_payloads(
                 and t["grad"].shape[1:] == smashed
             )
         elif typ in ("round_start", "eval_request", "global_weights", "client_update"):
-            ok = {k: tuple(a.shape) for k, a in t.items()} == weights
+            want = both if full and typ != "global_weights" else weights
+            ok = {k: tuple(a.shape) for k, a in t.items()} == want
         elif typ == "eval_predictions":
             ok = set(t) == {"pred"} and _dt(t["pred"]) == "I64" and t["pred"].ndim == 1
         elif typ == "prediction":

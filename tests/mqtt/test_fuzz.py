@@ -1,184 +1,180 @@
-"""A running aggregator takes 1,500 hostile messages and still completes its round.
+"""A real federation takes over 10,000 hostile messages in 23 classes and finishes its run.
 
-Malformed, bit-flipped, oversized, NaN, wrong-shape, wrong-type, spoofed and replayed messages
-reach it over Mosquitto before and during a round; every one is dropped with a reason and
-counted, and the two honest agents finish the round. The agents get junk too, and carry on.
+`aggregator serve` and two `edge-agent`s run as processes over Mosquitto; hostile publishers
+(`tests/mqtt/hostile.py`, also processes) send every class while the aggregator waits for the
+agents, then, once the round runs, replays of the agents' real traffic and junk on the agents'
+own topics. Nothing crashes, the round completes with both agents, and metrics.json counts each
+class under the reason it was refused for.
 """
 
 from __future__ import annotations
 
 import json
-import struct
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from aggregator.serve import ServeIO
-from edge_agent.agent import Agent
-from splitfed.client import ClientRuntime
-from splitfed.config import TrainConfig
-from splitfed.data.partition import client_shards
-from splitfed.data.synth import SynthConfig, generate_synth
-from splitfed.model import ModelConfig, smashed_shape
-from splitfed.mqtt import LinkSettings, MqttTransport
-from splitfed.runner import RunOptions, run
-from splitfed.wire import MsgType, Sequencer, encode, pack_activations
+from splitfed.client import CLIENT_PREFIX
+from splitfed.model import ModelConfig, build_split_model, smashed_shape
+from splitfed.training import state_to_numpy
+from splitfed.wire import weights_spec
 
-from .fed import IDENTITIES, Mosquitto, Tap
+from .fed import Mosquitto, Procs, agent_cmd, read_metrics, serve_cmd
+from .hostile import AGENT_REASONS, CLASSES, Target, write_pairs, write_spec
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 
 RUN = "fuzz"
-MAX_PAYLOAD = 2 * 1024 * 1024
+PER_CLASS = 450  # x 23 classes = 10,350 hostile messages before the agents even start
+PUBLISHERS = 4
+HOSTILE_CMD = [sys.executable, "-m", "tests.mqtt.hostile"]
 
 
-def hostile_messages(rng: np.random.Generator) -> list[tuple[str, bytes]]:
-    """(topic, payload) pairs an aggregator must drop; over 1,000 of them."""
+def target() -> Target:
     model = ModelConfig()
-    shape = smashed_shape(model)
-    up = lambda cid: f"splitfed/{RUN}/{cid}/up"  # noqa: E731
-    seq = Sequencer("fuzz-00", RUN)
-    out: list[tuple[str, bytes]] = []
-
-    def smashed(x: np.ndarray, labels: np.ndarray, rnd: int = 0, **body: Any) -> bytes:
-        t = pack_activations(x, "fp32") if x.dtype == np.float32 else {"activations": x}
-        t["labels"] = labels
-        return encode(seq.make(MsgType.SMASHED, rnd, {"step": 0, **body}, t))
-
-    good_x = rng.standard_normal((4, *shape)).astype(np.float32)
-    labels = np.arange(4, dtype=np.int64)
-    # A stranger that joins (with no training data, so it never trains) to get past "unknown".
-    out.append((up("fuzz-00"), encode(seq.make(MsgType.JOIN, 0, {
-        "client_id": "fuzz-00", "n_train": 0, "n_test": 0, "class_counts": [0] * 7,
-        "input_shape": list(model.input_shape)}))))  # fmt: skip
-    for i in range(60):
-        nan = good_x.copy()
-        nan.flat[rng.integers(nan.size)] = np.nan if i % 2 else np.inf
-        out.append((up("fuzz-00"), smashed(nan, labels)))  # NaN / inf
-        bad = rng.standard_normal((4, shape[0], shape[1] + 1, shape[2])).astype(np.float32)
-        out.append((up("fuzz-00"), smashed(bad, labels)))  # wrong shape
-        out.append((up("fuzz-00"), smashed(good_x.astype(np.float64), labels)))  # wrong dtype
-        out.append((up("fuzz-00"), smashed(good_x, labels[:3])))  # batch sizes disagree
-        big = rng.standard_normal((1025, *shape[:1], 1, 1)).astype(np.float32)
-        out.append((up("fuzz-00"), smashed(big, np.zeros(1025, np.int64))))  # shape + batch
-        out.append((up("fuzz-00"), smashed(good_x, labels, rnd=7)))  # not this round
-        out.append((up("fuzz-00"), smashed(good_x, labels, step=-1)))  # bad body
-        out.append((up("client-00"), smashed(good_x, labels)))  # someone else's topic
-        out.append((up("fuzz-99"), smashed(good_x, labels)))  # never joined
-        out.append((up("fuzz-00"), encode(seq.make(MsgType.ROUND_START, 0, {}))))  # wrong direction
-        out.append((up("fuzz-00"), encode(seq.make(MsgType.EVAL_RESULT, 0, {
-            "split": "test", "confusion": [[-1] * 7] * 7}))))  # negative counts  # fmt: skip
-    for i in range(400):  # bit flips in valid messages (fresh seqs): half in the header
-        b = bytearray(smashed(good_x, labels))
-        end = 8 + struct.unpack("<Q", b[:8])[0] if i % 2 else len(b)
-        for _ in range(int(rng.integers(1, 4))):
-            pos = int(rng.integers(end))
-            b[pos] ^= 1 << int(rng.integers(8))
-        out.append((up("fuzz-00"), bytes(b)))
-    for _ in range(150):  # garbage, truncation, lying headers
-        n = int(rng.integers(0, 300))
-        out.append((up("fuzz-00"), rng.integers(0, 256, n, dtype=np.uint8).tobytes()))
-        template = smashed(good_x, labels)
-        out.append((up("fuzz-00"), template[: int(rng.integers(1, len(template)))]))
-    for claim in (0, 7, 2**40, 10**6):
-        out.append((up("fuzz-00"), struct.pack("<Q", claim) + b"{}" * 10))
-    header = json.dumps({"__metadata__": {"envelope": "{}"}}).encode()
-    out.append((up("fuzz-00"), struct.pack("<Q", len(header)) + header))  # empty envelope
-    out.append((up("fuzz-00"), b"\0" * (MAX_PAYLOAD + 1)))  # oversized
-    replay = encode(
-        seq.make(MsgType.PREDICT, 0, {"frame": 1}, pack_activations(good_x[:1], "fp32"))
-    )
-    out += [(up("fuzz-00"), replay)] * 20  # the first is answered, the rest are replays
-    for _ in range(20):  # bad presence and foreign topics
-        out.append((f"splitfed/{RUN}/fuzz-00/status", b"maybe"))
-        out.append((f"splitfed/{RUN}/fuzz-00/weird", b"x"))
-    return out
+    client, _ = build_split_model(model, 0)
+    spec = weights_spec(state_to_numpy(client), CLIENT_PREFIX)
+    weights = {k: (next(iter(dtypes)), shape) for k, (dtypes, shape) in spec.items()}
+    return Target(RUN, "splitfed", smashed_shape(model), tuple(model.input_shape), weights)
 
 
-def test_aggregator_survives_hostile_messages(mosquitto: Mosquitto, tmp_path: Path) -> None:
-    settings = LinkSettings.from_url(mosquitto.url)
-    ds = generate_synth(SynthConfig(identities=IDENTITIES))
-    _, _, shards = client_shards(ds, 2, None, None, 0)
-    model, train = ModelConfig(), TrainConfig()
+class Watch:
+    """Watches the aggregator's status and keeps the agents' first `up` messages.
 
-    transport = MqttTransport(settings, "splitfed", RUN, max_payload=MAX_PAYLOAD)
-    io = ServeIO(transport, RUN, model, train, min_clients=2)
-    from splitfed.algorithms import ALGORITHMS
+    `training` is set once the agents have sent `enough` messages (their JOINs and the first
+    smashed batches): the round is running, and there is real traffic to replay.
+    """
 
-    algo = ALGORITHMS["sflv2"](model, train, 0)
-    result: dict[str, Any] = {}
+    def __init__(self, port: int, enough: int = 6) -> None:
+        self.online = threading.Event()
+        self.training = threading.Event()
+        self.enough = enough
+        self.honest_up: list[tuple[str, bytes]] = []
+        self.agents_started = False
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="watch",
+                                  protocol=mqtt.MQTTv311)  # fmt: skip
+        self.client.on_connect = lambda c, *_: c.subscribe(
+            [(f"splitfed/{RUN}/aggregator/status", 1), (f"splitfed/{RUN}/+/up", 1)]
+        )  # fmt: skip
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
 
-    def aggregate() -> None:
-        try:
-            result["metrics"] = run(
-                algo,
-                io,
-                RunOptions(
-                    rounds=1,
-                    min_clients=2,
-                    join_timeout=120,
-                    round_timeout=120,
-                    out_dir=tmp_path / "out",
-                ),
-            )
-        except BaseException as e:  # noqa: BLE001 - reported by the test below
-            result["error"] = e
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        cid, kind = msg.topic.split("/")[2:4]
+        if kind == "status" and msg.payload.startswith(b"online"):
+            self.online.set()
+        elif kind == "up" and cid.startswith("client-") and self.agents_started:
+            with self.lock:  # (before the agents start, hostile spoofs use these topics too)
+                if len(self.honest_up) < self.enough:
+                    self.honest_up.append((msg.topic, bytes(msg.payload)))
+                if len(self.honest_up) >= self.enough:
+                    self.training.set()
 
-    tap = Tap(mosquitto.url)
-    transport.start(wait=10)
-    server = threading.Thread(target=aggregate, daemon=True)
-    server.start()
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
 
-    fuzzer = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fuzzer", protocol=mqtt.MQTTv311)
-    fuzzer.connect("127.0.0.1", mosquitto.port)
-    fuzzer.loop_start()
-    rng = np.random.default_rng(0)
-    stop = threading.Event()
-    agents = [
-        Agent(ClientRuntime(f"client-{i:02d}", RUN, tr, te), settings, "splitfed", RUN, stop)
-        for i, (tr, te) in enumerate(shards)
-    ]
-    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+
+def _wait(event: threading.Event, procs: Procs, names: list[str], timeout: float) -> None:
+    for _ in range(int(timeout * 10)):
+        if event.wait(0.1):
+            return
+        procs.check_alive(*names)
+    pytest.fail(f"timed out after {timeout:.0f} s\n{procs.logs()}")
+
+
+def _wait_for_log(procs: Procs, needles: list[str], timeout: float) -> None:
+    """Until the aggregator's log has every line in `needles` (it is still running)."""
+    missing = needles
+    for _ in range(int(timeout * 5)):
+        log = procs.log("aggregator")
+        missing = [n for n in needles if n not in log]
+        if not missing:
+            return
+        procs.check_alive("aggregator")
+        time.sleep(0.2)
+    pytest.fail(f"the aggregator never logged {missing[:5]}\n{procs.logs()}")
+
+
+def test_federation_survives_hostile_processes(
+    mosquitto: Mosquitto, procs: Procs, tmp_path: Path
+) -> None:
+    spec, out = tmp_path / "target.json", tmp_path / "out"
+    write_spec(spec, target())
+    watch = Watch(mosquitto.port)
+    names = list(CLASSES)
     try:
-        first = hostile_messages(rng)
-        for name, payload in first[: len(first) // 2]:  # while the aggregator waits for agents
-            fuzzer.publish(name, payload, qos=1)
-        for a, t in zip(agents, threads, strict=True):
-            a.start()
-            t.start()
-        # Once the round runs: the rest, plus replays of the agents' real traffic, plus junk
-        # for the agents themselves.
-        assert tap.wait_for(lambda n, _: n.endswith("/down"), 120)
-        time.sleep(0.5)
-        honest = [(n, p) for n, p, _, _ in tap.snapshot() if n.endswith("/up") and "client-" in n]
-        replayed = [m for m in honest for _ in range(3)]
-        for name, payload in replayed + first[len(first) // 2 :] + hostile_messages(rng)[:300]:
-            fuzzer.publish(name, payload, qos=1)
+        procs.start("aggregator", serve_cmd(out, mosquitto.url, "sflv2", 2, 1, RUN,
+                                            "--round-timeout", "120"))  # fmt: skip
+        _wait(watch.online, procs, ["aggregator"], 90)
+        # Phase 1: every class, from separate processes, while the aggregator waits for agents.
+        # One publisher at a time, each until the aggregator has been through its classes (its
+        # closing JOINs are in the log), so that the hostile traffic never overfills the inbox.
+        reports = [tmp_path / f"hostile-{i}.json" for i in range(PUBLISHERS + 1)]
+        for i in range(PUBLISHERS):
+            classes = ",".join(names[i::PUBLISHERS])
+            procs.start(f"hostile-{i}", [*HOSTILE_CMD, "--broker", mosquitto.url, "--spec",
+                        str(spec), "--classes", classes, "--count", str(PER_CLASS), "--seed",
+                        str(i), "--report", str(reports[i])])  # fmt: skip
+            assert procs.wait(f"hostile-{i}", 120) == 0, procs.logs()
+            markers = json.loads(reports[i].read_text())["markers"]
+            _wait_for_log(procs, [f"client {c} {word}" for c, word in markers.items()], 180)
+        watch.agents_started = True
         for i in range(2):
-            for junk in (b"", b"\x00" * 50, first[5][1]):
-                fuzzer.publish(f"splitfed/{RUN}/client-{i:02d}/down", junk, qos=1)
-        server.join(180)
-        assert not server.is_alive(), "the round did not complete"
+            stats = tmp_path / f"client-{i:02d}.json"
+            cmd = agent_cmd(mosquitto.url, i, 2, RUN, "--stats-file", str(stats))
+            procs.start(f"client-{i:02d}", cmd)
+        # Phase 2, while the round runs: replays of the agents' traffic, junk for the agents.
+        _wait(watch.training, procs, ["aggregator", "client-00", "client-01"], 120)
+        with watch.lock:
+            honest = list(watch.honest_up)
+        replays = tmp_path / "honest.bin"
+        write_pairs(replays, honest)
+        procs.start("hostile-live", [*HOSTILE_CMD, "--broker", mosquitto.url, "--spec", str(spec),
+                    "--agents", "client-00,client-01", "--count", "40", "--replay", str(replays),
+                    "--seed", "99", "--report", str(reports[-1])])  # fmt: skip
+        assert procs.wait("hostile-live", 60) == 0, procs.logs()
+        assert procs.wait("aggregator", 240) == 0, procs.logs()
+        for i in range(2):
+            assert procs.wait(f"client-{i:02d}", 60) == 0, procs.logs()
     finally:
-        stop.set()
-        for a in agents:
-            a.close()
-        fuzzer.disconnect()
-        fuzzer.loop_stop()
-        transport.close()
-        tap.close()
-    assert "error" not in result, result.get("error")
-    m = result["metrics"]
+        watch.close()
+
+    sent: dict[str, int] = {}
+    for r in reports:
+        sent.update(json.loads(r.read_text())["sent"])
+    phase1 = sum(sent[c] for c in names)
+    assert len(names) >= 15 and phase1 >= 10_000, sent
+    log = procs.log("aggregator")
+    assert "Traceback" not in log, log[-3000:]
+
+    m = read_metrics(out)
     row = m["rounds"][0]
     assert row["clients"] == ["client-00", "client-01"] and row["dropped"] == [], row
-    dropped = io.rejected_total + transport.dropped_total
-    assert dropped >= 1000, (dropped, dict(io.rejected), dict(transport.dropped))
-    assert "fuzz-00" not in m["rounds"][0]["clients"]
-    for a in agents:  # junk sent to the agents was dropped, and they trained all the same
-        assert a.counters["rejected"] >= 2 and a.counters["sent_client_update"] == 1, a.counters
+    rejected: dict[str, int] = m["comm"]["rejected_by_reason"]
+    dropped: dict[str, int] = m["comm"]["transport_dropped_by_reason"]
+    # Every hostile message of phase 1 was refused (JOINs of the hostile senders were not
+    # hostile); each class under its own reason(s).
+    assert sum(rejected.values()) + sum(dropped.values()) >= phase1, (rejected, dropped)
+    for name in names:
+        cls = CLASSES[name]
+        counts = rejected if cls.counted == "rejected" else dropped
+        if cls.reasons:
+            got = sum(counts.get(r, 0) for r in cls.reasons)
+            assert got >= sent[name], f"{name}: {got} under {sorted(cls.reasons)} < {sent[name]}"
+    # replays of the agents' own JOINs and batches (phase 2) were refused too
+    assert rejected["replay"] >= sent["replay"] + 2, (rejected["replay"], sent)
+
+    for i in range(2):  # the agents refused their junk by reason, and trained all the same
+        stats = json.loads((tmp_path / f"client-{i:02d}.json").read_text())
+        reasons = stats["rejected_by_reason"]
+        assert AGENT_REASONS <= set(reasons), reasons
+        assert stats["counters"]["sent_client_update"] == 1, stats["counters"]

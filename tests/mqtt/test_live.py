@@ -194,3 +194,74 @@ def test_live_predictions_through_the_aggregator(
     answers = [json.loads(p) for n, p, _, _ in msgs if n == f"splitfed/{run_id}/cam-01/prediction"]
     assert answers and all(a["emotion"] in EMOTIONS for a in answers)
     assert not server.is_alive()
+
+
+# ---- the card's own command: `edge-agent --camera 0` as a user types it ------------------------
+
+
+def test_client_id_defaults_to_a_topic_safe_host_name() -> None:
+    import socket
+
+    from edge_agent.config import AgentConfig, default_client_id
+
+    assert default_client_id("pi-01.local") == "pi-01-local"
+    assert default_client_id("jetson nano#2") == "jetson-nano-2"
+    assert default_client_id("...") == "edge-agent"
+    assert len(default_client_id("x" * 200)) == 64
+    cid = AgentConfig().client_id
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cid)
+    assert cid == default_client_id(socket.gethostname())
+
+
+def test_a_missing_camera_is_reported_at_once(tmp_path: Path) -> None:
+    """No broker, no weights: the camera is checked first, with the device and the fix."""
+    index = next(str(i) for i in range(63, 0, -1) if not Path(f"/dev/video{i}").exists())
+    res = CliRunner().invoke(
+        agent_main, ["--camera", index, "--broker", "mqtt://127.0.0.1:9", "--state-dir",
+                     str(tmp_path)],
+    )  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert f"/dev/video{index}" in res.output and "group `video`" in res.output
+    assert "--camera FILE" in res.output and "client_id" not in res.output
+    res = CliRunner().invoke(agent_main, ["--camera", str(tmp_path / "none.mp4")])
+    assert res.exit_code == 2 and "no such file" in res.output
+
+
+def test_the_cards_command_says_what_is_wrong(tmp_path: Path) -> None:
+    if Path("/dev/video0").exists():
+        pytest.skip("this machine has a camera 0: the command would run")
+    res = CliRunner().invoke(agent_main, ["--camera", "0", "--state-dir", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "client_id" not in res.output and "camera 0 (/dev/video0)" in res.output
+
+
+def test_offline_predictions_without_a_broker_are_counted_not_logged_per_frame(
+    face_video: Path, tmp_path: Path
+) -> None:
+    import subprocess
+
+    import yaml
+
+    from splitfed.model import ModelConfig, build_split_model
+    from splitfed.quantize import export_client
+
+    cfg = ModelConfig()
+    client, server = build_split_model(cfg, 0)
+    export_client(client, cfg, tmp_path / "model", server_net=server, full_model=True,
+                  exporter="torchscript")  # fmt: skip
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "inference": {"full_model": str(tmp_path / "model" / "full_fp32.onnx")},
+        "state_dir": str(tmp_path / "state"),
+    }))  # fmt: skip
+    stats = tmp_path / "stats.json"
+    cmd = [*AGENT_CMD, "--config", str(config), "--camera", str(face_video), "--broker",
+           "mqtt://127.0.0.1:9", "--stats-file", str(stats)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    frames = [line for line in run.stdout.splitlines() if line.startswith("frame ")]
+    assert len(frames) >= 5, run.stdout  # the device classified the video on its own
+    assert run.stderr.count("no MQTT broker connected") == 1
+    assert " ERROR " not in run.stderr and "MQTT publish to" not in run.stderr
+    counters = json.loads(stats.read_text())
+    assert counters["mqtt"]["publish_failures"] >= len(frames), counters

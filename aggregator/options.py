@@ -1,0 +1,224 @@
+"""What the aggregator's commands share: logging, data and training flags, progress, tables.
+
+Its own module so that `cli` (simulate, compare, prepare) and `serve` both import it and
+neither imports the other.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from splitfed.config import AggregationConfig, TrainConfig
+from splitfed.data.dataset import EmotionDataset
+from splitfed.errors import UserError
+from splitfed.model import ModelConfig
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console(stderr=True)
+log = logging.getLogger("aggregator")
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+
+
+def data_options(fn: F) -> F:
+    options = [
+        click.option(
+            "--data",
+            "data",
+            default="synth",
+            show_default=True,
+            help="synth, or a KDEF folder, a folder per class, or a FER2013 CSV",
+        ),
+        click.option(
+            "--data-format",
+            type=click.Choice(["synth", "kdef", "folder", "fer2013"]),
+            help="force the format instead of detecting it from the path",
+        ),
+        click.option(
+            "--partition",
+            default=None,
+            help="subject (default with subject ids), iid, or dirichlet:ALPHA",
+        ),
+        click.option(
+            "--split",
+            type=click.Choice(["subject", "random"]),
+            default=None,
+            help="test split; subject (default with ids) keeps people out of training",
+        ),
+        click.option("--seed", type=int, default=0, show_default=True, help="run seed"),
+        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--lr", type=float, default=2e-3, show_default=True),
+        click.option("--local-epochs", type=int, default=1, show_default=True),
+        click.option(
+            "--cut", type=int, default=2, show_default=True, help="conv blocks on the device"
+        ),
+        click.option(
+            "--compression",
+            type=click.Choice(["fp32", "fp16", "int8"]),
+            default="fp32",
+            show_default=True,
+            help="activations on the wire",
+        ),
+        click.option(
+            "--aggregation",
+            type=click.Choice(["mean", "trimmed-mean", "median"]),
+            default="mean",
+            show_default=True,
+            help="how client (and SFLV1/FedAvg server) halves are combined",
+        ),
+        click.option(
+            "--trim-ratio",
+            type=float,
+            default=0.2,
+            show_default=True,
+            help="trimmed-mean: share of copies cut at each end",
+        ),
+        click.option(
+            "--clip-update-norm",
+            type=float,
+            default=None,
+            help="clip each device's update to this L2 norm before combining",
+        ),
+        click.option(
+            "--synth-identities",
+            type=int,
+            default=80,
+            show_default=True,
+            help="people in the synthetic set",
+        ),
+        click.option(
+            "--threads",
+            type=int,
+            default=1,
+            show_default=True,
+            help="torch CPU threads; 1 is fastest for this small network on a busy CPU",
+        ),
+        click.option("-v", "--verbose", is_flag=True),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def quiet_simulation(verbose: bool) -> None:
+    """In-process clients join in a blink; their join lines are noise unless asked for."""
+    if not verbose:
+        logging.getLogger("splitfed.server").setLevel(logging.WARNING)
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def load_data(data: str, data_format: str | None, identities: int) -> EmotionDataset:
+    if data == "synth" or data_format == "synth":
+        from splitfed.data.synth import SynthConfig, generate_synth
+
+        ds = generate_synth(SynthConfig(identities=identities))
+        log.info(
+            "synthetic eye-region set: %d pictures of %d synthetic people (not real faces)",
+            len(ds),
+            identities,
+        )
+        return ds
+    from splitfed.data.loaders import load_dataset
+
+    return load_dataset(data, data_format=data_format, progress=True)
+
+
+def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, TrainConfig]:
+    try:
+        model = ModelConfig(input_shape=ds.input_shape, cut=kw["cut"])
+        train = TrainConfig(
+            batch_size=kw["batch_size"],
+            lr=kw["lr"],
+            local_epochs=kw["local_epochs"],
+            compression=kw["compression"],
+        )
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "--cut"
+        raise UserError(f"bad setting {where}: {first['msg']}") from None
+    return model, train
+
+
+def make_aggregation(kw: dict[str, Any]) -> AggregationConfig:
+    try:
+        return AggregationConfig(
+            method=kw["aggregation"],
+            trim_ratio=kw["trim_ratio"],
+            clip_update_norm=kw["clip_update_norm"],
+        )
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise UserError(f"bad setting {where}: {first['msg']}") from None
+
+
+def round_progress(total: int, label: str) -> tuple[Progress, Callable[[dict[str, Any]], None]]:
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    task = progress.add_task(label, total=total)
+
+    def on_round(row: dict[str, Any]) -> None:
+        progress.update(
+            task,
+            advance=1,
+            description=(
+                f"{label}  loss {row['train_loss']:.3f}  test acc {row['test_accuracy']:.1%}"
+            ),
+        )
+
+    return progress, on_round
+
+
+COLUMNS = ["algo", "clients", "train acc", "test acc", "macro-F1", "wall s", "MB/round"]
+
+
+def result_row(m: dict[str, Any]) -> list[str]:
+    return [
+        m["algo"],
+        str(m["clients"]),
+        f"{m['final']['train_accuracy']:.1%}",
+        f"{m['final']['test_accuracy']:.1%}",
+        f"{m['final']['macro_f1']:.3f}",
+        f"{m['wall_seconds']:.1f}",
+        f"{m['comm']['train_bytes_per_round'] / 1e6:.2f}",
+    ]
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    table = Table(
+        title="results (test = people never seen in training)"
+        if results and results[0]["data"].get("split") == "subject"
+        else "results"
+    )
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if c == "algo" else "right")
+    for m in results:
+        table.add_row(*result_row(m))
+    Console().print(table)

@@ -1,0 +1,187 @@
+"""What the split-CNN algorithms share (centralized, FedAvg, SL, SFLV1, SFLV2).
+
+One global model cut in two halves, a server step on smashed data, evaluation through the
+devices' client halves, live predictions, and checkpoints of both halves.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from splitfed.algorithms.base import RoundState, Strategy
+from splitfed.client import CLIENT_PREFIX, SERVER_PREFIX
+from splitfed.config import AggregationConfig, TrainConfig
+from splitfed.emotions import NUM_CLASSES
+from splitfed.model import ModelConfig, build_split_model, seeded
+from splitfed.server import ServerIO
+from splitfed.training import make_optimizer, prefixed, state_to_numpy
+from splitfed.wire import Message, MsgType, pack_gradients, unpack_activations
+
+
+class SplitCNN(Strategy):
+    """Base of the algorithms of the split CNN; holds the global client and server halves."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        seed: int,
+        aggregation: AggregationConfig | None = None,
+    ) -> None:
+        super().__init__(train_cfg, seed, aggregation)
+        self.model_cfg: ModelConfig = model_cfg
+        self.client_net, self.server_net = build_split_model(model_cfg, seed)
+        self.server_opt = make_optimizer(self.server_net.parameters(), train_cfg)
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.server_opt]
+
+    # ---- configuration ----------------------------------------------------------------------
+
+    def round_body(self, client_id: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "algo": self.name,
+            "mode": self.mode,
+            "seed": self.seed,
+            "client_index": self.client_index(client_id),
+            "model": self.model_cfg.model_dump(mode="json"),
+            "train": self.train_cfg.model_dump(mode="json"),
+            "weights_version": self.version,
+            "lr": self.lr,
+            **extra,
+        }
+
+    def global_tensors(self, full: bool = False) -> dict[str, np.ndarray]:
+        t = prefixed(state_to_numpy(self.client_net), CLIENT_PREFIX)
+        if full:
+            t.update(prefixed(state_to_numpy(self.server_net), SERVER_PREFIX))
+        return t
+
+    def start_clients(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:
+        """ROUND_START with the global weights to every participant at once."""
+        tensors = self.global_tensors(full=self.mode == "local")
+        for cid in participants:
+            io.send(cid, MsgType.ROUND_START, self.round_body(cid), tensors)
+        return RoundState(rnd, list(participants), set(participants))
+
+    # ---- the server step --------------------------------------------------------------------
+
+    def server_step(
+        self, net: nn.Module, opt: torch.optim.Optimizer, msg: Message, rnd: int
+    ) -> tuple[np.ndarray, float, int, int]:
+        """One server-half step on a batch of smashed data; returns the activation gradient."""
+        act = torch.from_numpy(unpack_activations(msg.tensors)).requires_grad_(True)
+        y = torch.from_numpy(msg.tensors["labels"])
+        if int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES:
+            raise ValueError("label out of range")
+        step = int(msg.env.body["step"])
+        net.train()
+        with seeded(self.seed, rnd, self.client_index(msg.src), step, 1):
+            out = net(act)
+        loss = self.loss_fn(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        assert act.grad is not None
+        correct = int((out.argmax(1) == y).sum())
+        return act.grad.numpy(), loss.item(), correct, len(y)
+
+    def train_batch(
+        self,
+        io: ServerIO,
+        state: RoundState,
+        msg: Message,
+        net: nn.Module,
+        opt: torch.optim.Optimizer,
+    ) -> tuple[float, int, int]:
+        """Step `net` on one SMASHED batch, answer its gradient, count what the device trained."""
+        grad, loss, correct, n = self.server_step(net, opt, msg, state.rnd)
+        state.trained[msg.src] += n
+        tensors = pack_gradients(grad, self.train_cfg.grad_compression)
+        body = {"step": int(msg.env.body["step"]), "loss": loss}
+        io.send(msg.src, MsgType.GRADIENTS, body, tensors, reply_to=msg.env.message_id)
+        return loss, correct, n
+
+    # ---- evaluation -------------------------------------------------------------------------
+
+    def predict(self, act: np.ndarray) -> np.ndarray:
+        """Server-half logits for smashed data, in eval mode."""
+        self.server_net.eval()
+        with torch.no_grad():
+            return self.server_net(torch.from_numpy(act)).numpy()
+
+    def on_predict(self, io: ServerIO, msg: Message) -> None:
+        self.answer_predict(io, msg)
+
+    def answer_predict(self, io: ServerIO, msg: Message) -> None:
+        """Live mode: answer one frame's smashed data with the predicted emotion."""
+        logits = self.predict(unpack_activations(msg.tensors))
+        probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
+        body = {"frame": int(msg.env.body["frame"]), "classes": probs.argmax(1).tolist()}
+        io.send(
+            msg.src,
+            MsgType.PREDICTION,
+            body,
+            {"probs": probs.astype(np.float32)},
+            reply_to=msg.env.message_id,
+            round=msg.env.round,
+        )
+
+    def evaluate(
+        self, io: ServerIO, participants: list[str], split: str, timeout: float
+    ) -> np.ndarray:
+        """Confusion counts over the clients' own data; labels never leave the devices."""
+        conf = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+        full = self.mode == "local"
+        tensors = self.global_tensors(full=full)
+        for cid in participants:
+            io.send(cid, MsgType.EVAL_REQUEST, self.round_body(cid, split=split), tensors)
+
+        def on_message(msg: Message) -> None:
+            nonlocal conf
+            if msg.type is MsgType.EVAL_SMASHED and msg.env.body["split"] == split:
+                pred = self.predict(unpack_activations(msg.tensors)).argmax(1).astype(np.int64)
+                body = {"split": split, "step": int(msg.env.body["step"])}
+                io.send(
+                    msg.src,
+                    MsgType.EVAL_PREDICTIONS,
+                    body,
+                    {"pred": pred},
+                    reply_to=msg.env.message_id,
+                )
+            elif msg.type is MsgType.EVAL_RESULT and msg.env.body["split"] == split:
+                conf += np.asarray(msg.env.body["confusion"], dtype=np.int64)
+                active.discard(msg.src)
+
+        active = set(participants)
+        self.collect(io, active, time.monotonic() + timeout, on_message, f"evaluation ({split})")
+        return conf
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint_tensors(self) -> dict[str, np.ndarray]:
+        t = prefixed(state_to_numpy(self.client_net), "client.")
+        t.update(prefixed(state_to_numpy(self.server_net), "server."))
+        return t
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "client": self.client_net.state_dict(),
+            "server": self.server_net.state_dict(),
+            "server_opt": self.server_opt.state_dict(),
+            "version": self.version,
+            "indices": dict(self.indices),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.client_net.load_state_dict(state["client"])
+        self.server_net.load_state_dict(state["server"])
+        self.server_opt.load_state_dict(state["server_opt"])
+        self.version = int(state["version"])
+        self.indices = dict(state["indices"])

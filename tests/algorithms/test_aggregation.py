@@ -1,0 +1,154 @@
+"""Robust aggregation and sample-count caps: the pure functions, then through the strategies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from splitfed.algorithms.aggregate import (
+    aggregate_states,
+    clip_update,
+    coordinate_median,
+    max_samples,
+    trimmed_mean,
+    weighted_average,
+)
+from splitfed.client import ClientRuntime
+from splitfed.config import TrainConfig
+from splitfed.data.batches import num_batches
+from splitfed.model import ModelConfig
+from splitfed.simulate import SimSpec, simulate
+from tests.adversaries import InflatedCountRuntime, SilentRuntime
+
+
+def states(*values: float) -> list[dict[str, np.ndarray]]:
+    return [
+        {"w": np.full((2, 3), v, dtype=np.float32), "n": np.array(int(v), dtype=np.int64)}
+        for v in values
+    ]
+
+
+def test_mean_is_bit_identical_to_weighted_average() -> None:
+    rng = np.random.default_rng(0)
+    s = [{"w": rng.normal(size=(4, 5)).astype(np.float32)} for _ in range(3)]
+    w = [10, 3, 7]
+    a, b = aggregate_states(s, w, method="mean"), weighted_average(s, w)
+    assert a["w"].tobytes() == b["w"].tobytes()
+
+
+def test_median_ignores_one_wild_copy_whatever_its_scale() -> None:
+    for wild in (1e6, -1e6):
+        out = coordinate_median(states(1.0, 2.0, 3.0, 4.0, wild))
+        assert np.all(out["w"] == 3.0 if wild > 0 else out["w"] == 2.0)
+        assert out["w"].dtype == np.float32 and out["n"].dtype == np.int64
+    # The mean does not: one copy drags it anywhere.
+    mean = weighted_average(states(1.0, 2.0, 3.0, 4.0, 1e6), [1] * 5)
+    assert mean["w"][0, 0] > 1e5
+
+
+def test_trimmed_mean_cuts_both_ends() -> None:
+    out = trimmed_mean(states(-1e6, 1.0, 2.0, 3.0, 1e6), trim=0.2)
+    np.testing.assert_allclose(out["w"], 2.0)
+    # trim 0 is the plain (unweighted) mean; at least one copy always stays.
+    np.testing.assert_allclose(trimmed_mean(states(1.0, 3.0), 0.0)["w"], 2.0)
+    np.testing.assert_allclose(trimmed_mean(states(1.0, 3.0), 0.49)["w"], 2.0)
+    with pytest.raises(ValueError):
+        trimmed_mean(states(1.0), 0.5)
+
+
+def test_clip_update_bounds_the_distance_from_the_reference() -> None:
+    ref = {"w": np.zeros((2, 2), np.float32), "n": np.array(5, np.int64)}
+    far = {"w": np.full((2, 2), 30.0, np.float32), "n": np.array(9, np.int64)}  # norm 60
+    out = clip_update(far, ref, 6.0)
+    assert np.linalg.norm(out["w"]) == pytest.approx(6.0, rel=1e-6)
+    np.testing.assert_allclose(out["w"], 3.0)  # same direction
+    assert int(out["n"]) == 9  # integer buffers untouched
+    near = {"w": np.full((2, 2), 1.0, np.float32), "n": np.array(9, np.int64)}
+    assert clip_update(near, ref, 6.0)["w"] is near["w"]  # within the bound: unchanged
+    with pytest.raises(ValueError):
+        aggregate_states([far], [1], clip_norm=1.0)  # clipping needs the reference
+
+
+def test_clipped_mean_limits_what_one_copy_can_do() -> None:
+    ref = {"w": np.zeros(4, np.float32)}
+    copies = [{"w": np.full(4, v, np.float32)} for v in (0.1, 0.2, 1e4)]
+    out = aggregate_states(copies, [1, 1, 1], reference=ref, clip_norm=1.0)
+    assert np.abs(out["w"]).max() < 1.0
+
+
+def trained(n: int, batch: int, epochs: int) -> int:
+    """Samples an honest device with n samples shows in its batches in one round."""
+    per_epoch = min(n, num_batches(n, batch) * batch)
+    return epochs * per_epoch
+
+
+@pytest.mark.parametrize("batch", [2, 5, 16, 32])
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_max_samples_is_the_largest_count_those_batches_allow(batch: int, epochs: int) -> None:
+    for n in range(0, 130):
+        seen = trained(n, batch, epochs)
+        cap = max_samples(seen, epochs, batch)
+        assert cap >= n, (n, seen, cap)  # an honest device is never capped
+        assert trained(cap, batch, epochs) == seen  # ... and a larger claim cannot be honest
+        assert trained(cap + 1, batch, epochs) != seen
+
+
+# ---- through the strategies, in-process --------------------------------------------------------
+
+SMALL = {"batch_size": 16}
+
+
+def sim(ds, algo: str, clients: int = 3, rounds: int = 2, factory=None, **kw):  # type: ignore[no-untyped-def]
+    spec = SimSpec(
+        algo,
+        clients,
+        rounds,
+        seed=7,
+        train=TrainConfig(**SMALL),
+        model=ModelConfig(widths=(8, 16, 16), cut=1),
+        runtime_factory=factory,
+        **kw,
+    )
+    return simulate(ds, spec)
+
+
+def one_of(cls: type[ClientRuntime], who: str, **kw: Any) -> Any:
+    """Runtimes where `who` is a `cls` and everybody else is honest."""
+
+    def make(cid: str, run: str, tr: Any, te: Any) -> ClientRuntime:
+        return cls(cid, run, tr, te, **kw) if cid == who else ClientRuntime(cid, run, tr, te)
+
+    return make
+
+
+def trajectory(m: dict[str, Any]) -> list[tuple[float, float, float]]:
+    return [(r["train_loss"], r["train_accuracy"], r["test_accuracy"]) for r in m["rounds"]]
+
+
+@pytest.mark.parametrize("algo", ["sflv1", "sflv2", "fedavg"])
+def test_an_inflated_sample_count_is_capped(small_synth, algo: str) -> None:  # type: ignore[no-untyped-def]
+    honest = sim(small_synth, algo)
+    sizes = honest["data"]["clients_samples"]
+    # With no shard a whole number of batches, the cap is exactly the honest count, so a capped
+    # liar changes nothing; uncapped, its x1000 weight would own the average.
+    assert all(n % SMALL["batch_size"] for n in sizes), sizes
+    liar = sim(small_synth, algo, factory=one_of(InflatedCountRuntime, "client-01"))
+    assert trajectory(liar) == trajectory(honest)
+    assert liar["final"]["test_confusion"] == honest["final"]["test_confusion"]
+    assert liar["comm"]["rejected_messages"] == len(liar["rounds"])  # one capped update a round
+
+
+@pytest.mark.parametrize("algo", ["sl", "sflv2"])
+def test_a_silent_device_is_skipped_and_the_round_goes_on(small_synth, algo: str) -> None:  # type: ignore[no-untyped-def]
+    factory = one_of(SilentRuntime, "client-01", round=0, answers=1)
+    m = sim(small_synth, algo, factory=factory, step_timeout=5.0)
+    first, second = m["rounds"]
+    assert first["dropped"] == ["client-01"]
+    assert first["clients"] == ["client-00", "client-02"]  # what the others trained is kept
+    assert second["clients"] == ["client-00", "client-01", "client-02"]  # back next round
+    assert first["samples"] > 0 and m["comm"]["rejected_messages"] == 1  # "step timeout"
+    # Without a step timeout the silent device stalls the round: nobody completes it.
+    stalled = sim(small_synth, algo, factory=factory)
+    assert stalled["rounds"][0]["clients"] == ([] if algo == "sflv2" else ["client-00"])
