@@ -638,5 +638,6 @@ def serve_predictions(algo: Any, io: ServerIO, stop: threading.Event) -> None:
         if isinstance(ev, Message) and ev.type is MsgType.PREDICT:
             try:
                 algo.answer_predict(io, ev)
-            except (ValueError, KeyError, RuntimeError) as e:
+            except Exception as e:  # noqa: BLE001 - a bad frame must not stop the server
                 log.warning("could not answer a prediction from %s: %s", ev.src, e)
+                io.rejected["semantic"] += 1
