@@ -118,12 +118,6 @@ class ClientRuntime(DeviceRuntime):
             round_ok=self._round_ok,
         )
 
-    def _round_ok(self, env: Envelope) -> bool:
-        if env.round < self._max_round:
-            return False
-        self._max_round = env.round
-        return True
-
     def _weights_spec(self, env: Envelope) -> ShapeSpec:
         model_json = json.dumps(env.body["model"], sort_keys=True)
         if model_json not in self._spec_cache:

@@ -13,7 +13,16 @@ from collections import Counter
 
 from pydantic import ValidationError
 
-from splitfed.wire import Message, MsgType, RejectLog, Sequencer, Validator, WireError, encode
+from splitfed.wire import (
+    Envelope,
+    Message,
+    MsgType,
+    RejectLog,
+    Sequencer,
+    Validator,
+    WireError,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +34,14 @@ class DeviceRuntime(abc.ABC):
     seq: Sequencer
     _validator: Validator
     rejected: int
+    _max_round: int = 0
+
+    def _round_ok(self, env: Envelope) -> bool:
+        """Messages of an older round than the newest seen are stale; a newer one moves on."""
+        if env.round < self._max_round:
+            return False
+        self._max_round = env.round
+        return True
 
     @abc.abstractmethod
     def join(self) -> bytes:

@@ -108,12 +108,6 @@ class OwnerRuntime(DeviceRuntime):
             round_ok=self._round_ok,
         )
 
-    def _round_ok(self, env: Envelope) -> bool:
-        if env.round < self._max_round:
-            return False
-        self._max_round = env.round
-        return True
-
     def _start_spec(self, env: Envelope) -> ShapeSpec:
         phase = env.body["phase"]
         if phase == "psi":

@@ -144,12 +144,6 @@ class SegmentRuntime(DeviceRuntime):
     def is_last(self) -> bool:
         return self.train_labels is not None
 
-    def _round_ok(self, env: Envelope) -> bool:
-        if env.round < self._max_round:
-            return False
-        self._max_round = env.round
-        return True
-
     def _weights_spec(self, env: Envelope) -> ShapeSpec:
         key = f"{sorted(env.body['model'].items())}"
         if key not in self._spec_cache:
