@@ -47,12 +47,27 @@ def main() -> None:
     default=Path("runs/simulate"),
     show_default=True,
 )
+@click.option(
+    "--folds",
+    type=int,
+    default=None,
+    help="K-fold cross-validation by person: K runs, each person tested once; "
+    "metrics.json gains folds and cv (mean and std)",
+)
+@click.option(
+    "--shift/--no-shift",
+    default=True,
+    show_default=True,
+    help="also score the final model on the domain-shift proxy (other crop scale, camera "
+    "noise, blur, JPEG, lighting); one-crop algorithms",
+)
 @data_options
 @user_errors
-def simulate(algo: str, clients: int, rounds: int, out_dir: Path, **kw: Any) -> None:
+def simulate(
+    algo: str, clients: int, rounds: int, out_dir: Path, folds: int | None, shift: bool, **kw: Any
+) -> None:
     """Run one algorithm in-process on the same code the MQTT deployment runs."""
     from splitfed.simulate import SimSpec, algorithm_names
-    from splitfed.simulate import simulate as run_sim
 
     setup_logging(kw["verbose"])
     quiet_simulation(kw["verbose"])
@@ -63,13 +78,13 @@ def simulate(algo: str, clients: int, rounds: int, out_dir: Path, **kw: Any) -> 
     model, train = make_configs(kw, ds)
     spec = SimSpec(
         algo, clients, rounds, kw["seed"], kw["partition"], kw["split"], model, train, out_dir,
-        aggregation=make_aggregation(kw),
+        aggregation=make_aggregation(kw), report_shift=shift,
     )  # fmt: skip
-    progress, on_round = round_progress(rounds, f"{algo} x{clients}")
-    with progress:
-        metrics = run_sim(ds, spec, on_round)
+    metrics = _run(ds, spec, folds, f"{algo} x{clients}")
     print_table([metrics])
-    console.print(f"wrote {out_dir}/metrics.json, curves.png, confusion.png, checkpoint/")
+    print_shift([metrics])
+    where = "fold-*/" if folds else ""
+    console.print(f"wrote {out_dir}/metrics.json, curves.png, confusion.png, {where}checkpoint/")
 
 
 @main.command()
@@ -85,13 +100,34 @@ def simulate(algo: str, clients: int, rounds: int, out_dir: Path, **kw: Any) -> 
     default=Path("runs/compare"),
     show_default=True,
 )
+@click.option(
+    "--folds",
+    type=int,
+    default=None,
+    help="K-fold cross-validation by person: K runs, each person tested once; "
+    "metrics.json gains folds and cv (mean and std)",
+)
+@click.option(
+    "--shift/--no-shift",
+    default=True,
+    show_default=True,
+    help="also score the final model on the domain-shift proxy (other crop scale, camera "
+    "noise, blur, JPEG, lighting); one-crop algorithms",
+)
 @data_options
 @user_errors
-def compare(algos: str, clients_list: str, rounds: int, out_dir: Path, **kw: Any) -> None:
+def compare(
+    algos: str,
+    clients_list: str,
+    rounds: int,
+    out_dir: Path,
+    folds: int | None,
+    shift: bool,
+    **kw: Any,
+) -> None:
     """Run several algorithms and client counts on one split; write a table and a plot."""
     from splitfed.metrics import plot_comparison
     from splitfed.simulate import SimSpec, algorithm_names
-    from splitfed.simulate import simulate as run_sim
 
     setup_logging(kw["verbose"])
     quiet_simulation(kw["verbose"])
@@ -116,15 +152,39 @@ def compare(algos: str, clients_list: str, rounds: int, out_dir: Path, **kw: Any
     for a, n in jobs:
         sub = out_dir / f"{a}-{n}" if a != "centralized" else out_dir / "centralized"
         spec = SimSpec(a, n, rounds, kw["seed"], kw["partition"], kw["split"], model, train, sub,
-                       aggregation=aggregation)  # fmt: skip
-        progress, on_round = round_progress(rounds, f"{a} x{n}" if a != "centralized" else a)
-        with progress:
-            results.append(run_sim(ds, spec, on_round))
+                       aggregation=aggregation, report_shift=shift)  # fmt: skip
+        results.append(_run(ds, spec, folds, f"{a} x{n}" if a != "centralized" else a))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_results(results, out_dir)
     plot_comparison(results, out_dir / "comparison.png")
     print_table(results)
+    print_shift(results)
     console.print(f"wrote {out_dir}/results.md, results.csv, comparison.png")
+
+
+def _run(ds: Any, spec: Any, folds: int | None, label: str) -> dict[str, Any]:
+    """One simulated run, or `folds` of them combined, behind one progress bar."""
+    from splitfed.crossval import cross_validate
+    from splitfed.simulate import simulate as run_sim
+
+    if not folds:
+        progress, on_round = round_progress(spec.rounds, label)
+        with progress:
+            return run_sim(ds, spec, on_round)
+    progress, on_round = round_progress(spec.rounds * folds, f"{label}, {folds} folds")
+    with progress:
+        return cross_validate(ds, spec, folds, on_round)
+
+
+def print_shift(results: list[dict[str, Any]]) -> None:
+    """In-domain against domain-shift accuracy, for the runs that measured it."""
+    for m in results:
+        f = m["final"]
+        if "shift_accuracy" in f:
+            console.print(
+                f"{m['algo']} x{m['clients']}: domain-shift proxy {f['shift_accuracy']:.1%} "
+                f"against {f['in_domain_accuracy']:.1%} in domain (gap {f['shift_gap']:+.1%})"
+            )
 
 
 def write_results(results: list[dict[str, Any]], out_dir: Path) -> None:
@@ -155,6 +215,8 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> None:
                 "train_bytes_per_round",
                 "bytes_up",
                 "bytes_down",
+                "test_accuracy_std",
+                "shift_accuracy",
             ]
         )
         for m in results:
@@ -169,6 +231,8 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> None:
                     m["comm"]["train_bytes_per_round"],
                     m["comm"]["bytes_up"],
                     m["comm"]["bytes_down"],
+                    m["cv"]["test_accuracy_std"] if "cv" in m else "",
+                    m["final"].get("shift_accuracy", ""),
                 ]
             )
 

@@ -200,12 +200,23 @@ COLUMNS = ["algo", "clients", "train acc", "test acc", "macro-F1", "wall s", "MB
 
 
 def result_row(m: dict[str, Any]) -> list[str]:
+    """One table row; a cross-validated run shows mean ± std over its folds."""
+    cv = m.get("cv")
+
+    def pct(key: str) -> str:
+        if cv is None:
+            return f"{m['final'][key]:.1%}"
+        return f"{cv[key + '_mean']:.1%} ± {100 * cv[key + '_std']:.1f}"
+
+    f1 = f"{m['final']['macro_f1']:.3f}"
+    if cv is not None:
+        f1 = f"{cv['macro_f1_mean']:.3f} ± {cv['macro_f1_std']:.3f}"
     return [
         m["algo"],
         str(m["clients"]),
-        f"{m['final']['train_accuracy']:.1%}",
-        f"{m['final']['test_accuracy']:.1%}",
-        f"{m['final']['macro_f1']:.3f}",
+        pct("train_accuracy"),
+        pct("test_accuracy"),
+        f1,
         f"{m['wall_seconds']:.1f}",
         f"{m['comm']['train_bytes_per_round'] / 1e6:.2f}",
     ]
@@ -214,7 +225,7 @@ def result_row(m: dict[str, Any]) -> list[str]:
 def print_table(results: list[dict[str, Any]]) -> None:
     table = Table(
         title="results (test = people never seen in training)"
-        if results and results[0]["data"].get("split") == "subject"
+        if results and str(results[0]["data"].get("split", "")).startswith("subject")
         else "results"
     )
     for c in COLUMNS:

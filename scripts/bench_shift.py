@@ -21,20 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from splitfed.algorithms.centralized import Centralized
 from splitfed.config import JitterConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset
-from splitfed.data.partition import client_shards
-from splitfed.data.shift import PERTURBATIONS, shift_metrics
+from splitfed.data.shift import PERTURBATIONS
 from splitfed.data.synth import SynthConfig, generate_synth
 from splitfed.model import ModelConfig
+from splitfed.simulate import SimSpec, simulate
 
 # Jitter as wide as detectors disagree: the proxy's band errors are 15 % offset, 25 % scale,
 # 10 degrees; training covers most of that range.
@@ -49,19 +47,16 @@ RECIPES: dict[str, tuple[str, JitterConfig]] = {
 
 
 def train_and_measure(recipe: str, data: EmotionDataset, epochs: int, seed: int) -> dict[str, Any]:
-    """Train one recipe centralized for `epochs` and measure it in-domain and on the proxy."""
+    """Train one recipe centralized for `epochs` through `simulate`, measured on the proxy."""
     norm, jitter = RECIPES[recipe]
-    train, test, _ = client_shards(data, 1, "subject", "subject", seed)
     model_cfg = ModelConfig(input_shape=data.input_shape, input_norm=norm)  # type: ignore[arg-type]
-    algo = Centralized(model_cfg, TrainConfig(jitter=jitter), seed)
-    algo.attach_data(train, test)
-    t0 = time.perf_counter()
-    for rnd in range(epochs):
-        algo.start_round(rnd, epochs)
-        algo.run_round(None, rnd, [], 0.0)
-    seconds = time.perf_counter() - t0
-    m = shift_metrics(algo, test, seed=seed)
-    return {"recipe": recipe, "seed": seed, "train_seconds": seconds, **m}
+    spec = SimSpec(
+        "centralized", 1, epochs, seed, split="subject", model=model_cfg,
+        train=TrainConfig(jitter=jitter), report_shift=True,
+    )  # fmt: skip
+    m = simulate(data, spec)
+    final = {k: v for k, v in m["final"].items() if k != "test_confusion"}
+    return {"recipe": recipe, "seed": seed, "train_seconds": m["train_seconds"], **final}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -85,7 +80,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         out.append(
             f"| {name} | {cell([r['in_domain_accuracy'] for r in rs])} "
             f"| {cell([r['shift_accuracy'] for r in rs])} | {100 * gap:.1f} pts "
-            f"| {gap / base_gap:.0%} |"
+            f"| {f'{gap / base_gap:.0%}' if base_gap > 0 else '-'} |"
         )
     out += ["", "| recipe | " + " | ".join(PERTURBATIONS) + " |"]
     out.append("|---|" + "---:|" * len(PERTURBATIONS))

@@ -36,6 +36,9 @@ class RunOptions:
     data_info: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 1
     on_round: Callable[[dict[str, Any]], None] | None = None
+    # Extra measurements of the trained algorithm, stored under metrics["final"] (e.g. the
+    # accuracy on the domain-shift proxy, `splitfed.data.shift.shift_metrics`).
+    final_hook: Callable[[Strategy], dict[str, Any]] | None = None
 
 
 def _bytes(io: ServerIO | None) -> tuple[int, int]:
@@ -143,6 +146,8 @@ def run(algo: Strategy, io: ServerIO | None, opts: RunOptions) -> dict[str, Any]
         "train_samples": int(sum(r["samples"] for r in rounds)),
         "data": opts.data_info,
     }
+    if opts.final_hook is not None:
+        metrics["final"].update(opts.final_hook(algo))
     if opts.out_dir is not None:
         write_outputs(metrics, opts.out_dir)
     return metrics

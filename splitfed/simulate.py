@@ -22,6 +22,7 @@ from splitfed.client import ClientRuntime
 from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset, SplitKind, default_split
 from splitfed.data.partition import client_shards, default_partition
+from splitfed.data.shift import shift_metrics
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig
 from splitfed.runner import RunOptions, run
@@ -49,6 +50,9 @@ class SimSpec:
     step_timeout: float | None = None  # SL, SFLV2: skip a device silent this long (s)
     # Device runtimes in place of the honest ones (tests: attackers, silent devices).
     runtime_factory: Callable[..., ClientRuntime] | None = None
+    # Also score the final model on the domain-shift proxy (`splitfed.data.shift`): other crop
+    # scale, camera noise, blur, JPEG, lighting. One-crop algorithms only.
+    report_shift: bool = False
 
 
 def client_id(i: int) -> str:
@@ -136,6 +140,9 @@ def simulate_split(data: EmotionDataset, spec: SimSpec, on_round: Any = None) ->
         resume=False,
         data_info=data_info,
         on_round=on_round,
+        final_hook=(lambda a: shift_metrics(a, test, seed=spec.seed))
+        if spec.report_shift
+        else None,
     )
     if isinstance(algo, Centralized):
         algo.attach_data(train, test)

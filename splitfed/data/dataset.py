@@ -18,6 +18,8 @@ from splitfed.errors import UserError
 log = logging.getLogger(__name__)
 
 SplitKind = Literal["subject", "random", "predefined"]
+# A split is a SplitKind or "fold:I/K": fold I (1-based) of a K-fold split by person.
+FOLD_PREFIX = "fold:"
 # meta key of a per-picture "train"/"test" array: the data set's own split (FER2013's Usage
 # column, or train/ and test/ folders), used by the `predefined` split.
 SPLIT_ROLE = "split_role"
@@ -114,14 +116,57 @@ def warn_people_mixed(ds: EmotionDataset) -> None:
     )
 
 
+def fold_split(index: int, folds: int) -> str:
+    """The split name of fold `index` (0-based) of `folds`, as `train_test_split` reads it."""
+    return f"{FOLD_PREFIX}{index + 1}/{folds}"
+
+
+def parse_fold(kind: str) -> tuple[int, int] | None:
+    """(0-based fold, number of folds) of a "fold:I/K" split, None for the other kinds."""
+    if not kind.startswith(FOLD_PREFIX):
+        return None
+    try:
+        i, k = (int(v) for v in kind[len(FOLD_PREFIX) :].split("/"))
+    except ValueError:
+        raise UserError(f"a fold split reads fold:I/K (e.g. fold:1/5), got {kind!r}") from None
+    if not (k >= 2 and 1 <= i <= k):
+        raise UserError(f"fold:I/K needs K >= 2 and 1 <= I <= K, got {kind!r}")
+    return i - 1, k
+
+
+def fold_people(subjects: np.ndarray, folds: int, seed: int) -> list[set[str]]:
+    """The people of each test fold: every person in exactly one, folds differing by at most one.
+
+    Depends only on the set of people and the seed, so every algorithm (and the clip and vertical
+    views of the same people) tests fold i on the same people.
+    """
+    people = np.unique(subjects)
+    if folds > len(people):
+        raise UserError(f"{folds} folds need at least {folds} people, the data have {len(people)}")
+    rng = np.random.default_rng([seed, 0xF01D])
+    order = people[rng.permutation(len(people))]
+    return [set(part.tolist()) for part in np.array_split(order, folds)]
+
+
 def train_test_split(
-    ds: EmotionDataset, kind: SplitKind, test_fraction: float = 0.2, seed: int = 0
+    ds: EmotionDataset, kind: SplitKind | str, test_fraction: float = 0.2, seed: int = 0
 ) -> tuple[EmotionDataset, EmotionDataset]:
-    """Split into train and test; `subject` keeps every person on one side only."""
+    """Split into train and test; `subject` and folds keep every person on one side only."""
     if len(ds) == 0:
         raise UserError(f"data set {ds.name!r} is empty")
     rng = np.random.default_rng([seed, 0x5E1])
-    if kind == "subject":
+    fold = parse_fold(kind)
+    if fold is not None:
+        if ds.subjects is None:
+            raise UserError(
+                f"--folds keeps test people apart and needs subject ids, and {ds.name!r} has "
+                "none: add subjects.csv (header file,subject; one line per picture)"
+            )
+        if ds.split_roles is not None:
+            log.warning("%s: cross-validation folds replace the data set's own split", ds.name)
+        test_people = fold_people(ds.subjects, fold[1], seed)[fold[0]]
+        is_test = np.array([s in test_people for s in ds.subjects])
+    elif kind == "subject":
         if ds.subjects is None:
             raise UserError(
                 f"--split subject needs subject ids, and {ds.name!r} has none; use --split random"
