@@ -78,7 +78,7 @@ def simulate(
     model, train = make_configs(kw, ds)
     spec = SimSpec(
         algo, clients, rounds, kw["seed"], kw["partition"], kw["split"], model, train, out_dir,
-        aggregation=make_aggregation(kw), report_shift=shift,
+        aggregation=make_aggregation(kw), report_shift=shift, init_from=kw["init_from"],
     )  # fmt: skip
     metrics = _run(ds, spec, folds, f"{algo} x{clients}")
     print_table([metrics])
@@ -149,11 +149,18 @@ def compare(
     aggregation = make_aggregation(kw)
     results: list[dict[str, Any]] = []
     jobs = [(a, n) for n in counts for a in names if not (a == "centralized" and n != counts[0])]
+    # With --init-from, each job runs from scratch and pretrained, side by side.
+    starts = [None, kw["init_from"]] if kw["init_from"] is not None else [None]
     for a, n in jobs:
-        sub = out_dir / f"{a}-{n}" if a != "centralized" else out_dir / "centralized"
-        spec = SimSpec(a, n, rounds, kw["seed"], kw["partition"], kw["split"], model, train, sub,
-                       aggregation=aggregation, report_shift=shift)  # fmt: skip
-        results.append(_run(ds, spec, folds, f"{a} x{n}" if a != "centralized" else a))
+        for init in starts:
+            sub = out_dir / (f"{a}-{n}" if a != "centralized" else "centralized")
+            label = f"{a} x{n}" if a != "centralized" else a
+            if init is not None:
+                sub, label = sub.with_name(sub.name + "-pretrained"), label + " pretrained"
+            spec = SimSpec(a, n, rounds, kw["seed"], kw["partition"], kw["split"], model, train,
+                           sub, aggregation=aggregation, report_shift=shift,
+                           init_from=init)  # fmt: skip
+            results.append(_run(ds, spec, folds, label))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_results(results, out_dir)
     plot_comparison(results, out_dir / "comparison.png")

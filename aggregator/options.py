@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -17,6 +18,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from splitfed.checkpoint import checkpoint_file, read_model_config
 from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset
 from splitfed.errors import UserError
@@ -96,6 +98,14 @@ def data_options(fn: F) -> F:
             help="clip each device's update to this L2 norm before combining",
         ),
         click.option(
+            "--init-from",
+            type=click.Path(path_type=Path, exists=True),
+            default=None,
+            help="start both halves from this checkpoint (e.g. pretrained by `simulate --algo "
+            "centralized --data PUBLIC_SET`); its architecture is used, and the cut, input "
+            "shape and classes must match",
+        ),
+        click.option(
             "--synth-identities",
             type=int,
             default=80,
@@ -145,8 +155,15 @@ def load_data(data: str, data_format: str | None, identities: int) -> EmotionDat
 
 
 def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, TrainConfig]:
+    """The network and training settings of the options; `--init-from` brings its network."""
     try:
-        model = ModelConfig(input_shape=ds.input_shape, cut=kw["cut"])
+        if kw.get("init_from") is not None:
+            # The checkpoint's architecture (widths, bottleneck, input norm); the data's shape
+            # and --cut stay this run's, so a mismatch is named when the weights are loaded.
+            saved = read_model_config(checkpoint_file(kw["init_from"]))
+            model = saved.model_copy(update={"input_shape": ds.input_shape, "cut": kw["cut"]})
+        else:
+            model = ModelConfig(input_shape=ds.input_shape, cut=kw["cut"])
         train = TrainConfig(
             batch_size=kw["batch_size"],
             lr=kw["lr"],
@@ -212,7 +229,7 @@ def result_row(m: dict[str, Any]) -> list[str]:
     if cv is not None:
         f1 = f"{cv['macro_f1_mean']:.3f} ± {cv['macro_f1_std']:.3f}"
     return [
-        m["algo"],
+        m["algo"] + (" pretrained" if m.get("data", {}).get("init_from") else ""),
         str(m["clients"]),
         pct("train_accuracy"),
         pct("test_accuracy"),

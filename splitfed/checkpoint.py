@@ -62,16 +62,23 @@ def read_model_config(path: Path) -> ModelConfig:
         ) from None
 
 
-def load_model(path: Path) -> tuple[ModelConfig, ClientNet, ServerNet]:
-    """Load the halves from a checkpoint directory or its model.safetensors."""
+def checkpoint_file(path: Path) -> Path:
+    """model.safetensors of a checkpoint directory (or the file itself), which must exist."""
     path = Path(path)
     if path.is_dir():
-        path = path / MODEL_FILE
+        inner = path / "checkpoint" / MODEL_FILE  # the --out directory of simulate
+        path = inner if inner.exists() and not (path / MODEL_FILE).exists() else path / MODEL_FILE
     if not path.exists():
         raise UserError(
             f"no checkpoint at {path}: pass the --out directory of a training run "
             "or its model.safetensors"
         )
+    return path
+
+
+def load_model(path: Path) -> tuple[ModelConfig, ClientNet, ServerNet]:
+    """Load the halves from a checkpoint directory or its model.safetensors."""
+    path = checkpoint_file(path)
     try:
         cfg = read_model_config(path)
         tensors = load_file(str(path))
@@ -86,6 +93,30 @@ def load_model(path: Path) -> tuple[ModelConfig, ClientNet, ServerNet]:
     except (ValueError, RuntimeError) as e:
         raise UserError(f"{path}: weights do not fit the model in its metadata ({e})") from None
     return cfg, client, server
+
+
+# Fields that may differ between a pretrained model and its fine-tuning: they shape training,
+# not the weights' layout.
+_TRAINING_ONLY = {"dropout"}
+
+
+def load_init(path: Path, cfg: ModelConfig) -> tuple[ClientNet, ServerNet]:
+    """The halves of checkpoint `path`, checked to fit the network `cfg` describes.
+
+    For `--init-from`: a model pretrained elsewhere (e.g. centrally on a public set) is the
+    starting point of a federated run. Input shape, cut, classes and every other part of the
+    architecture must match; the error names the first field that does not.
+    """
+    saved, client, server = load_model(path)
+    want = cfg.model_dump(mode="json", exclude=_TRAINING_ONLY)
+    have = saved.model_dump(mode="json", exclude=_TRAINING_ONLY)
+    for key in ("input_shape", "cut", "num_classes", *want):
+        if want[key] != have[key]:
+            raise UserError(
+                f"--init-from {path}: its {key} is {have[key]}, this run's is {want[key]}; "
+                f"train with the checkpoint's {key} or pretrain again"
+            )
+    return client, server
 
 
 def load_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:

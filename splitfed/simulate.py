@@ -53,6 +53,8 @@ class SimSpec:
     # Also score the final model on the domain-shift proxy (`splitfed.data.shift`): other crop
     # scale, camera noise, blur, JPEG, lighting. One-crop algorithms only.
     report_shift: bool = False
+    # Start both halves from this checkpoint (pretrained elsewhere) instead of the seed's init.
+    init_from: Path | None = None
 
 
 def client_id(i: int) -> str:
@@ -106,6 +108,11 @@ def simulate(data: EmotionDataset, spec: SimSpec, on_round: Any = None) -> dict[
             f"unknown algorithm {spec.algo!r}: choose from {', '.join(algorithm_names())}"
         )
     entry = REGISTRY[spec.algo]
+    if entry.simulate is not None and spec.init_from is not None:
+        raise UserError(
+            f"--init-from starts a split-CNN model; {spec.algo} has a network of its own "
+            "(use centralized, fedavg, sl, sflv1 or sflv2)"
+        )
     if entry.simulate is not None:
         return entry.simulate(data, spec, on_round)
     return simulate_split(data, spec, on_round)
@@ -123,6 +130,8 @@ def simulate_split(data: EmotionDataset, spec: SimSpec, on_round: Any = None) ->
     train_cfg = spec.train or TrainConfig()
     algo = strategy_class(spec.algo)(model_cfg, train_cfg, spec.seed, spec.aggregation)
     algo.step_timeout = spec.step_timeout
+    if spec.init_from is not None:
+        algo.start_from(spec.init_from)
     data_info = {
         "name": data.name,
         "n_train": len(train),
@@ -131,6 +140,7 @@ def simulate_split(data: EmotionDataset, spec: SimSpec, on_round: Any = None) ->
         "partition": partition,
         "synthetic": bool(data.meta.get("synthetic", False)),
         "clients_samples": [len(s[0]) for s in shards],
+        "init_from": str(spec.init_from) if spec.init_from is not None else None,
     }
     opts = RunOptions(
         rounds=spec.rounds,

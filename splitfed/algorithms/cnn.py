@@ -7,6 +7,7 @@ devices' client halves, live predictions, and checkpoints of both halves.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from splitfed.algorithms.base import RoundState, Strategy
+from splitfed.checkpoint import load_init
 from splitfed.client import CLIENT_PREFIX, SERVER_PREFIX
 from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.emotions import NUM_CLASSES
@@ -41,6 +43,16 @@ class SplitCNN(Strategy):
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.server_opt]
+
+    def start_from(self, path: Path) -> None:
+        """Both halves from a checkpoint (`--init-from`), before the first round.
+
+        Copied in place, so the optimizers stay bound to the parameters; devices get these
+        weights with their first round, as they get every global model.
+        """
+        client, server = load_init(path, self.model_cfg)
+        self.client_net.load_state_dict(client.state_dict())
+        self.server_net.load_state_dict(server.state_dict())
 
     # ---- configuration ----------------------------------------------------------------------
 
