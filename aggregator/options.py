@@ -98,6 +98,27 @@ def data_options(fn: F) -> F:
             help="clip each device's update to this L2 norm before combining",
         ),
         click.option(
+            "--server-opt",
+            type=click.Choice(["none", "momentum", "adam"]),
+            default="none",
+            show_default=True,
+            help="server optimizer on each round's aggregate (FedAvg, SFLV1, SFLV2, FedSL): "
+            "momentum = FedAvgM, adam = FedAdam",
+        ),
+        click.option(
+            "--server-lr",
+            type=float,
+            default=None,
+            help="server learning rate [1.0 for momentum, 0.01 for adam]",
+        ),
+        click.option(
+            "--server-momentum",
+            type=float,
+            default=0.9,
+            show_default=True,
+            help="FedAvgM's momentum, FedAdam's beta1",
+        ),
+        click.option(
             "--init-from",
             type=click.Path(path_type=Path, exists=True),
             default=None,
@@ -183,6 +204,9 @@ def make_aggregation(kw: dict[str, Any]) -> AggregationConfig:
             method=kw["aggregation"],
             trim_ratio=kw["trim_ratio"],
             clip_update_norm=kw["clip_update_norm"],
+            server_opt=kw.get("server_opt", "none"),
+            server_lr=kw.get("server_lr"),
+            server_momentum=kw.get("server_momentum", 0.9),
         )
     except ValidationError as e:
         first = e.errors()[0]

@@ -77,3 +77,20 @@ class AggregationConfig(BaseModel):
     clip_update_norm: float | None = Field(
         None, gt=0, description="clip each update (copy minus global half) to this L2 norm"
     )
+    server_opt: Literal["none", "momentum", "adam"] = Field(
+        "none",
+        description="server optimizer on the aggregate: none (FedAvg), momentum (FedAvgM), "
+        "adam (FedAdam); splitfed.algorithms.server_opt",
+    )
+    server_lr: float | None = Field(
+        None, gt=0, description="server learning rate [1.0 for momentum, 0.01 for adam]"
+    )
+    server_momentum: float = Field(
+        0.9, ge=0, lt=1, description="momentum (FedAvgM) or Adam's beta1 (FedAdam)"
+    )
+
+    @property
+    def effective_server_lr(self) -> float:
+        if self.server_lr is not None:
+            return self.server_lr
+        return 0.01 if self.server_opt == "adam" else 1.0

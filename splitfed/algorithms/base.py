@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel
 
 from splitfed.algorithms.aggregate import aggregate_states, max_samples
+from splitfed.algorithms.server_opt import ServerOptState, server_step
 from splitfed.config import AggregationConfig, TrainConfig, round_lr
 from splitfed.server import Presence, ServerIO
 from splitfed.training import load_numpy_state, set_lr, state_to_numpy, unprefixed
@@ -102,6 +103,8 @@ class Strategy(abc.ABC):
         # Seconds the round waits on the one device it cannot go on without; None = no limit
         # but the round's own deadline.
         self.step_timeout: float | None = None
+        # Momentum (and Adam's second moments) of the server optimizer, per half.
+        self.server_opt_state: ServerOptState = {}
 
     # ---- the three hooks --------------------------------------------------------------------
 
@@ -310,10 +313,22 @@ class Strategy(abc.ABC):
         net: torch.nn.Module,
         states: Sequence[Mapping[str, np.ndarray]],
         weights: Sequence[float],
+        half: str = "model",
     ) -> None:
-        """Load the aggregate of `states` into `net` (its current weights are the reference)."""
-        reference = state_to_numpy(net) if self.aggregation.clip_update_norm else None
-        load_numpy_state(net, self.combine(states, weights, reference))
+        """Load the aggregate of `states` into `net` (its current weights are the reference),
+        stepped by the server optimizer when one is configured (its state kept under `half`)."""
+        agg = self.aggregation
+        stepped = agg.server_opt != "none"
+        reference = state_to_numpy(net) if agg.clip_update_norm or stepped else None
+        combined = self.combine(states, weights, reference)
+        if stepped:
+            assert reference is not None
+            params = {name for name, _ in net.named_parameters()}
+            combined = server_step(
+                reference, combined, params, self.server_opt_state, half,
+                agg.server_opt, agg.effective_server_lr, agg.server_momentum,
+            )  # fmt: skip
+        load_numpy_state(net, combined)
 
     def average_updates(self, state: RoundState, nets: Mapping[str, torch.nn.Module]) -> list[str]:
         """Average the round's updates into `nets` (prefix -> half), weighted by samples."""
@@ -321,7 +336,8 @@ class Strategy(abc.ABC):
         if done:
             weights = [state.updates[c].n_samples for c in done]
             for prefix, net in nets.items():
-                self.average_into(net, [state.updates[c].halves[prefix] for c in done], weights)
+                halves = [state.updates[c].halves[prefix] for c in done]
+                self.average_into(net, halves, weights, prefix)
         return done
 
     # ---- evaluation and checkpoints ---------------------------------------------------------

@@ -189,6 +189,7 @@ class SplitCNN(Strategy):
             "server_opt": self.server_opt.state_dict(),
             "version": self.version,
             "indices": dict(self.indices),
+            "server_opt_state": dict(self.server_opt_state),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -197,3 +198,4 @@ class SplitCNN(Strategy):
         self.server_opt.load_state_dict(state["server_opt"])
         self.version = int(state["version"])
         self.indices = dict(state["indices"])
+        self.server_opt_state = dict(state.get("server_opt_state", {}))

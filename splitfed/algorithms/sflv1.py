@@ -15,7 +15,7 @@ import torch
 
 from splitfed.algorithms.base import RoundState, RoundTrain
 from splitfed.algorithms.cnn import SplitCNN
-from splitfed.client import CLIENT_PREFIX
+from splitfed.client import CLIENT_PREFIX, SERVER_PREFIX
 from splitfed.model import ServerNet
 from splitfed.server import ServerIO
 from splitfed.training import make_optimizer, set_lr, state_to_numpy
@@ -79,7 +79,8 @@ class SFLV1(SplitCNN):
         state.result.completed = done
         if done:
             servers = [state_to_numpy(state.copies[c][0]) for c in done]
-            self.average_into(self.server_net, servers, [state.updates[c].n_samples for c in done])
+            weights = [state.updates[c].n_samples for c in done]
+            self.average_into(self.server_net, servers, weights, SERVER_PREFIX)
             self.version += 1
         return state.result
 

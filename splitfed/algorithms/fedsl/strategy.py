@@ -239,7 +239,7 @@ class FedSL(Strategy):
             weights = [updates[groups[g][0]].n_samples for g in done]
             for k, seg in enumerate(self.segments):
                 self.average_into(
-                    seg, [updates[groups[g][k]].halves[PREFIX] for g in done], weights
+                    seg, [updates[groups[g][k]].halves[PREFIX] for g in done], weights, f"seg{k}"
                 )
             self.version += 1
         return result
