@@ -98,6 +98,14 @@ def data_options(fn: F) -> F:
             help="clip each device's update to this L2 norm before combining",
         ),
         click.option(
+            "--sflv2-order",
+            type=click.Choice(["interleaved", "sequential"]),
+            default="interleaved",
+            show_default=True,
+            help="SFLV2's server schedule: batches of all clients shuffled together, or the "
+            "clients one after another in random order (the paper's)",
+        ),
+        click.option(
             "--server-opt",
             type=click.Choice(["none", "momentum", "adam"]),
             default="none",
@@ -190,6 +198,7 @@ def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, T
             lr=kw["lr"],
             local_epochs=kw["local_epochs"],
             compression=kw["compression"],
+            sflv2_order=kw.get("sflv2_order", "interleaved"),
         )
     except ValidationError as e:
         first = e.errors()[0]

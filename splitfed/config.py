@@ -53,6 +53,11 @@ class TrainConfig(BaseModel):
     compression: Compression = Field("fp32", description="activations on the wire")
     grad_compression: GradCompression = Field("fp32", description="gradients on the wire")
     augment: bool = Field(True, description="augment training batches on the device")
+    sflv2_order: Literal["interleaved", "sequential"] = Field(
+        "interleaved",
+        description="SFLV2's server schedule: all clients' batches shuffled together, or the "
+        "clients one after another in a random order (the SplitFed paper's description)",
+    )
     jitter: JitterConfig = Field(
         default_factory=JitterConfig, description="geometric jitter when augmenting"
     )

@@ -46,6 +46,12 @@ def interleaved_order(batch_counts: Sequence[int], rng: np.random.Generator) -> 
     return rng.permutation(order).tolist()
 
 
+def sequential_order(batch_counts: Sequence[int], rng: np.random.Generator) -> list[int]:
+    """SFLV2 as the SplitFed paper describes it: clients served one after another, in a random
+    order drawn each round, each with all of its batches."""
+    return [int(i) for i in rng.permutation(len(batch_counts)) for _ in range(batch_counts[i])]
+
+
 def max_samples(trained: int, local_epochs: int, batch_size: int) -> int:
     """The largest training-set size consistent with `trained` samples seen in batches.
 

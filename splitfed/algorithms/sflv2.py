@@ -1,7 +1,9 @@
 """SplitFed V2: one server half, trained over all clients' batches in a random interleaved order.
 
 Clients start the round together; the server takes their batches in a seeded random order
-(each client's own batches stay in sequence) and steps its single server half on each. Client
+(each client's own batches stay in sequence) and steps its single server half on each. With
+`sflv2_order: sequential` it serves the clients one after another instead, in a random order
+drawn each round, as the SplitFed paper describes. Client
 halves are averaged at the end of the round. With one client this is centralized training.
 
 The server waits on one client at a time (the next in the order); a client that stays connected
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from splitfed.algorithms.aggregate import interleaved_order
+from splitfed.algorithms.aggregate import interleaved_order, sequential_order
 from splitfed.algorithms.base import RoundState, RoundTrain
 from splitfed.algorithms.cnn import SplitCNN
 from splitfed.client import CLIENT_PREFIX
@@ -40,7 +42,10 @@ class SFLV2(SplitCNN):
             * self.train_cfg.local_epochs
             for c in participants
         ]
-        order = deque(interleaved_order(counts, np.random.default_rng([self.seed, rnd, 0x5F12])))
+        schedule = (
+            sequential_order if self.train_cfg.sflv2_order == "sequential" else interleaved_order
+        )
+        order = deque(schedule(counts, np.random.default_rng([self.seed, rnd, 0x5F12])))
         base = self.start_clients(io, rnd, participants)
         state = _Round(base.rnd, base.participants, base.active, order=order)
         self._advance(io, state)

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from splitfed.algorithms.aggregate import interleaved_order, weighted_average
+from splitfed.algorithms.aggregate import interleaved_order, sequential_order, weighted_average
 
 
 def test_weighted_average_weights_by_samples() -> None:
@@ -33,3 +33,26 @@ def test_interleaved_order_keeps_counts_and_mixes() -> None:
     assert order != sorted(order)
     assert interleaved_order([4], np.random.default_rng(0)) == [0, 0, 0, 0]
     assert order == interleaved_order([3, 5, 2], np.random.default_rng(0))
+
+
+def test_sequential_order_serves_each_client_in_one_run() -> None:
+    counts = [3, 5, 2]
+    order = sequential_order(counts, np.random.default_rng(0))
+    assert sorted(order) == [0, 0, 0, 1, 1, 1, 1, 1, 2, 2]
+    runs = [k for i, k in enumerate(order) if i == 0 or order[i - 1] != k]
+    assert sorted(runs) == [0, 1, 2]  # one contiguous run per client
+    orders = {tuple(sequential_order(counts, np.random.default_rng(s))) for s in range(20)}
+    assert len(orders) > 1  # the client order is drawn, not fixed
+
+
+def test_sflv2_orders_differ_but_one_client_is_the_same(small_synth) -> None:  # type: ignore[no-untyped-def]
+    from splitfed.config import TrainConfig
+    from splitfed.simulate import SimSpec, simulate
+
+    def run(order: str, clients: int) -> list[float]:
+        train = TrainConfig(batch_size=16, sflv2_order=order)  # type: ignore[arg-type]
+        m = simulate(small_synth, SimSpec("sflv2", clients, 1, seed=2, train=train))
+        return [r["train_loss"] for r in m["rounds"]]
+
+    assert run("sequential", 1) == run("interleaved", 1)
+    assert run("sequential", 3) != run("interleaved", 3)
