@@ -24,6 +24,7 @@ from aggregator.options import (
     round_progress,
     set_threads,
     setup_logging,
+    verdict,
 )
 from splitfed.cliutil import user_errors
 from splitfed.errors import UserError
@@ -166,6 +167,8 @@ def compare(
     plot_comparison(results, out_dir / "comparison.png")
     print_table(results)
     print_shift(results)
+    for line in verdict(results):
+        console.print(line.replace("**", ""))
     console.print(f"wrote {out_dir}/results.md, results.csv, comparison.png")
 
 
@@ -208,6 +211,7 @@ def write_results(results: list[dict[str, Any]], out_dir: Path) -> None:
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|",
     ]
     lines += ["| " + " | ".join(result_row(m)) + " |" for m in results]
+    lines += ["", *verdict(results)]
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     with open(out_dir / "results.csv", "w", newline="") as f:
         w = csv.writer(f)

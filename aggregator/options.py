@@ -272,6 +272,48 @@ def result_row(m: dict[str, Any]) -> list[str]:
     ]
 
 
+def run_label(m: dict[str, Any]) -> str:
+    name = m["algo"] + (" pretrained" if m.get("data", {}).get("init_from") else "")
+    return name if m["algo"] == "centralized" else f"{name} x{m['clients']}"
+
+
+def still_rising(m: dict[str, Any], points: float = 0.02) -> bool:
+    """Whether the test curve still climbs at the end: the last two rounds' mean beats the two
+    before by more than `points` (then more rounds would change the ranking)."""
+    acc = [r["test_accuracy"] for r in m["rounds"]]
+    return len(acc) >= 4 and (acc[-1] + acc[-2]) / 2 - (acc[-3] + acc[-4]) / 2 > points
+
+
+def verdict(results: list[dict[str, Any]]) -> list[str]:
+    """Which run is best at each client count and by how much, and which have not converged."""
+    lines: list[str] = []
+    central = [m for m in results if m["algo"] == "centralized"]
+    for n in sorted({m["clients"] for m in results if m["algo"] != "centralized"}):
+        runs = sorted(
+            (m for m in results if m["algo"] != "centralized" and m["clients"] == n),
+            key=lambda m: -m["final"]["test_accuracy"],
+        )
+        best = runs[0]
+        acc = best["final"]["test_accuracy"]
+        line = f"Best at {n} clients: **{run_label(best)}**, {acc:.1%}"
+        if len(runs) > 1:
+            lead = 100 * (acc - runs[1]["final"]["test_accuracy"])
+            line += f", {lead:.1f} points ahead of {run_label(runs[1])}"
+        if central:
+            gap = 100 * (acc - central[0]["final"]["test_accuracy"])
+            line += f"; {gap:+.1f} points against centralized"
+        lines.append(line + ".")
+    rising = [run_label(m) for m in results if still_rising(m)]
+    if rising:
+        lines.append(
+            f"Still rising at the last round (more rounds may change the ranking): "
+            f"{', '.join(rising)}."
+        )
+    elif results and len(results[0]["rounds"]) >= 4:
+        lines.append("Every run has reached its plateau (test accuracy flat over the last rounds).")
+    return lines
+
+
 def print_table(results: list[dict[str, Any]]) -> None:
     table = Table(
         title="results (test = people never seen in training)"
