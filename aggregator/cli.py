@@ -15,6 +15,7 @@ from aggregator.options import (
     COLUMNS,
     console,
     data_options,
+    evaluation_options,
     load_data,
     make_aggregation,
     make_configs,
@@ -48,20 +49,7 @@ def main() -> None:
     default=Path("runs/simulate"),
     show_default=True,
 )
-@click.option(
-    "--folds",
-    type=int,
-    default=None,
-    help="K-fold cross-validation by person: K runs, each person tested once; "
-    "metrics.json gains folds and cv (mean and std)",
-)
-@click.option(
-    "--shift/--no-shift",
-    default=True,
-    show_default=True,
-    help="also score the final model on the domain-shift proxy (other crop scale, camera "
-    "noise, blur, JPEG, lighting); one-crop algorithms",
-)
+@evaluation_options
 @data_options
 @user_errors
 def simulate(
@@ -101,20 +89,7 @@ def simulate(
     default=Path("runs/compare"),
     show_default=True,
 )
-@click.option(
-    "--folds",
-    type=int,
-    default=None,
-    help="K-fold cross-validation by person: K runs, each person tested once; "
-    "metrics.json gains folds and cv (mean and std)",
-)
-@click.option(
-    "--shift/--no-shift",
-    default=True,
-    show_default=True,
-    help="also score the final model on the domain-shift proxy (other crop scale, camera "
-    "noise, blur, JPEG, lighting); one-crop algorithms",
-)
+@evaluation_options
 @data_options
 @user_errors
 def compare(

@@ -155,6 +155,24 @@ def data_options(fn: F) -> F:
     return fn
 
 
+def evaluation_options(fn: F) -> F:
+    """How `simulate` and `compare` score a run: cross-validation and the domain-shift proxy."""
+    fn = click.option(
+        "--shift/--no-shift",
+        default=True,
+        show_default=True,
+        help="also score the final model on the domain-shift proxy (other crop scale, camera "
+        "noise, blur, JPEG, lighting); one-crop algorithms",
+    )(fn)
+    return click.option(
+        "--folds",
+        type=int,
+        default=None,
+        help="K-fold cross-validation by person: K runs, each person tested once; "
+        "metrics.json gains folds and cv (mean and std)",
+    )(fn)
+
+
 def quiet_simulation(verbose: bool) -> None:
     """In-process clients join in a blink; their join lines are noise unless asked for."""
     if not verbose:
