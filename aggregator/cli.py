@@ -15,6 +15,7 @@ from aggregator.options import (
     COLUMNS,
     console,
     data_options,
+    defence_options,
     evaluation_options,
     load_data,
     make_aggregation,
@@ -28,6 +29,7 @@ from aggregator.options import (
     verdict,
 )
 from splitfed.cliutil import user_errors
+from splitfed.defences import get_defence
 from splitfed.errors import UserError
 
 
@@ -50,6 +52,7 @@ def main() -> None:
     show_default=True,
 )
 @evaluation_options
+@defence_options
 @data_options
 @user_errors
 def simulate(
@@ -63,11 +66,13 @@ def simulate(
     set_threads(kw["threads"])
     if algo not in algorithm_names():
         raise UserError(f"unknown algorithm {algo!r}: choose from {', '.join(algorithm_names())}")
-    ds = load_data(kw["data"], kw["data_format"], kw["synth_identities"])
+    ds = load_data(kw["data"], kw["data_format"], kw["synth_identities"], kw["views"])
     model, train = make_configs(kw, ds)
     spec = SimSpec(
         algo, clients, rounds, kw["seed"], kw["partition"], kw["split"], model, train, out_dir,
         aggregation=make_aggregation(kw), report_shift=shift, init_from=kw["init_from"],
+        defence=get_defence(kw["defence"] or "none"),
+        frames=kw["frames"], segments=kw["segments"],
     )  # fmt: skip
     metrics = _run(ds, spec, folds, f"{algo} x{clients}")
     print_table([metrics])
@@ -120,7 +125,7 @@ def compare(
         raise UserError(
             f"--clients takes numbers separated by commas, got {clients_list!r}"
         ) from None
-    ds = load_data(kw["data"], kw["data_format"], kw["synth_identities"])
+    ds = load_data(kw["data"], kw["data_format"], kw["synth_identities"], kw["views"])
     model, train = make_configs(kw, ds)
     aggregation = make_aggregation(kw)
     results: list[dict[str, Any]] = []
@@ -135,7 +140,8 @@ def compare(
                 sub, label = sub.with_name(sub.name + "-pretrained"), label + " pretrained"
             spec = SimSpec(a, n, rounds, kw["seed"], kw["partition"], kw["split"], model, train,
                            sub, aggregation=aggregation, report_shift=shift,
-                           init_from=init)  # fmt: skip
+                           init_from=init, frames=kw["frames"],
+                           segments=kw["segments"])  # fmt: skip
             results.append(_run(ds, spec, folds, label))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_results(results, out_dir)

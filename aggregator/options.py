@@ -21,6 +21,7 @@ from rich.table import Table
 from splitfed.checkpoint import checkpoint_file, read_model_config
 from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset
+from splitfed.defences import DEFENCES
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig
 
@@ -49,7 +50,7 @@ def data_options(fn: F) -> F:
         ),
         click.option(
             "--data-format",
-            type=click.Choice(["synth", "kdef", "folder", "fer2013"]),
+            type=click.Choice(["synth", "kdef", "folder", "fer2013", "clips"]),
             help="force the format instead of detecting it from the path",
         ),
         click.option(
@@ -142,6 +143,23 @@ def data_options(fn: F) -> F:
             help="people in the synthetic set",
         ),
         click.option(
+            "--frames",
+            type=int,
+            default=None,
+            help="fedsl: time steps per sequence; on still images FedSL reads row bands (top "
+            "to bottom) as time steps, as its paper does with sequential MNIST [default: 4]",
+        ),
+        click.option(
+            "--segments", type=int, default=None, help="fedsl: devices per client group [2]"
+        ),
+        click.option(
+            "--views",
+            default=None,
+            help="KDEF: camera angles as PyVertical data owners, e.g. S,HL,HR (owner k holds "
+            "view k of each record: session + subject + emotion); other algorithms train on "
+            "the pictures of these angles",
+        ),
+        click.option(
             "--threads",
             type=int,
             default=1,
@@ -153,6 +171,23 @@ def data_options(fn: F) -> F:
     for opt in reversed(options):
         fn = opt(fn)
     return fn
+
+
+def defence_options(fn: F) -> F:
+    """What `simulate` and `serve` let leave the devices: the defence and the split's shape."""
+    fn = click.option(
+        "--shape",
+        type=click.Choice(["standard", "u"]),
+        default=None,
+        help="u: U-shaped split, the device keeps the classifier head and the labels (sl, "
+        "sflv1, sflv2) [default: standard]",
+    )(fn)
+    return click.option(
+        "--defence",
+        type=click.Choice(list(DEFENCES)),
+        default=None,
+        help="device-side defence of the smashed data (splitfed/defences.py) [default: none]",
+    )(fn)
 
 
 def evaluation_options(fn: F) -> F:
@@ -185,7 +220,13 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
 
 
-def load_data(data: str, data_format: str | None, identities: int) -> EmotionDataset:
+def load_data(
+    data: str, data_format: str | None, identities: int, views: str | None = None
+) -> EmotionDataset:
+    if views:
+        from splitfed.data.views import load_views, parse_views
+
+        return load_views(data, parse_views(views), progress=True)
     if data == "synth" or data_format == "synth":
         from splitfed.data.synth import SynthConfig, generate_synth
 
@@ -211,6 +252,8 @@ def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, T
             model = saved.model_copy(update={"input_shape": ds.input_shape, "cut": kw["cut"]})
         else:
             model = ModelConfig(input_shape=ds.input_shape, cut=kw["cut"])
+        if kw.get("shape"):
+            model = model.model_copy(update={"shape": kw["shape"]})
         train = TrainConfig(
             batch_size=kw["batch_size"],
             lr=kw["lr"],

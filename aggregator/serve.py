@@ -4,6 +4,10 @@ The rounds run through `splitfed.runner.run` exactly as in `aggregator simulate`
 transport under `ServerIO` is MQTT instead of in-process calls. Without `--broker` an embedded
 broker (amqtt) starts on 127.0.0.1:1883, so one machine needs no setup. Every round is
 checkpointed; the same command resumes after a crash.
+
+PyVertical (`--algo pyvertical`, agents `--role owner`) and FedSL (`--algo fedsl`, agents
+`--role segment`) take `--data`: the label holder's labels and the owners' layout, or the shape
+of the sequences, computed from that data set exactly as `simulate` computes them.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
+from splitfed.algorithm_io import AlgorithmIO
 from splitfed.cliutil import user_errors
 from splitfed.config import AggregationConfig, TrainConfig
+from splitfed.defences import DEFENCES, DefenceConfig, get_defence
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig
 from splitfed.mqtt import ID_RE, MqttSettings
@@ -36,7 +42,9 @@ from splitfed.wire import Message
 log = logging.getLogger("aggregator.serve")
 
 # What `serve` deploys (splitfed.simulate.served_names(); a test keeps the two in step).
-SERVE_ALGOS = ("fedavg", "sl", "sflv1", "sflv2")
+SERVE_ALGOS = ("fedavg", "sl", "sflv1", "sflv2", "pyvertical", "fedsl")
+# Algorithms whose devices hold other data than whole crops (owners' parts, clip segments).
+OWN_DATA_ALGOS = ("pyvertical", "fedsl")
 NOT_ENROLLED = "client not enrolled"  # the counted reason for ids outside --allow-clients
 
 
@@ -66,7 +74,9 @@ class ServeBroker(MqttSettings):
 class ServeConfig(_Strict):
     """Everything `serve` needs; a YAML file with these keys, overridden by the flags."""
 
-    algo: Literal["fedavg", "sl", "sflv1", "sflv2"] = Field("sflv1", description="algorithm")
+    algo: Literal["fedavg", "sl", "sflv1", "sflv2", "pyvertical", "fedsl"] = Field(
+        "sflv1", description="algorithm"
+    )
     min_clients: int = Field(2, ge=1, description="agents to wait for before the first round")
     rounds: int = Field(10, ge=1, description="rounds to train")
     round_timeout: float = Field(
@@ -100,12 +110,31 @@ class ServeConfig(_Strict):
     aggregation: AggregationConfig = Field(
         default_factory=AggregationConfig, description="how the devices' copies are combined"
     )
+    defence: str = Field(
+        "none",
+        description="defence the agents apply to their smashed data (splitfed/defences.py); "
+        "its cut, bottleneck and compression override model and train",
+    )
     step_timeout: float | None = Field(
         None,
         gt=0,
         description="SL, SFLV2: seconds the round waits on one agent that stays connected but "
         "stops answering before it goes on without it (None: only the round timeout)",
     )
+    data: str = Field(
+        "synth",
+        description="pyvertical: the data set whose labels the aggregator holds (the label "
+        "holder's table of simulate's vertical partition, --min-clients owners); fedsl: the "
+        "data set whose sequences' frame shape the network takes",
+    )
+    data_format: Literal["synth", "kdef", "folder", "fer2013"] | None = Field(
+        None, description="format of `data` (None: detected)"
+    )
+    split: Literal["subject", "random"] | None = Field(
+        None, description="pyvertical: held-out split of `data` (as simulate)"
+    )
+    frames: int = Field(4, ge=2, le=64, description="fedsl: time steps per sequence")
+    segments: int = Field(2, ge=1, le=64, description="fedsl: devices per client group")
 
 
 class ServeIO(ServerIO):
@@ -184,6 +213,12 @@ class ServeIO(ServerIO):
             "clients_samples": [i.n_train for i in info],
         })  # fmt: skip
         return online
+
+
+class ServeAlgorithmIO(ServeIO, AlgorithmIO):
+    """ServeIO's live-federation behaviour with AlgorithmIO's checks for owners and segments.
+
+    Build it as AlgorithmIO: (transport, run_id, train_cfg, specs, ...ServeIO's keywords)."""
 
 
 def load_allow_list(path: Path) -> frozenset[str]:
@@ -342,6 +377,24 @@ class Dashboard:
     type=click.Path(path_type=Path, dir_okay=False),
     help="YAML with ServeConfig keys; flags override it",
 )
+@click.option(
+    "--data",
+    help="pyvertical: the data set whose labels the aggregator holds, cut among --min-clients "
+    "owners as simulate cuts it; fedsl: the data set whose sequences the network reads "
+    "(on still images FedSL reads row bands, top to bottom, as time steps) [default: synth]",
+)
+@click.option(
+    "--data-format", type=click.Choice(["synth", "kdef", "folder", "fer2013"]), help="of --data"
+)
+@click.option(
+    "--split", type=click.Choice(["subject", "random"]), help="pyvertical: held-out split"
+)
+@click.option("--frames", type=int, help="fedsl: time steps (or row bands) per sequence [4]")
+@click.option(
+    "--segments",
+    type=int,
+    help="fedsl: devices per client group; --min-clients counts devices [2]",
+)
 @click.option("--eval-data", help="evaluation set held by the aggregator: a data-set path or synth")
 @click.option("--eval-data-format", type=click.Choice(["synth", "kdef", "folder", "fer2013"]))
 @click.option(
@@ -399,7 +452,27 @@ class Dashboard:
     type=click.Path(path_type=Path, file_okay=False),
     help="metrics.json, curves.png, confusion.png [default: runs/serve]",
 )
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="worker processes on this host, agents sharded across them (sflv1, fedavg only)",
+)
+@click.option("--rank", type=int, help="this worker's rank, for workers on several hosts")
+@click.option("--world-size", type=int, help="number of workers on all hosts, with --rank")
+@click.option("--master", help="ADDR:PORT where the workers meet (torch.distributed), with --rank")
 @click.option("-v", "--verbose", is_flag=True)
+@click.option(
+    "--defence",
+    type=click.Choice(list(DEFENCES)),
+    help="defence the agents apply to their smashed data [default: none]",
+)
+@click.option(
+    "--shape",
+    type=click.Choice(["standard", "u"]),
+    help="u: U-shaped split, the agents keep the head and the labels [default: standard]",
+)
 @user_errors
 def serve(
     config_path: Path | None,
@@ -408,7 +481,11 @@ def serve(
     synth_identities: int,
     **kw: Any,
 ) -> None:
-    """Train with edge agents over MQTT (same algorithms and metrics as simulate)."""
+    """Train with edge agents over MQTT (same algorithms and metrics as simulate).
+
+    Agents: `edge-agent --role client` for sl, sflv1, sflv2 and fedavg; `--role owner` for
+    pyvertical (one per part; the labels stay here); `--role segment` for fedsl (groups x
+    segments devices; on still images FedSL reads row bands, top to bottom, as time steps)."""
     from aggregator.options import setup_logging
 
     setup_logging(verbose)
@@ -440,6 +517,8 @@ def serve(
         "train.lr": kw["lr"],
         "train.local_epochs": kw["local_epochs"],
         "model.cut": kw["cut"],
+        "model.shape": kw["shape"],
+        "defence": kw["defence"],
         "out": kw["out"],
         "eval_data": kw["eval_data"],
         "serve_forever": True if kw["serve_forever"] else None,
@@ -450,12 +529,25 @@ def serve(
         "aggregation.trim_ratio": kw["trim_ratio"],
         "aggregation.clip_update_norm": kw["clip_update_norm"],
         "step_timeout": kw["step_timeout"],
+        "data": kw["data"],
+        "data_format": kw["data_format"],
+        "split": kw["split"],
+        "frames": kw["frames"],
+        "segments": kw["segments"],
     }
     cfg = load_serve_config(config_path, overrides)
     try:
-        metrics = run_serve(
-            cfg, eval_data_format=eval_data_format, synth_identities=synth_identities
-        )
+        if kw["workers"] != 1 or kw["rank"] is not None or kw["world_size"] is not None:
+            from aggregator.workers import serve_workers
+
+            metrics = serve_workers(
+                cfg, kw["workers"], kw["rank"], kw["world_size"], kw["master"], verbose,
+                eval_data_format, synth_identities,
+            )  # fmt: skip
+        else:
+            metrics = run_serve(
+                cfg, eval_data_format=eval_data_format, synth_identities=synth_identities
+            )
     except RuntimeError as e:  # no agents: the checkpoint lets the same command carry on later
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -463,6 +555,11 @@ def serve(
         from aggregator.options import console, print_table
 
         print_table([metrics])
+        sequence = str(metrics.get("fedsl", {}).get("sequence", ""))
+        if sequence.endswith("rows"):
+            from splitfed.algorithms.fedsl.parties import ROW_BANDS_NOTE
+
+            console.print(ROW_BANDS_NOTE.format(frames=metrics["fedsl"]["frames"]) + ".")
         console.print(
             f"wrote {cfg.out}/metrics.json, curves.png, confusion.png; "
             f"checkpoints in {cfg.checkpoint_dir or cfg.out / 'checkpoint'}"
@@ -483,8 +580,12 @@ def run_serve(
     synth_identities: int = 80,
     stop: threading.Event | None = None,
     live: bool = True,
+    group: Any = None,
 ) -> dict[str, Any] | None:
-    """Start (or reach) the broker, train, write the outputs; returns the metrics."""
+    """Start (or reach) the broker, train, write the outputs; returns the metrics.
+
+    `group` (a splitfed.distributed.Group): this is one of several workers (aggregator.workers).
+    """
     import torch
 
     from splitfed import sdnotify
@@ -505,7 +606,29 @@ def run_serve(
 
         signal.signal(signal.SIGTERM, on_signal)
     from aggregator.options import console, load_data
+    from splitfed.algorithms.cnn import SMASHED_ALGORITHMS, SplitCNN
 
+    defence = get_defence(cfg.defence)
+    defended = defence != DefenceConfig() or cfg.model.shape == "u"
+    if cfg.algo not in SMASHED_ALGORITHMS and defended:
+        raise UserError(
+            f"--defence and --shape u act on smashed data, which only "
+            f"{', '.join(SMASHED_ALGORITHMS)} send (not {cfg.algo})"
+        )
+    train = cfg.train.model_copy(
+        update={"compression": defence.wire_compression(cfg.train.compression)}
+    )
+    cfg = cfg.model_copy(update={"model": defence.model(cfg.model), "train": train})
+    own: tuple[Any, dict[str, Any]] | None = None
+    if cfg.algo in OWN_DATA_ALGOS:
+        if cfg.eval_data:
+            raise UserError(
+                f"--eval-data scores a split CNN on whole crops; {cfg.algo} is scored on its "
+                "devices' held-out records"
+            )
+        if cfg.serve_forever:
+            raise UserError(f"--serve-forever answers live frames of whole crops: not {cfg.algo}")
+        own = own_data_strategy(cfg, synth_identities)
     eval_ds = None
     if cfg.eval_data:
         eval_ds = load_data(cfg.eval_data, eval_data_format, synth_identities)
@@ -534,17 +657,35 @@ def run_serve(
     allowed = load_allow_list(cfg.allow_clients) if cfg.allow_clients is not None else None
     if allowed is not None:
         log.info("enrolment: %d client id(s) may join (%s)", len(allowed), cfg.allow_clients)
-    transport = MqttTransport(settings, b.prefix, b.run_id, presence_grace=cfg.presence_grace)
+    shard: dict[str, Any] = {}
+    if group is not None:
+        shard = {"owns": group.owns, "worker": (group.rank, group.world_size)}
+    transport = MqttTransport(
+        settings, b.prefix, b.run_id, presence_grace=cfg.presence_grace, **shard
+    )
+    if group is not None:
+        group.on_joined = transport.pin_clients
     data_info: dict[str, Any] = {"source": "agents"}
-    io = ServeIO(
-        transport, b.run_id, model_cfg, cfg.train, data_info=data_info,
-        min_clients=cfg.min_clients, grace=cfg.rejoin_grace, outage_timeout=cfg.round_timeout,
-        allowed=allowed,
+    live_kw: dict[str, Any] = dict(
+        data_info=data_info, min_clients=cfg.min_clients, grace=cfg.rejoin_grace,
+        outage_timeout=cfg.round_timeout, allowed=allowed,
     )  # fmt: skip
+    io: ServeIO
+    if own is not None:
+        algo = own[0]
+        io = ServeAlgorithmIO(transport, b.run_id, cfg.train, algo.specs(), **live_kw)
+    else:
+        io = ServeIO(transport, b.run_id, model_cfg, cfg.train, **live_kw)
+        algo = strategy_class(cfg.algo)(model_cfg, cfg.train, cfg.seed, cfg.aggregation)
     # Sequence numbers that grow across restarts, so agents accept a resumed aggregator.
     io.seq.seq = time.time_ns() // 1000
-    algo = strategy_class(cfg.algo)(model_cfg, cfg.train, cfg.seed, cfg.aggregation)
+    if group is not None:  # several workers speak as `aggregator`: one clock orders them
+        from splitfed.distributed import ClockSequencer
+
+        io.seq = ClockSequencer(io.seq.src, io.seq.run_id)
     algo.step_timeout = cfg.step_timeout
+    if isinstance(algo, SplitCNN):
+        algo.defence = defence
     dash = Dashboard(cfg, io, url + (" (embedded)" if embedded else ""))
 
     def on_round(row: dict[str, Any]) -> None:
@@ -569,7 +710,7 @@ def run_serve(
     opts = RunOptions(
         rounds=cfg.rounds, min_clients=cfg.min_clients, join_timeout=cfg.join_timeout,
         round_timeout=cfg.round_timeout, out_dir=cfg.out, checkpoint_dir=checkpoint_dir,
-        resume=cfg.resume, data_info=data_info, on_round=on_round,
+        resume=cfg.resume, data_info=data_info, on_round=on_round, group=group,
     )  # fmt: skip
     metrics: dict[str, Any] | None = None
     view = Live(dash, console=console, refresh_per_second=2, transient=False) if live else None
@@ -578,6 +719,9 @@ def run_serve(
         if embedded is not None:
             embedded.start()
         transport.start(wait=10.0)
+        if group is not None:  # agents join rank 0 only once every worker listens
+            group.barrier()
+            transport.announce()
         if not transport.link.online():
             log.warning("no MQTT broker at %s yet; retrying in the background", url)
         sdnotify.notify(f"READY=1\nSTATUS=waiting for {cfg.min_clients} agents on {url}")
@@ -593,24 +737,32 @@ def run_serve(
         if view is not None:
             view.start()
         metrics = run(algo, io, opts)
+        if own is not None:
+            add_own_report(algo, io, metrics, own[1])
         if eval_ds is not None:
             metrics["final"].update(evaluate_on(algo, eval_ds))
-        metrics["comm"].update(
-            {
-                "messages_up": transport.messages_up,
-                "messages_down": transport.messages_down,
-                "transport_dropped": transport.dropped_total,
-                "transport_dropped_by_reason": dict(transport.dropped),
-                "rejected_by_reason": dict(io.rejected),
-            }
-        )
+        comm: dict[str, Any] = {
+            "messages_up": transport.messages_up,
+            "messages_down": transport.messages_down,
+            "transport_dropped": transport.dropped_total,
+            "transport_dropped_by_reason": dict(transport.dropped),
+            "rejected_by_reason": dict(io.rejected),
+        }
+        if group is not None:
+            from aggregator.workers import pool_counts
+
+            comm = pool_counts(group, comm)
+            metrics["workers"] = group.world_size
+        metrics["comm"].update(comm)
+        metrics["defence"] = defence.model_dump(mode="json")
         metrics["mqtt"] = {
             "broker": url,
             "embedded": embedded is not None,
             "prefix": b.prefix,
             "run_id": b.run_id,
         }
-        write_json(cfg.out / "metrics.json", metrics)
+        if group is None or group.is_main:
+            write_json(cfg.out / "metrics.json", metrics)
         dash.phase = "done"
         if cfg.serve_forever:
             dash.phase = "serving predictions"
@@ -627,6 +779,71 @@ def run_serve(
         if embedded is not None:
             embedded.stop()
     return metrics
+
+
+def own_data_strategy(cfg: ServeConfig, synth_identities: int) -> tuple[Any, dict[str, Any]]:
+    """PyVertical's label holder or FedSL's relay, from `cfg.data` as simulate builds them.
+
+    Returns the strategy and what metrics.json says of the run's data beyond the rounds."""
+    from aggregator.options import load_data
+
+    ds = load_data(cfg.data, cfg.data_format, synth_identities)
+    if cfg.algo == "pyvertical":
+        from splitfed.algorithms.pyvertical.parties import PartySpec, label_holder
+        from splitfed.algorithms.pyvertical.strategy import PyVertical
+
+        labels, vmodel = label_holder(
+            ds, PartySpec(cfg.min_clients, cfg.seed, cfg.split, cfg.model)
+        )
+        log.info(
+            "label holder: %d labelled records of %s; %d data owners hold the parts %s",
+            len(labels.ids),
+            ds.name,
+            cfg.min_clients,
+            [list(b) for b in vmodel.boxes],
+        )
+        info = {"partition": f"vertical:{cfg.min_clients}", "name": ds.name}
+        return PyVertical(vmodel, cfg.train, cfg.seed, labels), info
+    from splitfed.algorithms.fedsl.parties import ROW_BANDS_NOTE, seq_model_config
+    from splitfed.algorithms.fedsl.strategy import FedSL
+    from splitfed.data.clips import clips_for
+
+    if cfg.min_clients % cfg.segments:
+        raise UserError(
+            f"fedsl: --min-clients counts devices, {cfg.segments} per group (--segments): "
+            f"{cfg.min_clients} is not a multiple"
+        )
+    clips = clips_for(ds, cfg.frames)
+    if cfg.segments > clips.frames:
+        raise UserError(f"{cfg.segments} segments need sequences of at least as many frames")
+    seq = str(clips.meta.get("sequence", f"clips of {clips.frames} frames"))
+    if seq.endswith("rows"):
+        log.warning(ROW_BANDS_NOTE.format(frames=clips.frames))
+    if cfg.train.compression == "int8":
+        log.info("fedsl sends hidden states as fp16 (int8 is for conv feature maps)")
+    model_cfg = seq_model_config(clips, cfg.segments, cfg.model)
+    info = {
+        "fedsl": {
+            "segments": cfg.segments,
+            "frames": clips.frames,
+            "devices": cfg.min_clients,
+            "hidden": model_cfg.hidden,
+            "sequence": seq,
+        },
+        "groups": cfg.min_clients // cfg.segments,
+    }
+    return FedSL(model_cfg, cfg.train, cfg.seed), info
+
+
+def add_own_report(algo: Any, io: ServeIO, metrics: dict[str, Any], info: dict[str, Any]) -> None:
+    """What `simulate` reports of PyVertical's alignment or FedSL's chains, from the serve side."""
+    if algo.name == "pyvertical":
+        algo.add_report(metrics, io)
+        metrics["data"].update(name=info["name"], partition=info["partition"])
+        return
+    metrics["clients"] = info["groups"]  # as simulate counts FedSL: client groups
+    metrics["fedsl"] = info["fedsl"]
+    metrics["data"]["sequence"] = info["fedsl"]["sequence"]
 
 
 def serve_predictions(algo: Any, io: ServerIO, stop: threading.Event) -> None:

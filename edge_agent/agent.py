@@ -1,11 +1,13 @@
-"""The device's side of the federation over MQTT: `ClientRuntime` behind one MQTT connection.
+"""The device's side of the federation over MQTT: a device runtime behind one MQTT connection.
 
-Every wire message from the aggregator goes to `ClientRuntime.handle_bytes`, and its replies are
-published on this device's `up` topic: the same runtime the simulator drives, so an agent with
-`--shard I/N` computes what simulated client I computes. The agent joins each aggregator instance
-once (a restarted aggregator gets a fresh JOIN; a reconnected one does not), loads pushed global
-weights without a restart, and turns live frames' smashed data into PREDICT messages whose
-PREDICTION answers it prints and republishes as JSON.
+Every wire message from the aggregator goes to the runtime's `handle_bytes`, and its replies are
+published on this device's `up` topic: the same runtime the simulator drives (`ClientRuntime`
+for the split CNN and FedAvg, `OwnerRuntime` for a PyVertical data owner, `SegmentRuntime` for
+a FedSL segment), so an agent with `--shard I/N` computes what simulated client I computes.
+The agent joins each aggregator instance once (a restarted aggregator gets a fresh JOIN; a
+reconnected one does not), loads pushed global weights without a restart, and turns live
+frames' smashed data into PREDICT messages whose PREDICTION answers it prints and republishes
+as JSON (the split-CNN client only: the other runtimes hold no client half of a whole crop).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from splitfed.client import ClientRuntime
+from splitfed.device import DeviceRuntime
 from splitfed.emotions import EMOTIONS, NUM_CLASSES
 from splitfed.model import ClientNet
 from splitfed.mqtt import (
@@ -78,11 +81,11 @@ class Prediction:
 
 
 class Agent:
-    """Runs a `ClientRuntime` over MQTT; `run()` processes messages until `stop` is set."""
+    """Runs a device runtime over MQTT; `run()` processes messages until `stop` is set."""
 
     def __init__(
         self,
-        runtime: ClientRuntime,
+        runtime: DeviceRuntime,
         settings: LinkSettings,
         prefix: str,
         run_id: str,
@@ -196,6 +199,13 @@ class Agent:
             return
         if kind not in (DOWN, GLOBAL) or (kind == DOWN and cid != self.client_id):
             return
+        if kind == DOWN and self.aggregator_instance is None:
+            # A new process on the session of one that died: the broker restored the
+            # subscriptions, so the retained `online` never came, but the aggregator is
+            # talking to this id. Announce this (stateless) device, or it never trains again.
+            log.info("messages from the aggregator before its status: joining")
+            self.aggregator_instance = "restored-session"
+            self.join()
         self.counters["received"] += 1
         env, _ = read_header(payload)  # a WireError is counted by dispatch
         if env.type is MsgType.PREDICTION:
@@ -244,14 +254,17 @@ class Agent:
 
     def join(self) -> None:
         with self.lock:
-            self.link.publish(self.up_topic, self.runtime.join())
+            data = self.runtime.join()
+            self.link.publish(self.up_topic, data)
             self.counters["joins"] += 1
         self.joined.set()
+        body = read_header(data)[0].body  # what this device announced, whatever its role
         log.info(
-            "%s joined the run %s (%d training samples)",
+            "%s joined the run %s as %s (%d training records)",
             self.client_id,
             self.run_id,
-            len(self.runtime.train),
+            body.get("role", "client"),
+            body.get("n_train", 0),
         )
 
     def close(self, reason: str = "stopped") -> None:
@@ -265,6 +278,8 @@ class Agent:
 
     def _refresh_live_net(self) -> None:
         """Copy the client half after new weights arrive, for the live pipeline's own use."""
+        if not isinstance(self.runtime, ClientRuntime):
+            return  # owners and segments hold no client half of whole crops
         with self.lock:
             net = self.runtime.client_net
             version = self.runtime.weights_version
@@ -277,7 +292,7 @@ class Agent:
             self.on_weights(snapshot, version)
 
     def compression(self) -> str:
-        cfg = self.runtime.train_cfg
+        cfg = getattr(self.runtime, "train_cfg", None)
         return cfg.compression if cfg is not None else "fp32"
 
     def send_predict(self, frame: int, activations: np.ndarray, captured_at: float) -> bool:

@@ -2,6 +2,7 @@
 
 edge-agent --broker mqtt://HOST:PORT --client-id pi-01 --dataset synth --shard 0/3
 edge-agent --broker mqtt://HOST:PORT --client-id pi-01 --camera 0
+edge-agent --broker mqtt://HOST:PORT --client-id owner-00 --role owner --owner-index 0 --owners 2
 edge-agent collect --camera 0 --per-emotion 20
 """
 
@@ -14,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import numpy as np
@@ -23,6 +24,11 @@ from edge_agent.config import AgentConfig, load_config
 from splitfed.cliutil import plain_logging, user_errors
 from splitfed.errors import UserError
 from splitfed.mqtt import LinkSettings
+
+if TYPE_CHECKING:  # torch-heavy modules load only when the agent runs, not for --help
+    from splitfed.data.dataset import EmotionDataset
+    from splitfed.data.vertical import OwnerTable
+    from splitfed.device import DeviceRuntime
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("edge_agent")
@@ -57,6 +63,14 @@ def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
         "live.loop_file": True if kw.get("loop") else None,
         "live.pace_files": False if kw.get("no_pace") else None,
         "exit_when_done": True if kw.get("exit_when_done") else None,
+        "role": kw.get("role"),
+        "owner.index": kw.get("owner_index"),
+        "owner.owners": kw.get("owners"),
+        "segment.group": kw.get("group"),
+        "segment.groups": kw.get("groups"),
+        "segment.segment": kw.get("segment"),
+        "segment.segments": kw.get("segments"),
+        "segment.frames": kw.get("frames"),
     }
     if kw.get("camera") is not None:
         o["live.enabled"] = True
@@ -104,6 +118,40 @@ def _stop_on_signals(stop: threading.Event) -> None:
 @click.option("--tls-ca", help="CA certificate (PEM) of the broker, for mqtts://")
 @click.option("--tls-cert", help="this device's certificate (PEM), for mutual TLS")
 @click.option("--tls-key", help="the private key (PEM) of --tls-cert")
+@click.option(
+    "--role",
+    type=click.Choice(["client", "owner", "segment"]),
+    help="client: split CNN or FedAvg on whole crops (serve --algo sl/sflv1/sflv2/fedavg); "
+    "owner: a PyVertical data owner holding one part of every crop (--algo pyvertical); "
+    "segment: a FedSL device holding one stretch in time of every sequence (--algo fedsl) "
+    "[default: client]",
+)
+@click.option(
+    "--owner-index",
+    type=int,
+    help="owner: the part this device holds, 0-based, of the --owners parts the simulator cuts "
+    "(2: left and right half; 3 and more: brow band and eye band in strips). Owners take the "
+    "parts in the sorted order of their client ids, so give owner K the K-th id "
+    "(owner-00, owner-01, ...) [default: 0]",
+)
+@click.option("--owners", type=int, help="owner: data owners in the run [default: 2]")
+@click.option("--group", type=int, help="segment: this device's client group, 0-based [default: 0]")
+@click.option(
+    "--groups",
+    type=int,
+    help="segment: client groups in the run (the people are shared among them as among "
+    "simulated clients) [default: 1]",
+)
+@click.option(
+    "--segment", type=int, help="segment: this device's stretch of each sequence, 0-based [0]"
+)
+@click.option("--segments", type=int, help="segment: devices per group [default: 2]")
+@click.option(
+    "--frames",
+    type=int,
+    help="segment: time steps per sequence; on still images FedSL reads row bands (top to "
+    "bottom) as time steps [default: 4]",
+)
 @click.option("--camera", help="live frames from a camera index (0), a video file or a stream URL")
 @click.option(
     "--dataset", help="train on: synth, a data-set path, or 'crops' (collected on this device)"
@@ -153,38 +201,42 @@ def main(
     if validate_config:
         click.echo(f"ok: {config_path or 'defaults'} is a valid agent configuration")
         return
-    run_agent(cfg, stats_file)
+    run_agent(cfg, stats_file, ctx.obj.get("runtime_factory"))
 
 
-def run_agent(cfg: AgentConfig, stats_file: Path | None = None) -> dict[str, Any]:
-    """Join the federation and train and/or classify until stopped; returns the agent's stats."""
+def run_agent(
+    cfg: AgentConfig,
+    stats_file: Path | None = None,
+    runtime_factory: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """Join the federation and train and/or classify until stopped; returns the agent's stats.
+
+    `runtime_factory` (ClientRuntime's signature) swaps the device runtime: tests run
+    misbehaving devices (tests/adversaries.py) through the real agent with it."""
     import torch
 
     from edge_agent.agent import Agent, Prediction
-    from edge_agent.store import training_shard
-    from splitfed.client import ClientRuntime
-    from splitfed.data.dataset import EmotionDataset
+    from splitfed.devices.owner import OwnerRuntime
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.role != "client" and cfg.live.enabled:
+        raise UserError(
+            f"--camera classifies frames with the split CNN's client half: --role {cfg.role} "
+            "holds none (use --role client)"
+        )
     if cfg.live.enabled:
         from edge_agent.camera import check_camera
 
         check_camera(cfg.camera)  # said now, not after the global weights arrive
     settings = link_settings(cfg)
-    shard = training_shard(cfg)
-    if shard is None and not cfg.live.enabled:
-        raise UserError(
-            "nothing to do: give --dataset (synth or a path) to train, or --camera to classify "
-            "live (or collect crops first with `edge-agent collect`)"
-        )
-    if shard is None:
-        c = cfg.crop
-        empty = EmotionDataset(
-            "none", np.zeros((0, c.channels, c.height, c.width), np.uint8), np.zeros(0, np.int64)
-        )
-        shard = (empty, empty)
-    runtime = ClientRuntime(cfg.client_id, cfg.broker.run_id, shard[0], shard[1])
+    runtime: DeviceRuntime
+    if cfg.role == "owner":
+        runtime = OwnerRuntime(cfg.client_id, cfg.broker.run_id, owner_table(cfg))
+    elif cfg.role == "segment":
+        runtime = segment_runtime(cfg)
+    else:
+        runtime = _client_runtime(cfg, runtime_factory)
     stop = threading.Event()
     _stop_on_signals(stop)
 
@@ -208,7 +260,7 @@ def run_agent(cfg: AgentConfig, stats_file: Path | None = None) -> dict[str, Any
         )
     pipeline = None
     if cfg.live.enabled:
-        pipeline = _start_live(cfg, agent, stop, train=len(shard[0]) > 0)
+        pipeline = _start_live(cfg, agent, stop, train=len(getattr(runtime, "train", ())) > 0)
     from splitfed import sdnotify
 
     sdnotify.notify(f"READY=1\nSTATUS={cfg.client_id} on {cfg.broker.url}")
@@ -228,6 +280,66 @@ def run_agent(cfg: AgentConfig, stats_file: Path | None = None) -> dict[str, Any
             stats_file.parent.mkdir(parents=True, exist_ok=True)
             stats_file.write_text(json.dumps(stats, indent=1))
     return stats
+
+
+def _client_runtime(cfg: AgentConfig, runtime_factory: Callable[..., Any] | None) -> Any:
+    """`--role client`: shard I/N of the local data, or no training data with --camera only."""
+    from edge_agent.store import training_shard
+    from splitfed.client import ClientRuntime
+    from splitfed.data.dataset import EmotionDataset
+
+    shard = training_shard(cfg)
+    if shard is None and not cfg.live.enabled:
+        raise UserError(
+            "nothing to do: give --dataset (synth or a path) to train, or --camera to classify "
+            "live (or collect crops first with `edge-agent collect`)"
+        )
+    if shard is None:
+        c = cfg.crop
+        empty = EmotionDataset(
+            "none", np.zeros((0, c.channels, c.height, c.width), np.uint8), np.zeros(0, np.int64)
+        )
+        shard = (empty, empty)
+    make = runtime_factory or ClientRuntime
+    return make(cfg.client_id, cfg.broker.run_id, shard[0], shard[1])
+
+
+def _local_data(cfg: AgentConfig) -> EmotionDataset:
+    from edge_agent.store import load_local_data
+
+    ds = load_local_data(cfg)
+    if ds is None:
+        raise UserError(f"--role {cfg.role} trains on local data: give --dataset (synth or a path)")
+    return ds
+
+
+def owner_table(cfg: AgentConfig) -> OwnerTable:
+    """`--role owner`: this device's part of each record, under the records' ids.
+
+    The one place an owner's data come from: today the simulator's vertical partition of the
+    local data set (the same owners, seed and split as `simulate --algo pyvertical`, of which
+    this device keeps part --owner-index); a loader of real multi-camera records replaces
+    this function's body and nothing else."""
+    from splitfed.algorithms.pyvertical.parties import PartySpec, partitioned_owner
+
+    spec = PartySpec(cfg.owner.owners, cfg.data.seed, cfg.data.split)
+    return partitioned_owner(_local_data(cfg), spec, cfg.owner.index)
+
+
+def segment_runtime(cfg: AgentConfig) -> DeviceRuntime:
+    """`--role segment`: group G's sequences, frames of segment K, the labels if K is last."""
+    from splitfed.algorithms.fedsl.parties import SegmentSpec, segment_part
+    from splitfed.devices.segment import SegmentRuntime
+
+    sc = cfg.segment
+    spec = SegmentSpec(
+        sc.groups, sc.frames, sc.segments, cfg.data.seed, cfg.data.partition, cfg.data.split
+    )
+    part = segment_part(_local_data(cfg), spec, sc.group, sc.segment)
+    return SegmentRuntime(
+        cfg.client_id, cfg.broker.run_id, sc.group, sc.segment, part.train, part.test,
+        part.train_labels, part.test_labels,
+    )  # fmt: skip
 
 
 def _start_live(cfg: AgentConfig, agent: Any, stop: threading.Event, train: bool) -> Any:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from splitfed.data.crop import CropConfig
 from splitfed.errors import UserError
@@ -96,6 +96,39 @@ class DataConfig(_Strict):
         return i, n
 
 
+class OwnerConfig(_Strict):
+    """`role: owner` (PyVertical): which part of every record this device holds."""
+
+    index: int = Field(0, ge=0, le=31, description="this owner's part, 0-based (--owner-index)")
+    owners: int = Field(2, ge=1, le=32, description="data owners in the run (--owners)")
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> OwnerConfig:
+        if self.index >= self.owners:
+            raise ValueError(f"owner index {self.index} needs more than {self.owners} owners")
+        return self
+
+
+class SegmentConfig(_Strict):
+    """`role: segment` (FedSL): which group's clips, and which stretch of them in time."""
+
+    group: int = Field(0, ge=0, description="this device's client group, 0-based (--group)")
+    groups: int = Field(1, ge=1, description="client groups in the run (--groups)")
+    segment: int = Field(0, ge=0, description="this device's segment in time, 0-based")
+    segments: int = Field(2, ge=1, le=64, description="devices per group (--segments)")
+    frames: int = Field(4, ge=2, le=64, description="frames (or row bands) per sequence")
+
+    @model_validator(mode="after")
+    def _in_range(self) -> SegmentConfig:
+        if self.group >= self.groups:
+            raise ValueError(f"group {self.group} needs more than {self.groups} groups")
+        if self.segment >= self.segments:
+            raise ValueError(f"segment {self.segment} needs more than {self.segments} segments")
+        if self.segments > self.frames:
+            raise ValueError(f"{self.segments} segments need at least as many frames")
+        return self
+
+
 class LiveConfig(_Strict):
     """Live classification of camera frames (detect -> crop -> client half -> aggregator)."""
 
@@ -127,6 +160,12 @@ class CollectConfig(_Strict):
 
 
 class AgentConfig(_Strict):
+    role: Literal["client", "owner", "segment"] = Field(
+        "client",
+        description="client: split CNN / FedAvg on whole crops (sl, sflv1, sflv2, fedavg); "
+        "owner: PyVertical data owner of one part of each crop; segment: FedSL device of one "
+        "stretch in time of each sequence",
+    )
     client_id: str = Field(
         default_factory=default_client_id,
         pattern=ID,
@@ -142,6 +181,8 @@ class AgentConfig(_Strict):
         Path("/var/lib/splitfed"), description="weights, models and collected crops"
     )
     data: DataConfig = Field(default_factory=DataConfig, description="local training data")
+    owner: OwnerConfig = Field(default_factory=OwnerConfig, description="role owner")
+    segment: SegmentConfig = Field(default_factory=SegmentConfig, description="role segment")
     live: LiveConfig = Field(default_factory=LiveConfig, description="live camera classification")
     collect: CollectConfig = Field(
         default_factory=CollectConfig, description="guided crop collection"

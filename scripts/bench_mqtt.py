@@ -10,10 +10,13 @@ Measured, on this machine, with a Mosquitto it starts on a free loopback port:
 3. p50 / p99 latency from an agent publishing smashed data to receiving its gradient;
 4. 50 agents (separate MQTT connections, threads of one process) through one Mosquitto in one
    round, with every message accounted for;
-5. the aggregator's training samples per second with 1, 10 and 50 agents.
+5. the aggregator's training samples per second with 1, 10 and 50 agents;
+6. PyVertical (2 `--role owner` agents) and FedSL (1 group x 2 `--role segment` agents):
+   wall time per round over Mosquitto against the simulator, and bytes per training sample.
 
     python scripts/bench_mqtt.py --out bench-mqtt.md            # a few minutes
     python scripts/bench_mqtt.py --out bench-mqtt.md --quick    # smaller, for a smoke test
+    python scripts/bench_mqtt.py --out bench-deployed.md --only deployed --quick   # 6 only
 """
 
 from __future__ import annotations
@@ -85,11 +88,12 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def serve(url: str, out: Path, run_id: str, clients: int, rounds: int, compression: str,
-          log: Path, grad: str = "fp32") -> subprocess.Popen[bytes]:  # fmt: skip
-    cmd = [*SERVE, "--broker", url, "--algo", "sflv1", "--min-clients", str(clients), "--rounds",
+          log: Path, grad: str = "fp32", algo: str = "sflv1",
+          extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:  # fmt: skip
+    cmd = [*SERVE, "--broker", url, "--algo", algo, "--min-clients", str(clients), "--rounds",
            str(rounds), "--compression", compression, "--grad-compression", grad, "--threads", "1",
            "--run-id", run_id, "--out", str(out), "--no-resume", "--join-timeout", "600",
-           "--round-timeout", "900"]  # fmt: skip
+           "--round-timeout", "900", *extra]  # fmt: skip
     env = {**os.environ, "COLUMNS": "160"}
     return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
@@ -180,6 +184,84 @@ def pool_run(url: str, work: Path, n: int, identities: int) -> tuple[dict[str, A
     return json.loads((work / "out" / "metrics.json").read_text()), agents
 
 
+# PyVertical: 2 data owners; FedSL: 1 client group of 2 segment devices.
+DEPLOYED = {
+    **{a: (2, [("--shard", f"{i}/2") for i in range(2)]) for a in ("fedavg", "sl", "sflv1", "sflv2")},
+    "pyvertical": (2, [("--role", "owner", "--owner-index", str(i), "--owners", "2")
+                       for i in range(2)]),
+    "fedsl": (1, [("--role", "segment", "--group", "0", "--groups", "1", "--segment", str(k),
+                   "--segments", "2", "--frames", "4") for k in range(2)]),
+}  # fmt: skip
+
+
+def deployed_run(
+    url: str, work: Path, algo: str, rounds: int, identities: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """serve + role agents over Mosquitto, and the simulator on the same run: (mqtt, sim)."""
+    import torch
+
+    from splitfed.config import TrainConfig
+    from splitfed.data.synth import SynthConfig, generate_synth
+    from splitfed.simulate import SimSpec, simulate
+
+    work.mkdir(parents=True, exist_ok=True)
+    clients, roles = DEPLOYED[algo]
+    run_id = f"bench-{algo}"
+    extra = ("--synth-identities", str(identities))
+    agg = serve(url, work / "out", run_id, len(roles), rounds, "fp32", work / "serve.log",
+                algo=algo, extra=extra)  # fmt: skip
+    agents = []
+    for i, role in enumerate(roles):
+        cmd = [*AGENT, "--broker", url, "--client-id", f"{algo[:5]}-{i:02d}", *role, "--dataset",
+               "synth", "--synth-identities", str(identities), "--threads", "1", "--run-id",
+               run_id, "--exit-when-done"]  # fmt: skip
+        log = (work / f"agent{i}.log").open("wb")
+        agents.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+    if agg.wait(3600) != 0:
+        sys.exit(f"serve --algo {algo} failed; see {work / 'serve.log'}")
+    for p in agents:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            stop(p)
+    mq = json.loads((work / "out" / "metrics.json").read_text())
+    torch.set_num_threads(1)
+    ds = generate_synth(SynthConfig(identities=identities))
+    sim = simulate(ds, SimSpec(algo, clients, rounds, seed=0, train=TrainConfig()))
+    return mq, sim
+
+
+def deployed_lines(runs: dict[str, tuple[dict[str, Any], dict[str, Any]]], rounds: int,
+                   identities: int) -> list[str]:  # fmt: skip
+    lines = [
+        "### Every deployable algorithm: MQTT vs simulator",
+        "",
+        "`aggregator serve --algo fedavg|sl|sflv1|sflv2` + 2 `edge-agent` processes (one shard "
+        "each), `--algo pyvertical` + 2 `edge-agent --role owner` processes, and "
+        f"`--algo fedsl` + 1 group x 2 `--role segment` processes (4 frames per clip), over "
+        f"Mosquitto; synthetic set of {identities} people, batch 32, seed 0, {rounds} rounds, "
+        "fp32. PyVertical's first round includes PSI and alignment. Bytes: MQTT payload bytes of "
+        "the training traffic per training sample (FedSL: hidden states and their gradients "
+        "relayed through the aggregator, and each segment's weights). Centralized has no "
+        "network to measure.",
+        "",
+        "| algorithm | simulator s/round | MQTT s/round | MQTT s/round, rounds 2+ | ratio "
+        "(rounds 2+) | MQTT B/sample | simulator B/sample | same train losses |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for algo, (mq, sim) in runs.items():
+        mq_s = [r["seconds"] for r in mq["rounds"]]
+        sim_s = [r["seconds"] for r in sim["rounds"]]
+        same = [r["train_loss"] for r in mq["rounds"]] == [r["train_loss"] for r in sim["rounds"]]
+        ratio = np.mean(mq_s[1:] or mq_s) / np.mean(sim_s[1:] or sim_s)
+        lines.append(
+            f"| {algo} | {np.mean(sim_s):.2f} | {np.mean(mq_s):.2f} | "
+            f"{np.mean(mq_s[1:] or mq_s):.2f} | {ratio:.2f}x | {train_bytes(mq)[2]:,.0f} | "
+            f"{train_bytes(sim)[2]:,.0f} | {'yes' if same else 'NO'} |"
+        )
+    return [*lines, ""]
+
+
 def train_bytes(m: dict[str, Any]) -> tuple[float, float, float]:
     """(uplink, downlink, total) MQTT payload bytes per training sample, training traffic only."""
     up = sum(r["bytes_up"] for r in m["rounds"])
@@ -194,9 +276,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8, help="rounds of the compression runs")
     ap.add_argument("--identities", type=int, default=40, help="synthetic people (4-client runs)")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    ap.add_argument(
+        "--only", choices=["all", "deployed"], default="all",
+        help="deployed: only every deployable algorithm, MQTT vs simulator (section 6)",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.identities = 2, 12
+    if args.only == "deployed":
+        work = Path(tempfile.mkdtemp(prefix="bench-mqtt-"))
+        broker, url = start_mosquitto(work / "mosquitto")
+        try:
+            deployed = {}
+            for algo in DEPLOYED:
+                print(f"{algo} over Mosquitto and in the simulator ...", flush=True)
+                deployed[algo] = deployed_run(url, work / algo, algo, args.rounds, args.identities)
+        finally:
+            stop(broker)
+        text = "\n".join(deployed_lines(deployed, args.rounds, args.identities))
+        args.out.write_text(text)
+        print(text)
+        shutil.rmtree(work, ignore_errors=True)
+        return
     pool_identities = 64  # 50 subject-wise shards need at least 50 training people
     lines: list[str] = []
     work = Path(tempfile.mkdtemp(prefix="bench-mqtt-"))
@@ -219,6 +320,10 @@ def main() -> None:
         for n in (1, 10, 50):
             print(f"{n} agents in one process, one round ...", flush=True)
             pools[n] = pool_run(url, work / f"pool{n}", n, pool_identities)
+        deployed = {}
+        for algo in DEPLOYED:
+            print(f"{algo} over Mosquitto and in the simulator ...", flush=True)
+            deployed[algo] = deployed_run(url, work / algo, algo, args.rounds, args.identities)
     finally:
         stop(broker)
 
@@ -308,7 +413,8 @@ def main() -> None:
         )
     lines += [
         "",
-        f"Synthetic set of {pool_identities} people for these runs; the aggregator counts every "
+        *deployed_lines(deployed, args.rounds, args.identities),
+        f"Synthetic set of {pool_identities} people for the many-agents runs; the aggregator counts every "
         "message it received before it wrote metrics.json (the agents' LEAVE messages come after). "
         f"Benchmark wall time: {time.time() - started:.0f} s.",
         "",

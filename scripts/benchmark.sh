@@ -1,22 +1,54 @@
 #!/usr/bin/env bash
 # Produce BENCHMARKS.md: every number in it is measured by the scripts below, in one run on this
-# machine. Slow (tens of minutes on 2 cores); not part of the tests.
+# machine. Slow (a few hours on 2 cores); not part of the tests. Each script writes its section
+# under runs/bench/; the last step puts them together. SECTIONS=core,mqtt,... runs only those
+# and keeps the other sections' files from earlier runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
 PY=.venv/bin/python
-mkdir -p runs/bench
+B=runs/bench
+mkdir -p "$B"
 ROUNDS=${ROUNDS:-15}
-$PY scripts/bench_core.py --rounds "$ROUNDS" --out runs/bench/core --section runs/bench/core.md
-$PY scripts/bench_mqtt.py --out runs/bench/mqtt.md
-$PY scripts/bench_export.py --checkpoint runs/bench/core/centralized-2/checkpoint --out runs/bench/export.md
+SECTIONS=${SECTIONS:-core,mqtt,robust,soak,views,recipe,shift,privacy,export}
+want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
+
+want core && $PY scripts/bench_core.py --rounds "$ROUNDS" --out $B/core --section $B/core.md
+# The federation over Mosquitto, and every deployable algorithm against the simulator.
+want mqtt && $PY scripts/bench_mqtt.py --out $B/mqtt.md
+# One malicious device against mean and the robust rule (issue 8).
+want robust && $PY scripts/bench_robust.py --out $B
+# Chaos soak: kills, restarts, a broker restart, hostile traffic; each run <= 5 min.
+want soak && $PY scripts/soak.py --out runs/soak/soak.json
+# PyVertical on several cameras against one.
+want views && $PY scripts/bench_views.py --out $B/views
+# Cross-validated scratch against pretrained, in domain and on the domain-shift proxy.
+want recipe && $PY scripts/bench_recipe.py --clients 2,5,10 --out $B/recipe
+want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.md
+want privacy && $PY scripts/bench_privacy.py --section $B/privacy.md
+want export && $PY scripts/bench_export.py --checkpoint $B/core/centralized-2/checkpoint --out $B/export.md
+
+section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the file's own first heading
+    [ -f "$2" ] || return 0
+    echo "## $1"
+    echo
+    sed '1{/^#/d}' "$2"
+    echo
+}
 {
     echo "# Benchmarks"
     echo
     echo "Measured by \`scripts/benchmark.sh\` (which runs the \`scripts/bench_*.py\` below) on $(uname -m), $(nproc) cores, $(date -u +%Y-%m-%d). The machine is shared and noisy: compare ratios within one section, not absolute times across sections. Every accuracy here is on SYNTHETIC eye regions (\`splitfed/data/synth.py\`), not on real faces; KDEF could not be fetched on this machine, so the thesis's KDEF numbers are not compared."
     echo
-    for f in runs/bench/core.md runs/bench/mqtt.md runs/bench/export.md; do
+    for f in $B/core.md $B/mqtt.md; do
         [ -f "$f" ] && { cat "$f"; echo; }
     done
+    section "One malicious device against the aggregation rules (\`scripts/bench_robust.py\`)" $B/robust.md
+    section "Chaos soak (\`scripts/soak.py\`)" runs/soak/soak.md
+    section "PyVertical on several cameras against one (\`scripts/bench_views.py\`)" $B/views/results.md
+    section "Cross-validated accuracy: from scratch and pretrained (\`scripts/bench_recipe.py\`)" $B/recipe/results.md
+    section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
+    section "Privacy: leakage of the smashed data by defence (\`scripts/bench_privacy.py\`)" $B/privacy.md
+    [ -f $B/export.md ] && cat $B/export.md
 } > BENCHMARKS.md
 echo "wrote BENCHMARKS.md"

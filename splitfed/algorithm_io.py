@@ -7,6 +7,7 @@ and counts as `ServerIO`, with the algorithm's own tensor specs.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 from splitfed.config import TrainConfig
@@ -46,6 +47,9 @@ class AlgorithmIO(ServerIO):
     ) -> None:
         super().__init__(transport, run_id, ModelConfig(), train_cfg, max_batch)
         self.join_info: dict[str, dict[str, Any]] = {}
+        # JOINs per device: one that joins again restarted and lost its state (PyVertical
+        # aligns its records again).
+        self.joins: Counter[str] = Counter()
         self.validator = Validator(
             run_id,
             {MsgType.JOIN: {}, MsgType.LEAVE: {}, **specs},
@@ -67,6 +71,7 @@ class AlgorithmIO(ServerIO):
         out = super()._accept(ev)
         if isinstance(out, Message) and out.type is MsgType.JOIN and out.src in self.clients:
             self.join_info[out.src] = dict(out.env.body)
+            self.joins[out.src] += 1
         return out
 
 

@@ -22,11 +22,17 @@ from splitfed.training import load_numpy_state
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
+STATE_KEY, INFO_KEY = "algorithm_state", "checkpoint_info"  # the two parts of state.pt
 INFO_FILE = "checkpoint.json"
 
 
 def save_checkpoint(directory: Path, algo: Any, info: dict[str, Any]) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact.
+
+    Each file is replaced atomically, but three files cannot be replaced together, so the one a
+    resume reads, state.pt, carries its own copy of the info: a crash between two replacements
+    resumes from a state and info of the same round (checkpoint.json is for people and tools).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     tensors = algo.checkpoint_tensors()  # client.* and server.* for the split CNN
     meta = {
@@ -38,7 +44,7 @@ def save_checkpoint(directory: Path, algo: Any, info: dict[str, Any]) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
     tmp.replace(directory / MODEL_FILE)
     tmp = directory / (STATE_FILE + ".tmp")
-    torch.save(algo.state(), tmp)
+    torch.save({STATE_KEY: algo.state(), INFO_KEY: json.dumps(info)}, tmp)
     tmp.replace(directory / STATE_FILE)
     tmp = directory / (INFO_FILE + ".tmp")
     tmp.write_text(json.dumps(info, indent=2))
@@ -124,6 +130,7 @@ def load_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
     info_path = directory / INFO_FILE
     if not info_path.exists() or not (directory / STATE_FILE).exists():
         return None
-    info = json.loads(info_path.read_text())
-    state = torch.load(directory / STATE_FILE, weights_only=True)
-    return state, info
+    saved = torch.load(directory / STATE_FILE, weights_only=True)
+    if isinstance(saved, dict) and STATE_KEY in saved and INFO_KEY in saved:
+        return saved[STATE_KEY], json.loads(saved[INFO_KEY])
+    return saved, json.loads(info_path.read_text())  # written before state.pt carried its info

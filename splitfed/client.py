@@ -3,12 +3,23 @@
 `ClientRuntime.handle_bytes` takes one message from the aggregator and returns the messages to
 send back. The in-process simulator calls it directly; the MQTT edge agent calls it from its
 network loop. Both therefore run exactly this code, and only the delivery differs.
+
+Everything that leaves the device as smashed data goes through `splitfed.defences.to_wire`
+(client half -> noise -> compression), and the gradient comes back through `nopeek_backward`,
+under the defence the round configures. The noise is keyed with this device's own secret,
+which the aggregator never learns, so it cannot regenerate the noise and subtract it.
+
+In a U-shaped split (`ModelConfig.shape == "u"`) the device also holds the classifier head
+and the labels: the aggregator sends back the server half's features (FEATURES), the device
+computes the loss and answers with its gradient (FEATURE_GRADS); no label and no logit of a
+labelled sample leaves the device.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,12 +30,14 @@ from torch import nn
 from splitfed.config import TrainConfig
 from splitfed.data.batches import iterate_batches
 from splitfed.data.dataset import EmotionDataset
+from splitfed.defences import DefenceConfig, WireBatch, nopeek_backward, to_wire
 from splitfed.device import DeviceRuntime
 from splitfed.model import (
     ClientNet,
     ModelConfig,
     ServerNet,
     build_split_model,
+    feature_dim,
     seeded,
     smashed_shape,
 )
@@ -46,7 +59,7 @@ from splitfed.wire import (
     Validator,
     activation_spec,
     encode,
-    pack_activations,
+    pack_gradients,
     weights_spec,
 )
 
@@ -54,7 +67,9 @@ log = logging.getLogger(__name__)
 
 CLIENT_PREFIX = "w."
 SERVER_PREFIX = "s."
+HEAD_PREFIX = "h."  # U-shape: the classifier head (ServerNet.fc), which trains on the device
 EVAL_BATCH = 256
+EVAL_NOISE_STREAM = 1_000_000  # noise keys of evaluation batches, apart from training steps
 
 
 @dataclass
@@ -66,6 +81,14 @@ class _Round:
     step: int = 0
     samples: int = 0
     pending: tuple[int, torch.Tensor] | None = None  # (step, activations with graph)
+    # What the backward step of the batch in flight needs: its crops (NoPeek), what went on
+    # the wire, and (U-shape) its labels, kept here and never sent.
+    x: torch.Tensor | None = None
+    wire: WireBatch | None = None
+    y: torch.Tensor | None = None
+    head_done: bool = False  # U-shape: the head stepped, the client half's gradient is due
+    loss_sum: float = 0.0  # U-shape: the device computes the loss, so it counts it
+    correct: int = 0
 
 
 @dataclass
@@ -87,7 +110,10 @@ class ClientRuntime(DeviceRuntime):
         train: EmotionDataset,
         test: EmotionDataset | None = None,
         aggregator_id: str = "aggregator",
+        secret: int | None = None,
     ) -> None:
+        """`secret` keys the activation noise; None draws a fresh one (OS randomness), which
+        is what a device wants: it never leaves the device, so nobody can replay the noise."""
         self.client_id = client_id
         self.train = train
         self.test = test
@@ -99,6 +125,9 @@ class ClientRuntime(DeviceRuntime):
         self.server_net: ServerNet | None = None  # only for algorithms that train the full model
         self.opt: torch.optim.Optimizer | None = None
         self.full_opt: torch.optim.Optimizer | None = None
+        self.head_opt: torch.optim.Optimizer | None = None  # U-shape: the classifier head's
+        self.defence = DefenceConfig()
+        self.secret = secrets.randbits(62) if secret is None else int(secret)
         self.weights_version = -1
         self.round: _Round | None = None
         self.evals: dict[str, _Eval] = {}
@@ -112,6 +141,7 @@ class ClientRuntime(DeviceRuntime):
                 MsgType.EVAL_REQUEST: self._weights_spec,
                 MsgType.GLOBAL_WEIGHTS: self._weights_spec,
                 MsgType.GRADIENTS: self._grad_spec,
+                MsgType.FEATURES: self._features_spec,
                 MsgType.EVAL_PREDICTIONS: {"pred": (frozenset({"I64"}), (-1,))},
             },
             known_sender=lambda src: src == aggregator_id,
@@ -123,8 +153,11 @@ class ClientRuntime(DeviceRuntime):
         if model_json not in self._spec_cache:
             cfg = ModelConfig.model_validate(env.body["model"])
             client, server = build_split_model(cfg, 0)
+            client_spec = weights_spec(state_to_numpy(client), CLIENT_PREFIX)
+            if cfg.shape == "u":  # the head travels with the client half
+                client_spec.update(weights_spec(state_to_numpy(server.fc), HEAD_PREFIX))
             self._spec_cache[model_json] = (
-                weights_spec(state_to_numpy(client), CLIENT_PREFIX),
+                client_spec,
                 weights_spec(state_to_numpy(server), SERVER_PREFIX),
             )
         client_spec, server_spec = self._spec_cache[model_json]
@@ -136,6 +169,11 @@ class ClientRuntime(DeviceRuntime):
         if self.model_cfg is None:
             raise ValueError("gradients before any round started")
         return {"grad": (frozenset({"F32", "F16"}), (-1, *smashed_shape(self.model_cfg)))}
+
+    def _features_spec(self, env: Envelope) -> ShapeSpec:
+        if self.model_cfg is None or self.model_cfg.shape != "u":
+            raise ValueError("features outside a U-shaped run")
+        return {"features": (frozenset({"F32"}), (-1, feature_dim(self.model_cfg)))}
 
     # ---- protocol -----------------------------------------------------------------------------
 
@@ -154,6 +192,7 @@ class ClientRuntime(DeviceRuntime):
         handlers = {
             MsgType.ROUND_START: self._on_round_start,
             MsgType.GRADIENTS: self._on_gradients,
+            MsgType.FEATURES: self._on_features,
             MsgType.EVAL_REQUEST: self._on_eval_request,
             MsgType.EVAL_PREDICTIONS: self._on_eval_predictions,
             MsgType.GLOBAL_WEIGHTS: self._on_global_weights,
@@ -173,7 +212,15 @@ class ClientRuntime(DeviceRuntime):
             self.client_net, self.server_net = build_split_model(model_cfg, body["seed"])
             self.opt = make_optimizer(self.client_net.parameters(), train_cfg)
             self.full_opt = None
+            self.head_opt = None
         self.model_cfg, self.train_cfg = model_cfg, train_cfg
+        # Noise and NoPeek as the round asks; cut, bottleneck and compression are already in
+        # the model and training settings. An aggregator that sends none gets none.
+        self.defence = DefenceConfig.model_validate(body.get("defence") or {})
+
+    @property
+    def ushaped(self) -> bool:
+        return self.model_cfg is not None and self.model_cfg.shape == "u"
 
     def _load(self, msg: Message) -> None:
         assert self.client_net is not None and self.server_net is not None
@@ -181,6 +228,8 @@ class ClientRuntime(DeviceRuntime):
             load_numpy_state(self.client_net, unprefixed(msg.tensors, CLIENT_PREFIX))
         if any(k.startswith(SERVER_PREFIX) for k in msg.tensors):
             load_numpy_state(self.server_net, unprefixed(msg.tensors, SERVER_PREFIX))
+        if any(k.startswith(HEAD_PREFIX) for k in msg.tensors):
+            load_numpy_state(self.server_net.fc, unprefixed(msg.tensors, HEAD_PREFIX))
         self.weights_version = int(msg.env.body.get("weights_version", self.weights_version))
 
     # ---- training -----------------------------------------------------------------------------
@@ -197,8 +246,11 @@ class ClientRuntime(DeviceRuntime):
         if body["mode"] == "local" and self.full_opt is None and self.server_net is not None:
             # Separate optimizers per half equal one over both: Adam and SGD act per parameter.
             self.full_opt = make_optimizer(self.server_net.parameters(), cfg)
+        if self.ushaped and self.head_opt is None and self.server_net is not None:
+            self.head_opt = make_optimizer(self.server_net.fc.parameters(), cfg)
         set_lr(self.opt, lr)
         set_lr(self.full_opt, lr)
+        set_lr(self.head_opt, lr)
         key = (int(body["seed"]), msg.env.round, int(body["client_index"]))
         batches = iterate_batches(
             self.train,
@@ -223,11 +275,19 @@ class ClientRuntime(DeviceRuntime):
             return self._update_message(reply_to, {})
         self.client_net.train()
         with seeded(r.seed, r.round, r.index, r.step, 0):
-            act = self.client_net(x)
-        r.pending = (r.step, act)
+            wire = to_wire(
+                self.client_net,
+                x,
+                self.defence,
+                self.train_cfg.compression,
+                (r.seed, r.round, r.index, r.step, self.secret),
+            )
+        r.pending = (r.step, wire.activations)
+        r.x, r.wire, r.y, r.head_done = x, wire, y, False
         r.samples += len(y)
-        tensors = pack_activations(act.detach().numpy(), self.train_cfg.compression)
-        tensors["labels"] = y.numpy()
+        tensors = dict(wire.tensors)
+        if not self.ushaped:
+            tensors["labels"] = y.numpy()
         body = {"step": r.step, "client_index": r.index}
         return self.seq.make(MsgType.SMASHED, r.round, body, tensors, reply_to=reply_to)
 
@@ -238,18 +298,69 @@ class ClientRuntime(DeviceRuntime):
         step, act = r.pending
         if int(msg.env.body.get("step", -1)) != step:
             raise ValueError(f"gradients for step {msg.env.body.get('step')}, expected {step}")
+        if self.ushaped and not r.head_done:
+            raise ValueError("gradients before the features of the batch")
         grad = torch.from_numpy(msg.tensors["grad"].astype(np.float32))
         if grad.shape != act.shape:
             raise ValueError(
                 f"gradient shape {tuple(grad.shape)} != activations {tuple(act.shape)}"
             )
-        assert self.opt is not None
+        assert self.opt is not None and r.x is not None and r.wire is not None
         self.opt.zero_grad(set_to_none=True)
-        act.backward(grad)
+        nopeek_backward(r.x, r.wire, grad, self.defence)
         self.opt.step()
-        r.pending = None
+        r.pending, r.x, r.wire, r.y = None, None, None, None
         r.step += 1
         return [self._next_smashed(msg.env.message_id)]
+
+    def _on_features(self, msg: Message) -> list[Message]:
+        """U-shape: the server half's output. Training: head forward, loss, head step, and the
+        loss gradient back; evaluation: the predictions, counted here."""
+        if "split" in msg.env.body:
+            pred = self._head_predict(msg.tensors["features"])
+            return self._count_predictions(msg, pred)
+        r = self.round
+        if r is None or r.pending is None or r.round != msg.env.round or r.head_done:
+            raise ValueError("features without a batch in flight")
+        step = r.pending[0]
+        if int(msg.env.body.get("step", -1)) != step:
+            raise ValueError(f"features for step {msg.env.body.get('step')}, expected {step}")
+        assert r.y is not None and self.server_net is not None and self.head_opt is not None
+        assert self.train_cfg is not None
+        feat = torch.from_numpy(msg.tensors["features"].astype(np.float32))
+        if feat.shape[0] != len(r.y):
+            raise ValueError(f"features for {feat.shape[0]} samples, the batch has {len(r.y)}")
+        feat.requires_grad_(True)
+        self.server_net.train()
+        # The same seed as the server half's forward in a plain split: the head's dropout is the
+        # half's only random draw, so the U-shape changes no arithmetic.
+        with seeded(r.seed, r.round, r.index, step, 1):
+            out = self.server_net.head(feat)
+        loss = nn.functional.cross_entropy(out, r.y)
+        self.head_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.head_opt.step()
+        r.loss_sum += loss.item() * len(r.y)
+        r.correct += int((out.argmax(1) == r.y).sum())
+        r.head_done = True
+        assert feat.grad is not None
+        tensors = pack_gradients(feat.grad.numpy(), self.train_cfg.grad_compression)
+        return [
+            self.seq.make(
+                MsgType.FEATURE_GRADS,
+                r.round,
+                {"step": step},
+                tensors,
+                reply_to=msg.env.message_id,
+            )
+        ]
+
+    def _head_predict(self, features: np.ndarray) -> np.ndarray:
+        assert self.server_net is not None
+        self.server_net.eval()
+        with torch.no_grad():
+            out = self.server_net.head(torch.from_numpy(features.astype(np.float32)))
+        return out.argmax(1).numpy().astype(np.int64)
 
     def _update_message(self, reply_to: str, extra: dict) -> Message:  # type: ignore[type-arg]
         r = self.round
@@ -258,6 +369,11 @@ class ClientRuntime(DeviceRuntime):
         if extra.get("full"):
             assert self.server_net is not None
             tensors.update(prefixed(state_to_numpy(self.server_net), SERVER_PREFIX))
+        elif self.ushaped:
+            # The head, and the round's loss and hits: sums over the round, never per sample.
+            assert self.server_net is not None
+            tensors.update(prefixed(state_to_numpy(self.server_net.fc), HEAD_PREFIX))
+            extra = {"loss_sum": r.loss_sum, "correct": r.correct, **extra}
         body = {"n_samples": len(self.train), "steps": r.step, "seen": r.samples, **extra}
         self.round = None
         return self.seq.make(MsgType.CLIENT_UPDATE, r.round, body, tensors, reply_to=reply_to)
@@ -333,28 +449,40 @@ class ClientRuntime(DeviceRuntime):
             msg.env.round, split, expected=len(batches), conf=np.zeros((7, 7), dtype=np.int64)
         )
         self.evals[split] = ev
+        seed = int(body.get("seed", 0))
         with torch.no_grad():
             for step, (x, y) in enumerate(batches):
                 ev.labels[step] = y.numpy()
-                tensors = pack_activations(self.client_net(x).numpy(), self.train_cfg.compression)
+                key = (seed, msg.env.round, EVAL_NOISE_STREAM + step, self.secret)
+                wire = to_wire(self.client_net, x, self.defence, self.train_cfg.compression, key)
                 b = {"split": split, "step": step, "steps": len(batches)}
                 out.append(
                     self.seq.make(
-                        MsgType.EVAL_SMASHED, msg.env.round, b, tensors, reply_to=msg.env.message_id
+                        MsgType.EVAL_SMASHED,
+                        msg.env.round,
+                        b,
+                        wire.tensors,
+                        reply_to=msg.env.message_id,
                     )
                 )
         return out
 
     def _on_eval_predictions(self, msg: Message) -> list[Message]:
+        if self.ushaped:
+            raise ValueError("predictions from the aggregator in a U-shaped run")
+        return self._count_predictions(msg, msg.tensors["pred"])
+
+    def _count_predictions(self, msg: Message, pred: np.ndarray) -> list[Message]:
+        """Count one evaluation batch's predictions; the confusion once all have come."""
         split = str(msg.env.body["split"])
         ev = self.evals.get(split)
         step = int(msg.env.body["step"])
         if ev is None or step not in ev.labels or ev.round != msg.env.round:
             raise ValueError(f"predictions for unknown eval step {split}/{step}")
-        y = ev.labels.pop(step)
-        pred = msg.tensors["pred"]
+        y = ev.labels[step]
         if pred.shape != y.shape:
             raise ValueError("prediction count does not match the batch")
+        del ev.labels[step]
         assert ev.conf is not None
         ev.conf += confusion(y, pred.astype(np.int64))
         if ev.labels:

@@ -41,6 +41,11 @@ class ModelConfig(BaseModel):
     )
     dropout: float = Field(0.3, ge=0.0, lt=1.0, description="dropout before the classifier")
     num_classes: int = Field(NUM_CLASSES, description="number of emotions")
+    shape: Literal["standard", "u"] = Field(
+        "standard",
+        description="'u': U-shaped split, the device also runs the classifier head and keeps "
+        "the labels; the aggregator returns the server half's features, never sees a logit",
+    )
 
     def model_post_init(self, _context: object) -> None:
         if not 1 <= self.cut <= len(self.widths):
@@ -118,8 +123,16 @@ class ServerNet(nn.Module):
         self.fc = nn.Linear(width * pool[0] * pool[1], num_classes)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.pool(self.blocks(h)).flatten(1)
-        return self.fc(self.dropout(h))
+        return self.head(self.features(h))
+
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """The aggregator's part in a U-shaped split: blocks and pooling, no dropout (no RNG)."""
+        return self.pool(self.blocks(h)).flatten(1)
+
+    def head(self, f: torch.Tensor) -> torch.Tensor:
+        """The classifier head (dropout, linear): on the device in a U-shaped split, so the
+        dropout draws come first under the half's seed exactly as in the unsplit forward."""
+        return self.fc(self.dropout(f))
 
 
 def build_split_model(cfg: ModelConfig, seed: int) -> tuple[ClientNet, ServerNet]:
@@ -150,6 +163,14 @@ def smashed_shape(cfg: ModelConfig) -> tuple[int, int, int]:
     for _ in range(cfg.cut):
         h, w = h // 2, w // 2
     return cfg.bottleneck or cfg.widths[cfg.cut - 1], h, w
+
+
+def feature_dim(cfg: ModelConfig) -> int:
+    """Length of one sample's server-half features (the classifier's input)."""
+    last = cfg.widths[-1]
+    if cfg.bottleneck is not None and cfg.cut == len(cfg.widths):
+        last = cfg.bottleneck
+    return last * cfg.head_pool[0] * cfg.head_pool[1]
 
 
 def count_parameters(module: nn.Module) -> int:

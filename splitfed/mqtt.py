@@ -9,6 +9,7 @@ Every topic sits under one prefix: `<prefix>/<run>/<client_id>/<kind>`.
 | `status`     | anyone             | `online`, `offline` (last will), `stopped` | 1 | yes      |
 | `global`     | aggregator -> all  | GLOBAL_WEIGHTS wire message (versioned) | 1   | yes      |
 | `prediction` | agent -> anyone    | JSON: the emotion of a live frame       | 0   | no       |
+| `assign`     | aggregator worker  | `<rank>/<world size>`: the agent's home worker | 1 | yes  |
 
 One topic per direction keeps each agent's messages in order (MQTT orders per topic). The
 aggregator's own topics use the client id `aggregator`; its `online` status carries an instance
@@ -22,6 +23,7 @@ and a bounded outgoing queue. `MqttTransport` puts it under `ServerIO` on the ag
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -107,7 +109,8 @@ class MqttSettings(BaseModel):
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 UP, DOWN, STATUS, GLOBAL, PREDICTION = "up", "down", "status", "global", "prediction"
-KINDS = (UP, DOWN, STATUS, GLOBAL, PREDICTION)
+ASSIGN = "assign"  # several aggregator workers (splitfed.distributed): which one hosts an agent
+KINDS = (UP, DOWN, STATUS, GLOBAL, PREDICTION, ASSIGN)
 PRESENCE_STATES = ("online", "offline", "stopped")
 Protocol = Literal["auto", "5", "3.1.1"]
 
@@ -272,7 +275,7 @@ class MqttLink:
         status_topic: str,
         subscriptions: Sequence[str],
         on_message: Callable[[str, bytes], None],
-        online_payload: bytes = b"online",
+        online_payload: bytes | None = b"online",
     ) -> None:
         self.settings = settings
         self.mqtt_id = mqtt_id
@@ -376,7 +379,8 @@ class MqttLink:
                 client.subscribe([(t, opts) for t in self.subscriptions])
             else:
                 client.subscribe([(t, 1) for t in self.subscriptions])
-        client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
+        if self.online_payload is not None:  # None: not announced yet (see `announce`)
+            client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
         self._unsent_logged = False
         self._connected.set()
 
@@ -445,6 +449,28 @@ class MqttLink:
             self.start()
 
     # -- use --
+
+    def announce(self, payload: bytes) -> None:
+        """Publish `payload` as this link's online status now and after every reconnect."""
+        self.online_payload = payload
+        self.publish(self.status_topic, payload, retain=True)
+
+    def subscribe(self, name: str) -> None:
+        """Add a subscription, kept across reconnects (made in `on_connect`)."""
+        with self._lock:
+            if name in self.subscriptions:
+                return
+            self.subscriptions.append(name)
+        if self.online():
+            self._client.subscribe(name, qos=1)
+
+    def unsubscribe(self, name: str) -> None:
+        with self._lock:
+            if name not in self.subscriptions:
+                return
+            self.subscriptions.remove(name)
+        if self.online():
+            self._client.unsubscribe(name)
 
     def publish(self, name: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         """Queue one message; False (logged) when paho's bounded queue refused it."""
@@ -594,7 +620,12 @@ class MqttTransport(Transport):
         inbox_bytes: int = INBOX_BYTES,
         sender_inbox_size: int = SENDER_ITEMS,
         sender_inbox_bytes: int = SENDER_BYTES,
+        owns: Callable[[str], bool] | None = None,
+        worker: tuple[int, int] = (0, 1),
     ) -> None:
+        """`owns` and `worker` (rank, world size) make this one of several aggregator workers
+        (`splitfed.distributed`): it takes only the agents `owns` names, and rank 0 alone is
+        the `aggregator` agents see, announced by `announce()` once every worker listens."""
         self.prefix = prefix
         self.run_id = run_id
         self.max_payload = max_payload
@@ -612,14 +643,60 @@ class MqttTransport(Transport):
         self.drops = RejectLog(log, "MQTT transport")
         self.dropped: Counter[str] = self.drops.counts
         self.presence: dict[str, str] = {}
+        self.owns = owns
+        self.worker = worker
+        self.homed: set[str] = set()  # agents whose own `up` topic this worker subscribed
+        self.pinned = False  # True once `pin_clients` replaced the `+/up` wildcard
+        self._homes_lock = threading.Lock()
+        # Workers: digests of each agent's last messages. A restarted worker's restored session
+        # still holds its agents' own `up` subscriptions beside the join phase's `+/up`, and
+        # the broker then delivers their messages twice; every real message is unique.
+        self._recent: dict[str, deque[bytes]] = {}
+        self.duplicates = 0
+        name = AGGREGATOR_ID if worker[0] == 0 else f"{AGGREGATOR_ID}-w{worker[0]}"
+        online = b"online " + self.instance.encode()
         subs = [f"{prefix}/{run_id}/+/{UP}", f"{prefix}/{run_id}/+/{STATUS}"]
         self.link = MqttLink(
             settings,
-            f"{prefix}-{run_id}-{AGGREGATOR_ID}",
-            topic(prefix, run_id, AGGREGATOR_ID, STATUS),
+            f"{prefix}-{run_id}-{name}",
+            topic(prefix, run_id, name, STATUS),
             subs,
             self._on_message,
-            online_payload=b"online " + self.instance.encode(),
+            online_payload=online if owns is None else None,
+        )
+
+    def announce(self) -> None:
+        """Workers: say `online` (rank 0 as the `aggregator`, whose instance agents join)."""
+        self.link.announce(b"online " + self.instance.encode())
+
+    def pin_clients(self, known: Sequence[str] = ()) -> None:
+        """Workers, after the join phase: subscribe to each own agent's `up` topic (and publish
+        its home, retained), then drop the `+/up` wildcard; later agents are homed on their
+        first `online` status."""
+        with self._homes_lock:
+            ids = sorted({*self.presence, *known})
+            self.pinned = True
+        for cid in ids:
+            self._home(cid)
+        self.link.unsubscribe(f"{self.prefix}/{self.run_id}/+/{UP}")
+
+    def _duplicate(self, cid: str, payload: bytes) -> bool:
+        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        recent = self._recent.setdefault(cid, deque(maxlen=32))
+        if digest in recent:
+            self.duplicates += 1
+            return True
+        recent.append(digest)
+        return False
+
+    def _home(self, cid: str) -> None:
+        if self.owns is None or not self.owns(cid) or cid in self.homed:
+            return
+        self.homed.add(cid)
+        self.link.subscribe(topic(self.prefix, self.run_id, cid, UP))
+        rank, world = self.worker
+        self.link.publish(
+            topic(self.prefix, self.run_id, cid, ASSIGN), f"{rank}/{world}".encode(), retain=True
         )
 
     def start(self, wait: float = 0.0) -> bool:
@@ -635,8 +712,10 @@ class MqttTransport(Transport):
             self._drop("foreign_topic", name)
             return
         cid, kind = parsed
-        if cid == AGGREGATOR_ID:
-            return  # our own status
+        if cid == AGGREGATOR_ID or cid.startswith(f"{AGGREGATOR_ID}-w"):
+            return  # our own status, or another worker's
+        if self.owns is not None and not self.owns(cid):
+            return  # another worker's agent
         if kind == STATUS:
             if not payload:
                 return  # a cleared retained status
@@ -645,7 +724,11 @@ class MqttTransport(Transport):
                 self._drop("bad_status", name)
                 return
             state = presence[0]
-            self.presence[cid] = state
+            with self._homes_lock:
+                self.presence[cid] = state
+                home = self.pinned and state == "online"
+            if home:
+                self._home(cid)
             with self._offline_lock:
                 if state == "offline" and self.presence_grace > 0:
                     # A last will: hold it a moment, as a broker restart fires every will and the
@@ -665,6 +748,8 @@ class MqttTransport(Transport):
             self._drop(
                 "oversized", name, f"payload of {len(payload)} bytes over {self.max_payload}"
             )
+            return
+        if self.owns is not None and self._duplicate(cid, payload):
             return
         self.bytes_up += len(payload)
         self.messages_up += 1

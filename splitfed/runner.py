@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from splitfed.checkpoint import load_state, save_checkpoint
 from splitfed.metrics import plot_confusion, plot_curves, write_json
 from splitfed.server import ServerIO
 from splitfed.training import accuracy, macro_f1
+
+if TYPE_CHECKING:
+    from splitfed.distributed import Group
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +42,33 @@ class RunOptions:
     # Extra measurements of the trained algorithm, stored under metrics["final"] (e.g. the
     # accuracy on the domain-shift proxy, `splitfed.data.shift.shift_metrics`).
     final_hook: Callable[[Strategy], dict[str, Any]] | None = None
+    # Several aggregator workers: participants, counts and bytes are over all of them; rank 0
+    # alone writes checkpoints and metrics (splitfed.distributed).
+    group: Group | None = None
 
 
-def _bytes(io: ServerIO | None) -> tuple[int, int]:
+def _bytes(io: ServerIO | None, group: Group | None = None) -> tuple[int, int]:
     if io is None:
         return 0, 0
+    if group is not None:
+        up, down = group.sum_ints([io.transport.bytes_up, io.transport.bytes_down])
+        return int(up), int(down)
     return io.transport.bytes_up, io.transport.bytes_down
 
 
 def run(algo: Strategy, io: ServerIO | None, opts: RunOptions) -> dict[str, Any]:
     """Run all rounds and return the metrics dictionary (also written to out_dir)."""
     started = time.perf_counter()
+    group = opts.group
+    main = group is None or group.is_main
     participants: list[str] = []
     if algo.uses_clients:
         assert io is not None
-        participants = io.wait_for_clients(opts.min_clients, opts.join_timeout)
+        if group is not None:
+            participants = group.wait_for_clients(io, opts.min_clients, opts.join_timeout)
+            algo.merge_round = group.merge_round
+        else:
+            participants = io.wait_for_clients(opts.min_clients, opts.join_timeout)
         if len(participants) < opts.min_clients:
             raise RuntimeError(
                 f"only {len(participants)} of {opts.min_clients} clients joined "
@@ -63,7 +78,9 @@ def run(algo: Strategy, io: ServerIO | None, opts: RunOptions) -> dict[str, Any]
     rounds: list[dict[str, Any]] = []
     start = 0
     if opts.checkpoint_dir is not None and opts.resume:
-        saved = load_state(opts.checkpoint_dir)
+        saved = load_state(opts.checkpoint_dir) if main else None
+        if group is not None:  # every worker resumes from rank 0's checkpoint
+            saved = group.broadcast(saved)
         if saved is not None:
             state, info = saved
             if info.get("algo") == algo.name:
@@ -74,20 +91,24 @@ def run(algo: Strategy, io: ServerIO | None, opts: RunOptions) -> dict[str, Any]
     test_conf = np.zeros((7, 7), dtype=np.int64)
     for rnd in range(start, opts.rounds):
         t0 = time.perf_counter()
-        up0, down0 = _bytes(io)
+        up0, down0 = _bytes(io, group)
         if io is not None:
             io.round = rnd
-            participants = io.online() if algo.uses_clients else []
+            participants = _online(io, group) if algo.uses_clients else []
         if algo.uses_clients and not participants:
             raise RuntimeError(f"round {rnd}: no client online")
         algo.start_round(rnd, opts.rounds)
-        result = algo.run_round(io, rnd, participants, opts.round_timeout)  # type: ignore[arg-type]
-        up1, down1 = _bytes(io)
+        mine = participants
+        if group is not None:
+            algo.enrol(participants)  # the same client indices (seeds) on every worker
+            mine = [c for c in participants if group.owns(c)]
+        result = algo.run_round(io, rnd, mine, opts.round_timeout)  # type: ignore[arg-type]
+        up1, down1 = _bytes(io, group)
         seconds = time.perf_counter() - t0
-        evaluators = io.online() if (io is not None and algo.uses_clients) else []
+        evaluators = _online(io, group, local=True) if algo.uses_clients else []
         if (rnd + 1) % opts.eval_every == 0 or rnd == opts.rounds - 1:
-            test_conf = algo.evaluate(io, evaluators, "test", opts.round_timeout)  # type: ignore[arg-type]
-        up2, down2 = _bytes(io)
+            test_conf = _evaluate(algo, io, evaluators, "test", opts.round_timeout, group)
+        up2, down2 = _bytes(io, group)
         row = {
             "round": rnd + 1,
             "train_loss": result.loss_sum / max(result.seen, 1),
@@ -104,20 +125,23 @@ def run(algo: Strategy, io: ServerIO | None, opts: RunOptions) -> dict[str, Any]
             "dropped": result.dropped,
         }
         rounds.append(row)
-        if opts.checkpoint_dir is not None:
+        if opts.checkpoint_dir is not None and main:
             info = {"algo": algo.name, "round": rnd, "rounds": rounds, "data": opts.data_info}
             save_checkpoint(opts.checkpoint_dir, algo, info)
-        if io is not None and algo.uses_clients and algo.mode == "split":
+        if io is not None and algo.uses_clients and algo.mode == "split" and main:
             io.publish_global(
                 algo.round_body(participants[0] if participants else "x"), algo.global_tensors()
             )
         if opts.on_round is not None:
             opts.on_round(row)
-    evaluators = io.online() if (io is not None and algo.uses_clients) else []
-    train_conf = algo.evaluate(io, evaluators, "train", opts.round_timeout)  # type: ignore[arg-type]
+    evaluators = _online(io, group, local=True) if algo.uses_clients else []
+    train_conf = _evaluate(algo, io, evaluators, "train", opts.round_timeout, group)
     if not rounds or rounds[-1]["round"] != opts.rounds or start >= opts.rounds:
-        test_conf = algo.evaluate(io, evaluators, "test", opts.round_timeout)  # type: ignore[arg-type]
-    total_up, total_down = _bytes(io)
+        test_conf = _evaluate(algo, io, evaluators, "test", opts.round_timeout, group)
+    total_up, total_down = _bytes(io, group)
+    rejected = io.rejected_total if io is not None else 0
+    if group is not None:
+        rejected = int(group.sum_ints([rejected])[0])
     metrics: dict[str, Any] = {
         "algo": algo.name,
         "clients": len(algo.indices) if algo.uses_clients else 1,
@@ -139,7 +163,7 @@ def run(algo: Strategy, io: ServerIO | None, opts: RunOptions) -> dict[str, Any]
             )
             if rounds
             else 0.0,
-            "rejected_messages": io.rejected_total if io is not None else 0,
+            "rejected_messages": rejected,
         },
         "wall_seconds": time.perf_counter() - started,
         "train_seconds": float(sum(r["seconds"] for r in rounds)),
@@ -148,9 +172,32 @@ def run(algo: Strategy, io: ServerIO | None, opts: RunOptions) -> dict[str, Any]
     }
     if opts.final_hook is not None:
         metrics["final"].update(opts.final_hook(algo))
-    if opts.out_dir is not None:
+    if opts.out_dir is not None and main:
         write_outputs(metrics, opts.out_dir)
     return metrics
+
+
+def _online(io: ServerIO | None, group: Group | None, local: bool = False) -> list[str]:
+    """Who is online: over all workers (`local`: this worker's own of them)."""
+    if io is None:
+        return []
+    if group is None:
+        return io.online()
+    everyone = group.online(io)
+    return [c for c in everyone if group.owns(c)] if local else everyone
+
+
+def _evaluate(
+    algo: Strategy,
+    io: ServerIO | None,
+    evaluators: list[str],
+    split: str,
+    timeout: float,
+    group: Group | None,
+) -> np.ndarray:
+    """Confusion counts of `split`, summed over the workers' agents."""
+    conf = algo.evaluate(io, evaluators, split, timeout)  # type: ignore[arg-type]
+    return conf if group is None else group.sum_ints(conf)
 
 
 def write_outputs(metrics: dict[str, Any], out_dir: Path) -> None:

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from splitfed.client import CLIENT_PREFIX, SERVER_PREFIX
+from splitfed.client import CLIENT_PREFIX, HEAD_PREFIX, SERVER_PREFIX
 from splitfed.config import TrainConfig
-from splitfed.model import ModelConfig, build_split_model, smashed_shape
+from splitfed.model import ModelConfig, build_split_model, feature_dim, smashed_shape
 from splitfed.training import state_to_numpy
 from splitfed.transport import Incoming, Transport
 from splitfed.wire import (
@@ -83,6 +83,11 @@ class ServerIO:
         act = activation_spec(train_cfg.compression, smashed_shape(model_cfg))
         c_spec = weights_spec(state_to_numpy(client), CLIENT_PREFIX)
         s_spec = weights_spec(state_to_numpy(server), SERVER_PREFIX)
+        # U-shape: the device's head travels with its half, its labels stay home.
+        u = model_cfg.shape == "u"
+        labels = {} if u else {"labels": (frozenset({"I64"}), (-1,))}
+        if u:
+            c_spec.update(weights_spec(state_to_numpy(server.fc), HEAD_PREFIX))
 
         def update_spec(env: Envelope) -> ShapeSpec:
             return {**c_spec, **s_spec} if env.body.get("full") else c_spec
@@ -90,12 +95,15 @@ class ServerIO:
         specs: dict[MsgType, Any] = {
             MsgType.JOIN: {},
             MsgType.LEAVE: {},
-            MsgType.SMASHED: {**act, "labels": (frozenset({"I64"}), (-1,))},
+            MsgType.SMASHED: {**act, **labels},
             MsgType.CLIENT_UPDATE: update_spec,
             MsgType.EVAL_SMASHED: act,
             MsgType.EVAL_RESULT: {},
             MsgType.PREDICT: act,
         }
+        if u:
+            grad = (frozenset({"F32", "F16"}), (-1, feature_dim(model_cfg)))
+            specs[MsgType.FEATURE_GRADS] = {"grad": grad}
         self.validator = Validator(
             run_id, specs, known_sender=self._known, round_ok=self._round_ok, max_batch=max_batch
         )

@@ -8,8 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from splitfed.algorithms.base import Strategy
 from splitfed.algorithms.centralized import Centralized
+from splitfed.algorithms.cnn import SMASHED_ALGORITHMS, SplitCNN
 from splitfed.algorithms.fedavg import FedAvg
 from splitfed.algorithms.fedsl.simulate import simulate_fedsl
 from splitfed.algorithms.fedsl.strategy import FedSL
@@ -23,7 +26,9 @@ from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset, SplitKind, default_split
 from splitfed.data.partition import client_shards, default_partition
 from splitfed.data.shift import shift_metrics
+from splitfed.defences import DefenceConfig
 from splitfed.errors import UserError
+from splitfed.metrics import write_json
 from splitfed.model import ModelConfig
 from splitfed.runner import RunOptions, run
 from splitfed.server import ServerIO
@@ -55,10 +60,22 @@ class SimSpec:
     report_shift: bool = False
     # Start both halves from this checkpoint (pretrained elsewhere) instead of the seed's init.
     init_from: Path | None = None
+    # FedSL: time steps per sequence and devices per group (None: the model's defaults). On
+    # still images the time steps are row bands of each crop, top to bottom.
+    frames: int | None = None
+    segments: int | None = None
+    # What the devices do to their smashed data (`splitfed.defences`); None: no defence.
+    defence: DefenceConfig | None = None
 
 
 def client_id(i: int) -> str:
     return f"client-{i:02d}"
+
+
+def device_secret(seed: int, index: int) -> int:
+    """A simulated device's noise secret: its own per runtime, but drawn from the run seed so a
+    simulation is reproducible. A real device draws its own (`ClientRuntime(secret=None)`)."""
+    return int(np.random.default_rng([seed, index, 0x5EC2E7]).integers(2**62))
 
 
 Simulator = Callable[[EmotionDataset, SimSpec, Any], dict[str, Any]]
@@ -81,8 +98,8 @@ REGISTRY: dict[str, Entry] = {
     "sl": Entry(SplitLearning, served=True),
     "sflv1": Entry(SFLV1, served=True),
     "sflv2": Entry(SFLV2, served=True),
-    "pyvertical": Entry(PyVertical, simulate_pyvertical),
-    "fedsl": Entry(FedSL, simulate_fedsl),
+    "pyvertical": Entry(PyVertical, simulate_pyvertical, served=True),
+    "fedsl": Entry(FedSL, simulate_fedsl, served=True),
 }
 
 
@@ -113,7 +130,17 @@ def simulate(data: EmotionDataset, spec: SimSpec, on_round: Any = None) -> dict[
             f"--init-from starts a split-CNN model; {spec.algo} has a network of its own "
             "(use centralized, fedavg, sl, sflv1 or sflv2)"
         )
+    if spec.defence not in (None, DefenceConfig()) and spec.algo not in SMASHED_ALGORITHMS:
+        raise UserError(
+            f"--defence acts on smashed data, which only {', '.join(SMASHED_ALGORITHMS)} send; "
+            f"use --defence none with {spec.algo}"
+        )
     if entry.simulate is not None:
+        if spec.model is not None and spec.model.shape == "u":
+            raise UserError(
+                f"--shape u needs an algorithm with smashed data: {', '.join(SMASHED_ALGORITHMS)}"
+                f" (not {spec.algo})"
+            )
         return entry.simulate(data, spec, on_round)
     return simulate_split(data, spec, on_round)
 
@@ -128,8 +155,15 @@ def simulate_split(data: EmotionDataset, spec: SimSpec, on_round: Any = None) ->
     if tuple(model_cfg.input_shape) != data.input_shape:
         model_cfg = model_cfg.model_copy(update={"input_shape": data.input_shape})
     train_cfg = spec.train or TrainConfig()
+    defence = spec.defence or DefenceConfig()
+    model_cfg = defence.model(model_cfg)
+    train_cfg = train_cfg.model_copy(
+        update={"compression": defence.wire_compression(train_cfg.compression)}
+    )
     algo = strategy_class(spec.algo)(model_cfg, train_cfg, spec.seed, spec.aggregation)
     algo.step_timeout = spec.step_timeout
+    if isinstance(algo, SplitCNN):
+        algo.defence = defence
     if spec.init_from is not None:
         algo.start_from(spec.init_from)
     data_info = {
@@ -158,10 +192,19 @@ def simulate_split(data: EmotionDataset, spec: SimSpec, on_round: Any = None) ->
         algo.attach_data(train, test)
         metrics = run(algo, None, opts)
     else:
-        make = spec.runtime_factory or ClientRuntime
-        runtimes = [make(client_id(i), spec.run_id, tr, te) for i, (tr, te) in enumerate(shards)]
+        runtimes = [
+            spec.runtime_factory(client_id(i), spec.run_id, tr, te)
+            if spec.runtime_factory is not None
+            else ClientRuntime(
+                client_id(i), spec.run_id, tr, te, secret=device_secret(spec.seed, i)
+            )
+            for i, (tr, te) in enumerate(shards)
+        ]
         transport = InProcessTransport(runtimes)
         io = ServerIO(transport, spec.run_id, model_cfg, train_cfg)
         metrics = run(algo, io, opts)
     metrics["clients"] = spec.clients if spec.algo != "centralized" else 1
+    metrics["defence"] = defence.model_dump(mode="json")
+    if spec.out_dir is not None:
+        write_json(spec.out_dir / "metrics.json", metrics)  # the privacy report reads it
     return metrics

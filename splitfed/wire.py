@@ -48,6 +48,8 @@ class MsgType(str, Enum):
     ROUND_START = "round_start"  # aggregator -> agent: round config (+ client weights)
     SMASHED = "smashed"  # agent -> aggregator: activations + labels of one batch
     GRADIENTS = "gradients"  # aggregator -> agent: activation gradients + loss
+    FEATURES = "features"  # aggregator -> agent, U-shape: server-half output of one batch
+    FEATURE_GRADS = "feature_grads"  # agent -> aggregator, U-shape: loss gradient at it
     CLIENT_UPDATE = "client_update"  # agent -> aggregator: weights after the round
     GLOBAL_WEIGHTS = "global_weights"  # aggregator -> all: current global client half (retained)
     EVAL_REQUEST = "eval_request"  # aggregator -> agent: evaluate these weights
@@ -652,6 +654,7 @@ class LeaveBody(_Body):
 BODY_MODELS: dict[MsgType, type[_Body]] = {
     MsgType.JOIN: JoinBody,
     MsgType.SMASHED: SmashedBody,
+    MsgType.FEATURE_GRADS: SmashedBody,  # U-shape: {step} of the batch
     MsgType.CLIENT_UPDATE: UpdateBody,
     MsgType.EVAL_SMASHED: EvalSmashedBody,
     MsgType.EVAL_RESULT: EvalResultBody,

@@ -14,14 +14,30 @@ from splitfed.client import ClientRuntime
 from splitfed.wire import Message, MsgType
 
 
-class PoisonRuntime(ClientRuntime):
-    """Sends `reference + scale * (trained - reference)` as its update: scale -1 flips the sign
-    of what it learned, -100 also blows it up. The reference is the round's global weights."""
+def update_norms(
+    update: dict[str, np.ndarray], reference: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """L2 norm of `update - reference` per half (`w.`, `s.` prefix), over the float tensors:
+    the quantity `--clip-update-norm` bounds (splitfed.algorithms.aggregate.clip_update)."""
+    sums: dict[str, float] = {}
+    for k, v in update.items():
+        ref = reference.get(k)
+        if ref is None or v.dtype.kind != "f":
+            continue
+        d = v.astype(np.float64) - ref.astype(np.float64)
+        half = k.split(".", 1)[0]
+        sums[half] = sums.get(half, 0.0) + float((d * d).sum())
+    return {h: float(np.sqrt(s)) for h, s in sums.items()}
 
-    def __init__(self, *args: Any, scale: float = -100.0, **kwargs: Any) -> None:
+
+class NormProbeRuntime(ClientRuntime):
+    """An honest device that records how far each of its updates moved from the round's global
+    weights (`norms`, one dict per round): what an honest update looks like, to pick a clip."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.scale = scale
         self._reference: dict[str, np.ndarray] = {}
+        self.norms: list[dict[str, float]] = []
 
     def handle(self, msg: Message) -> list[Message]:
         if msg.type is MsgType.ROUND_START:
@@ -29,11 +45,28 @@ class PoisonRuntime(ClientRuntime):
         out = super().handle(msg)
         for m in out:
             if m.type is MsgType.CLIENT_UPDATE:
-                for k, v in m.tensors.items():
-                    ref = self._reference.get(k)
-                    if ref is not None and v.dtype.kind == "f":
-                        m.tensors[k] = (ref + self.scale * (v - ref)).astype(v.dtype)
+                self.norms.append(update_norms(m.tensors, self._reference))
+                self.transform(m)
         return out
+
+    def transform(self, update: Message) -> None:
+        """Change the outgoing update in place (honest: nothing)."""
+
+
+class PoisonRuntime(NormProbeRuntime):
+    """Sends `reference + scale * (trained - reference)` as its update: scale -1 flips the sign
+    of what it learned, -100 also blows it up, +100 overshoots in the honest direction. The
+    reference is the round's global weights; `norms` keeps the honest norms."""
+
+    def __init__(self, *args: Any, scale: float = -100.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def transform(self, update: Message) -> None:
+        for k, v in update.tensors.items():
+            ref = self._reference.get(k)
+            if ref is not None and v.dtype.kind == "f":
+                update.tensors[k] = (ref + self.scale * (v - ref)).astype(v.dtype)
 
 
 class InflatedCountRuntime(ClientRuntime):
@@ -68,3 +101,22 @@ class SilentRuntime(ClientRuntime):
                 return []
             self.answers -= 1
         return super().handle(msg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tests.adversaries --poison-scale S <edge-agent args>`: the real edge agent
+    (edge_agent/cli.py, MQTT and all) with a PoisonRuntime inside."""
+    import argparse
+    import functools
+
+    from edge_agent.cli import main as edge_agent
+
+    p = argparse.ArgumentParser(prog="python -m tests.adversaries", add_help=False)
+    p.add_argument("--poison-scale", type=float, required=True)
+    args, rest = p.parse_known_args(argv)
+    factory = functools.partial(PoisonRuntime, scale=args.poison_scale)
+    edge_agent.main(args=rest, prog_name="edge-agent", obj={"runtime_factory": factory})
+
+
+if __name__ == "__main__":
+    main()

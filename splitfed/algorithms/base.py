@@ -105,6 +105,9 @@ class Strategy(abc.ABC):
         self.step_timeout: float | None = None
         # Momentum (and Adam's second moments) of the server optimizer, per half.
         self.server_opt_state: ServerOptState = {}
+        # Several aggregator workers (splitfed.distributed.Group.merge_round): gives the round
+        # every worker's updates before `aggregate`, which then runs as on one worker.
+        self.merge_round: Callable[[Strategy, RoundState], None] | None = None
 
     # ---- the three hooks --------------------------------------------------------------------
 
@@ -141,6 +144,8 @@ class Strategy(abc.ABC):
             waiting_on=lambda: state.waiting_on,
         )
         state.result.dropped.extend(dropped)
+        if self.merge_round is not None:
+            self.merge_round(self, state)
         return self.aggregate(io, state)
 
     def start_round(self, rnd: int, total_rounds: int) -> None:

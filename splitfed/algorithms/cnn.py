@@ -2,11 +2,17 @@
 
 One global model cut in two halves, a server step on smashed data, evaluation through the
 devices' client halves, live predictions, and checkpoints of both halves.
+
+A U-shaped split (`ModelConfig.shape == "u"`, for SL, SFLV1 and SFLV2) turns the server step
+into two messages: SMASHED (no labels) -> FEATURES (the server half's output) -> the device's
+head and loss -> FEATURE_GRADS -> the server half steps -> GRADIENTS. The aggregator keeps the
+averaged head (`server_net.fc`) for checkpoints and live predictions, but never a label.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +20,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from splitfed.algorithms.base import RoundState, Strategy
+from splitfed.algorithms.base import ClientUpdate, RoundState, RoundTrain, Strategy
 from splitfed.checkpoint import load_init
-from splitfed.client import CLIENT_PREFIX, SERVER_PREFIX
+from splitfed.client import CLIENT_PREFIX, HEAD_PREFIX, SERVER_PREFIX
 from splitfed.config import AggregationConfig, TrainConfig
+from splitfed.defences import DefenceConfig
 from splitfed.emotions import NUM_CLASSES
-from splitfed.model import ModelConfig, build_split_model, seeded
+from splitfed.errors import UserError
+from splitfed.model import ModelConfig, ServerNet, build_split_model, seeded
 from splitfed.server import ServerIO
-from splitfed.training import make_optimizer, prefixed, state_to_numpy
+from splitfed.training import load_numpy_state, make_optimizer, prefixed, state_to_numpy
 from splitfed.wire import Message, MsgType, pack_gradients, unpack_activations
+
+# The algorithms that send smashed data: the ones defences act on and that can be U-shaped.
+SMASHED_ALGORITHMS = ("sl", "sflv1", "sflv2")
+
+
+@dataclass
+class _UStep:
+    """A U-shaped batch in flight: the server forward is done, the head's gradient is due."""
+
+    step: int
+    act: torch.Tensor  # the device's activations, a leaf that collects their gradient
+    features: torch.Tensor  # the server half's output, with its graph
+    opt: torch.optim.Optimizer
 
 
 class SplitCNN(Strategy):
@@ -36,13 +57,42 @@ class SplitCNN(Strategy):
         aggregation: AggregationConfig | None = None,
     ) -> None:
         super().__init__(train_cfg, seed, aggregation)
+        if model_cfg.shape == "u" and self.name not in SMASHED_ALGORITHMS:
+            raise UserError(
+                f"--shape u needs an algorithm with smashed data: {', '.join(SMASHED_ALGORITHMS)}"
+                f" (not {self.name})"
+            )
         self.model_cfg: ModelConfig = model_cfg
+        # Noise and NoPeek, sent to the devices with every round; they apply them (see
+        # splitfed.client). Cut, bottleneck and compression are in model_cfg and train_cfg.
+        self.defence = DefenceConfig()
+        self.pending: dict[str, _UStep] = {}  # U-shape: per device, the batch in flight
         self.client_net, self.server_net = build_split_model(model_cfg, seed)
         self.server_opt = make_optimizer(self.server_net.parameters(), train_cfg)
         self.loss_fn = nn.CrossEntropyLoss()
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.server_opt]
+
+    @property
+    def ushaped(self) -> bool:
+        return self.model_cfg.shape == "u"
+
+    def start_round(self, rnd: int, total_rounds: int) -> None:
+        super().start_round(rnd, total_rounds)
+        self.pending.clear()
+
+    def update_nets(self) -> dict[str, nn.Module]:
+        """The parts a device trains and sends back, by prefix: its half, and the head (U)."""
+        nets: dict[str, nn.Module] = {CLIENT_PREFIX: self.client_net}
+        if self.ushaped:
+            nets[HEAD_PREFIX] = self.server_net.fc
+        return nets
+
+    def load_update(self, update: ClientUpdate) -> None:
+        """Take one device's parts as the global ones (SL relays them, nothing is averaged)."""
+        for prefix, net in self.update_nets().items():
+            load_numpy_state(net, update.halves[prefix])
 
     def start_from(self, path: Path) -> None:
         """Both halves from a checkpoint (`--init-from`), before the first round.
@@ -66,6 +116,7 @@ class SplitCNN(Strategy):
             "train": self.train_cfg.model_dump(mode="json"),
             "weights_version": self.version,
             "lr": self.lr,
+            "defence": self.defence.model_dump(mode="json", include={"noise", "nopeek"}),
             **extra,
         }
 
@@ -73,6 +124,8 @@ class SplitCNN(Strategy):
         t = prefixed(state_to_numpy(self.client_net), CLIENT_PREFIX)
         if full:
             t.update(prefixed(state_to_numpy(self.server_net), SERVER_PREFIX))
+        elif self.ushaped:
+            t.update(prefixed(state_to_numpy(self.server_net.fc), HEAD_PREFIX))
         return t
 
     def start_clients(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:
@@ -111,16 +164,89 @@ class SplitCNN(Strategy):
         msg: Message,
         net: nn.Module,
         opt: torch.optim.Optimizer,
-    ) -> tuple[float, int, int]:
-        """Step `net` on one SMASHED batch, answer its gradient, count what the device trained."""
+        result: RoundTrain,
+    ) -> None:
+        """Step `net` on one SMASHED batch, answer its gradient, count what the device trained
+        into `result`. U-shape: answer the features; `finish_batch` completes the step."""
+        if self.ushaped:
+            self._start_ushaped(io, state, msg, net, opt)
+            return
         grad, loss, correct, n = self.server_step(net, opt, msg, state.rnd)
         state.trained[msg.src] += n
         tensors = pack_gradients(grad, self.train_cfg.grad_compression)
         body = {"step": int(msg.env.body["step"]), "loss": loss}
         io.send(msg.src, MsgType.GRADIENTS, body, tensors, reply_to=msg.env.message_id)
-        return loss, correct, n
+        result.add(loss, correct, n)
+
+    def _start_ushaped(
+        self,
+        io: ServerIO,
+        state: RoundState,
+        msg: Message,
+        net: nn.Module,
+        opt: torch.optim.Optimizer,
+    ) -> None:
+        if msg.src in self.pending:
+            raise ValueError("a new batch before the head's gradient of the last one")
+        assert isinstance(net, ServerNet)
+        act = torch.from_numpy(unpack_activations(msg.tensors)).requires_grad_(True)
+        step = int(msg.env.body["step"])
+        net.train()
+        with seeded(self.seed, state.rnd, self.client_index(msg.src), step, 1):
+            features = net.features(act)
+        self.pending[msg.src] = _UStep(step, act, features, opt)
+        state.trained[msg.src] += len(act)
+        io.send(
+            msg.src,
+            MsgType.FEATURES,
+            {"step": step},
+            {"features": features.detach().numpy().astype(np.float32)},
+            reply_to=msg.env.message_id,
+        )
+
+    def finish_batch(
+        self, io: ServerIO, state: RoundState, msg: Message, result: RoundTrain
+    ) -> None:
+        """U-shape: FEATURE_GRADS came; step the server half and answer the activation grad."""
+        p = self.pending.get(msg.src)
+        step = int(msg.env.body["step"])
+        if p is None or p.step != step:
+            raise ValueError(f"head gradient for step {step}, none in flight")
+        grad = torch.from_numpy(msg.tensors["grad"].astype(np.float32))
+        if grad.shape != p.features.shape:
+            raise ValueError(
+                f"head gradient {tuple(grad.shape)} != features {tuple(p.features.shape)}"
+            )
+        del self.pending[msg.src]
+        p.opt.zero_grad(set_to_none=True)
+        p.features.backward(grad)
+        p.opt.step()
+        assert p.act.grad is not None
+        tensors = pack_gradients(p.act.grad.numpy(), self.train_cfg.grad_compression)
+        io.send(msg.src, MsgType.GRADIENTS, {"step": step}, tensors, reply_to=msg.env.message_id)
+        result.seen += len(p.act)
+
+    def add_device_counts(
+        self, state: RoundState, client_id: str, update: ClientUpdate, result: RoundTrain
+    ) -> None:
+        """U-shape: the loss and hits the device counted over the round (sums only)."""
+        if not self.ushaped:
+            return
+        # The wire checked both (finite, non-negative, bounded); hits cannot outnumber samples.
+        loss_sum = float(update.body.get("loss_sum", 0.0))
+        correct = int(update.body.get("correct", 0))
+        if correct > state.trained[client_id]:
+            raise ValueError(f"{correct} correct of {state.trained[client_id]} samples trained")
+        result.loss_sum += loss_sum
+        result.correct += correct
 
     # ---- evaluation -------------------------------------------------------------------------
+
+    def features(self, act: np.ndarray) -> np.ndarray:
+        """Server-half features for smashed data, in eval mode (U-shaped evaluation)."""
+        self.server_net.eval()
+        with torch.no_grad():
+            return self.server_net.features(torch.from_numpy(act)).numpy().astype(np.float32)
 
     def predict(self, act: np.ndarray) -> np.ndarray:
         """Server-half logits for smashed data, in eval mode."""
@@ -157,7 +283,17 @@ class SplitCNN(Strategy):
 
         def on_message(msg: Message) -> None:
             nonlocal conf
-            if msg.type is MsgType.EVAL_SMASHED and msg.env.body["split"] == split:
+            if msg.type is MsgType.EVAL_SMASHED and msg.env.body["split"] == split and self.ushaped:
+                feats = self.features(unpack_activations(msg.tensors))
+                body = {"split": split, "step": int(msg.env.body["step"])}
+                io.send(
+                    msg.src,
+                    MsgType.FEATURES,
+                    body,
+                    {"features": feats},
+                    reply_to=msg.env.message_id,
+                )
+            elif msg.type is MsgType.EVAL_SMASHED and msg.env.body["split"] == split:
                 pred = self.predict(unpack_activations(msg.tensors)).argmax(1).astype(np.int64)
                 body = {"split": split, "step": int(msg.env.body["step"])}
                 io.send(

@@ -66,21 +66,27 @@ class SFLV1(SplitCNN):
         assert isinstance(state, _Round)
         if msg.type is MsgType.SMASHED:
             net, opt = state.copies[msg.src]
-            loss, correct, n = self.train_batch(io, state, msg, net, opt)
-            state.per_client[msg.src].add(loss, correct, n)
+            self.train_batch(io, state, msg, net, opt, state.per_client[msg.src])
+        elif msg.type is MsgType.FEATURE_GRADS:
+            self.finish_batch(io, state, msg, state.per_client[msg.src])
         elif msg.type is MsgType.CLIENT_UPDATE:
-            self.accept_update(io, state, msg, (CLIENT_PREFIX,))
+            update = self.accept_update(io, state, msg, tuple(self.update_nets()))
+            self.add_device_counts(state, msg.src, update, state.per_client[msg.src])
 
     def aggregate(self, io: ServerIO, state: RoundState) -> RoundTrain:
         assert isinstance(state, _Round)
         for part in state.per_client.values():
             state.result.merge(part)
+        nets = self.update_nets()
+        head = {p: n for p, n in nets.items() if p != CLIENT_PREFIX}  # U-shape: devices' heads
         done = self.average_updates(state, {CLIENT_PREFIX: self.client_net})
         state.result.completed = done
         if done:
             servers = [state_to_numpy(state.copies[c][0]) for c in done]
             weights = [state.updates[c].n_samples for c in done]
             self.average_into(self.server_net, servers, weights, SERVER_PREFIX)
+            # After the server copies, whose own head is only the round's starting one.
+            self.average_updates(state, head)
             self.version += 1
         return state.result
 

@@ -20,7 +20,6 @@ import numpy as np
 from splitfed.algorithms.aggregate import interleaved_order, sequential_order
 from splitfed.algorithms.base import RoundState, RoundTrain
 from splitfed.algorithms.cnn import SplitCNN
-from splitfed.client import CLIENT_PREFIX
 from splitfed.data.batches import num_batches
 from splitfed.server import ServerIO
 from splitfed.wire import Message, MsgType
@@ -54,6 +53,9 @@ class SFLV2(SplitCNN):
     def _advance(self, io: ServerIO, state: _Round) -> None:
         """Serve the schedule as far as the batches that have arrived allow."""
         while state.order:
+            if self.pending:  # U-shape: the batch in flight finishes before the next starts
+                state.waiting_on = next(iter(self.pending))
+                return
             cid = state.participants[state.order[0]]
             if cid in state.gone:
                 state.order.popleft()
@@ -63,7 +65,7 @@ class SFLV2(SplitCNN):
                 state.waiting_on = cid
                 return
             state.order.popleft()
-            state.result.add(*self.train_batch(io, state, msg, self.server_net, self.server_opt))
+            self.train_batch(io, state, msg, self.server_net, self.server_opt, state.result)
         # The schedule is done: the clients' updates are what the round waits for now.
         state.waiting_on = next(
             (c for c in state.participants if c in state.active and c not in state.updates), None
@@ -74,17 +76,22 @@ class SFLV2(SplitCNN):
         if msg.type is MsgType.SMASHED:
             state.waiting[msg.src] = msg
             self._advance(io, state)
+        elif msg.type is MsgType.FEATURE_GRADS:
+            self.finish_batch(io, state, msg, state.result)
+            self._advance(io, state)
         elif msg.type is MsgType.CLIENT_UPDATE:
-            self.accept_update(io, state, msg, (CLIENT_PREFIX,))
+            update = self.accept_update(io, state, msg, tuple(self.update_nets()))
+            self.add_device_counts(state, msg.src, update, state.result)
             self._advance(io, state)
 
     def on_drop(self, io: ServerIO, state: RoundState, client_id: str) -> None:
         assert isinstance(state, _Round)
         state.gone.add(client_id)
+        self.pending.pop(client_id, None)
         self._advance(io, state)
 
     def aggregate(self, io: ServerIO, state: RoundState) -> RoundTrain:
-        done = self.average_updates(state, {CLIENT_PREFIX: self.client_net})
+        done = self.average_updates(state, self.update_nets())
         state.result.completed = done
         if done:
             self.version += 1

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 
 from splitfed.algorithms.base import RoundState, RoundTrain
 from splitfed.algorithms.cnn import SplitCNN
-from splitfed.client import CLIENT_PREFIX
 from splitfed.server import ServerIO
-from splitfed.training import load_numpy_state
 from splitfed.wire import Message, MsgType
 
 
@@ -44,16 +42,20 @@ class SplitLearning(SplitCNN):
     def handle(self, io: ServerIO, state: RoundState, msg: Message) -> None:
         assert isinstance(state, _Round)
         if msg.type is MsgType.SMASHED:
-            state.result.add(*self.train_batch(io, state, msg, self.server_net, self.server_opt))
+            self.train_batch(io, state, msg, self.server_net, self.server_opt, state.result)
+        elif msg.type is MsgType.FEATURE_GRADS:
+            self.finish_batch(io, state, msg, state.result)
         elif msg.type is MsgType.CLIENT_UPDATE:
             # Relayed, not averaged: the sample count weighs nothing here.
-            update = self.accept_update(io, state, msg, (CLIENT_PREFIX,))
-            load_numpy_state(self.client_net, update.halves[CLIENT_PREFIX])
+            update = self.accept_update(io, state, msg, tuple(self.update_nets()))
+            self.load_update(update)
+            self.add_device_counts(state, msg.src, update, state.result)
             state.result.completed.append(msg.src)
             self._next_turn(io, state)
 
     def on_drop(self, io: ServerIO, state: RoundState, client_id: str) -> None:
         assert isinstance(state, _Round)
+        self.pending.pop(client_id, None)
         if state.waiting_on == client_id:
             self._next_turn(io, state)
 

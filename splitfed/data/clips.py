@@ -6,6 +6,7 @@ split into the same training and test people. In each clip the expression's inte
 linearly from 0 (the person's resting face) to the clip's target over `frames` frames; pose,
 lighting and the lower-face mask stay put, as in a video, and each frame gets fresh sensor noise.
 
+Real clips (a folder per class of frame folders or videos) load in `splitfed.data.clip_folders`.
 For data without clips (real photos), `row_sequences` reads an eye crop as a sequence of row
 bands instead, top to bottom.
 """
@@ -243,7 +244,16 @@ def row_sequences(ds: EmotionDataset, frames: int) -> ClipDataset:
 
 
 def clips_for(data: EmotionDataset, frames: int, cache: bool = True) -> ClipDataset:
-    """The sequences that go with a loaded data set: clips of the same synthetic people, or rows."""
+    """The sequences that go with a loaded data set: clips of the same synthetic people, the
+    clips of a clip folder (`splitfed.data.clip_folders`) whose peak frames `data` holds, or
+    row bands of still crops."""
+    if data.meta.get("format") == "clips" and isinstance(data.meta.get("source"), str):
+        from splitfed.data.clip_folders import load_clips
+        from splitfed.data.crop import CropConfig
+
+        crop = data.meta.get("crop")
+        crop_cfg = CropConfig.model_validate(crop) if isinstance(crop, dict) else None
+        return load_clips(str(data.meta["source"]), frames, crop_cfg, use_cache=cache)
     cfg = data.meta.get("config")
     if data.meta.get("synthetic") and isinstance(cfg, dict) and data.name == "synth":
         synth = SynthConfig.model_validate(cfg)

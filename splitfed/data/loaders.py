@@ -30,7 +30,7 @@ from splitfed.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("synth", "kdef", "folder", "fer2013")
+FORMATS = ("synth", "kdef", "folder", "fer2013", "clips")
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 )
@@ -39,9 +39,11 @@ KDEF_PATTERN = re.compile(
     r"(?P<emotion>AF|AN|DI|HA|NE|SA|SU)(?P<angle>FL|HL|S|HR|FR)\.(?:jpe?g|png)$",
     re.IGNORECASE,
 )
+# KDEF's camera angles: full left, half left, straight, half right, full right.
+KDEF_ANGLES = ("FL", "HL", "S", "HR", "FR")
 # FER2013 faces are aligned 48x48 crops: these rows hold the forehead, brows and eyes.
 FER_ROWS = (0.05, 0.55)
-CACHE_VERSION = 2  # 2: split roles, FER-sized pictures, skipped folders
+CACHE_VERSION = 3  # 2: split roles, FER-sized pictures, skipped folders; 3: KDEF angles
 MAX_EXAMPLES = 10
 
 
@@ -84,6 +86,10 @@ def detect_format(path: str | Path) -> str:
                 f"found {','.join(header)}"
             )
         raise UserError(f"{p}: expected a folder of images or a FER2013 .csv file")
+    from splitfed.data.clip_folders import is_clip_root
+
+    if is_clip_root(p):
+        return "clips"
     images = [f for f in visible_files(p) if f.suffix.lower() in IMAGE_EXTENSIONS]
     kdef = sum(1 for f in images if KDEF_PATTERN.match(f.name))
     if images and kdef * 2 >= len(images):
@@ -156,6 +162,7 @@ class _Item:
     label: int
     subject: str | None
     session: str | None = None
+    angle: str | None = None  # KDEF camera angle
     role: str | None = None  # "train"/"test" from the data set's own split folders
 
 
@@ -191,7 +198,11 @@ def _progress(enabled: bool, total: int, what: str) -> Iterator[Any]:
 # -- listing the files of each format ------------------------------------------------------------
 
 
-def _list_kdef(root: Path, all_angles: bool, problems: _Problems) -> list[_Item]:
+def _list_kdef(
+    root: Path, all_angles: bool, problems: _Problems, angles: Sequence[str] | None = None
+) -> list[_Item]:
+    """KDEF files of the angles kept: `angles` if given, else all or straight-on only."""
+    keep = {a.upper() for a in angles} if angles else set(KDEF_ANGLES if all_angles else ("S",))
     items: list[_Item] = []
     for f in visible_files(root):
         rel = f.relative_to(root).as_posix()
@@ -199,12 +210,13 @@ def _list_kdef(root: Path, all_angles: bool, problems: _Problems) -> list[_Item]
         if m is None:
             problems.add("ignored", rel)
             continue
-        if not all_angles and m["angle"].upper() != "S":
+        angle = m["angle"].upper()
+        if angle not in keep:
             problems.add("excluded_angle", rel)
             continue
         subject = f"{m['sex'].upper()}{m['number']}"
         label = KDEF_CODES[m["emotion"].upper()]
-        items.append(_Item(f, rel, label, subject, m["session"].upper()))
+        items.append(_Item(f, rel, label, subject, m["session"].upper(), angle))
     return items
 
 
@@ -294,7 +306,12 @@ def _fingerprint(files: Sequence[Path], root: Path) -> list[tuple[str, int, int]
 
 
 def _cache_key(
-    root: Path, fmt: str, files: Sequence[Path], crop: CropConfig, all_angles: bool
+    root: Path,
+    fmt: str,
+    files: Sequence[Path],
+    crop: CropConfig,
+    all_angles: bool,
+    angles: Sequence[str] | None = None,
 ) -> str:
     """sha256 over what decides the crops: files (names, sizes, mtimes), crop settings, format."""
     backend, model = resolve_backend(crop) if fmt in ("kdef", "folder") else ("none", None)
@@ -311,6 +328,7 @@ def _cache_key(
         "files": sorted(_fingerprint(files, root)),
         "crop": json.loads(crop.model_dump_json()),
         "all_angles": all_angles,
+        "angles": sorted(angles) if angles else None,
         **extra,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -431,6 +449,11 @@ def _build_images(
     meta: dict[str, object] = {"backend": backend}
     if fmt == "kdef":
         meta["sessions"] = np.array([it.session or "" for it in kept], dtype=str)
+        meta["angles"] = np.array([it.angle or "" for it in kept], dtype=str)
+        listed: dict[str, int] = {}
+        for it in items:
+            listed[it.angle or ""] = listed.get(it.angle or "", 0) + 1
+        meta["files_per_angle"] = listed
     if any(it.role for it in kept):
         meta[SPLIT_ROLE] = np.array([it.role or "" for it in kept], dtype=str)
     images = (
@@ -550,8 +573,13 @@ def load_dataset(
     progress: bool = False,
     all_angles: bool = False,
     use_cache: bool = True,
+    angles: Sequence[str] | None = None,
 ) -> EmotionDataset:
     """Load `source` (a path or 'synth') as eye-region crops, from the cache when possible.
+
+    KDEF keeps the straight-on pictures, all five angles with `all_angles`, or the `angles`
+    named (e.g. S, HL, HR); `meta['angles']` says each picture's angle. A folder of clips
+    (format 'clips') loads as the last (peak) frame of each clip.
 
     `meta` holds the format, crop settings, detector backend, counts and example names of
     unreadable / faceless / excluded files, and `cache_hit`.
@@ -572,6 +600,14 @@ def load_dataset(
     fmt = fmt or detect_format(root)
     if fmt == "fer2013" and not root.is_file():
         raise UserError(f"{root}: format fer2013 needs a .csv file, not a folder")
+    if angles is not None:
+        bad = [a for a in angles if a.upper() not in KDEF_ANGLES]
+        if bad or not angles:
+            raise UserError(f"unknown KDEF angle(s) {bad}: use {', '.join(KDEF_ANGLES)}")
+    if fmt == "clips":
+        from splitfed.data.clip_folders import peak_frames
+
+        return peak_frames(root, crop, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
     if fmt in ("kdef", "folder") and not root.is_dir():
         raise UserError(f"{root}: format {fmt} needs a folder of images")
 
@@ -579,7 +615,7 @@ def load_dataset(
     items: list[_Item] = []
     has_subjects = fmt == "kdef"
     if fmt == "kdef":
-        items = _list_kdef(root, all_angles, problems)
+        items = _list_kdef(root, all_angles, problems, angles)
         files = [root / it.rel for it in items]
     elif fmt == "folder":
         items, has_subjects = _list_folder(root, problems)
@@ -587,7 +623,7 @@ def load_dataset(
     else:
         files = [root]
 
-    key = _cache_key(root if root.is_dir() else root.parent, fmt, files, crop, all_angles)
+    key = _cache_key(root if root.is_dir() else root.parent, fmt, files, crop, all_angles, angles)
     cache_file = None
     if use_cache:
         cache_file = (cache_dir or default_cache_dir()) / f"{fmt}-{root.stem}-{key[:20]}.npz"

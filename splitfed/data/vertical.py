@@ -6,6 +6,9 @@ id. The label holder (the data scientist of PyVertical) holds the labels under t
 party holds every record: each one misses some records and holds a few that no one else has, so
 their id sets overlap only in part and private set intersection has to find the common records.
 
+`splitfed.data.views` builds real vertical data instead: one camera angle per owner, each
+holding whole crops (their boxes are all the whole crop).
+
 Record ids are opaque pseudonyms (a hash of the person and the picture), the kind of shared key
 that vertical partners use; each party stores its rows in its own order.
 """
@@ -164,6 +167,8 @@ class VerticalData:
     split: str = "subject"
     # For tests and reference runs only (no party has this): record id -> row of the source set.
     source_rows: dict[str, int] = field(default_factory=dict)
+    # Multi-view data (`splitfed.data.views`): the camera angle each owner holds; else empty.
+    views: list[str] = field(default_factory=list)
 
     @property
     def boxes(self) -> list[Box]:

@@ -338,8 +338,11 @@ def privacy_report(
             "victims": len(np.unique(people.victims.subjects)),  # type: ignore[arg-type]
         },
         "without_attack": {
-            # SMASHED messages carry the batch's labels (splitfed/client.py) for the server loss.
-            "labels_on_wire": True,
+            # Standard split: SMASHED carries the batch's labels for the server's loss. U-shaped:
+            # the device keeps head, labels and loss; the aggregator sees features and gradients.
+            "labels_on_wire": run.model.shape != "u",
+            "logits_on_wire": run.model.shape != "u",
+            "shape": run.model.shape,
             "bytes_per_sample": settings[0]["bytes_per_sample"],
             # sl relays, sflv1 and sflv2 average the client half at the aggregator.
             "holds_client_weights": True,

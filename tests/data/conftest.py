@@ -154,3 +154,90 @@ def fer_folder(tmp_path: Path) -> Path:
     (root / "train" / "happy" / "Thumbs.db").write_bytes(b"\0" * 64)
     (root / "README.md").write_text("FER2013, folder form\n")
     return root
+
+
+def _shifted(image: np.ndarray, dx: int, dy: int, angle: float = 0.0) -> np.ndarray:
+    """The photo moved (and turned by `angle` degrees): another camera's view of the scene."""
+    h, w = image.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    m[:, 2] += (dx, dy)
+    return cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REPLICATE)
+
+
+# (session+subject, photo, brightness) of the multi-view fixture: 4 people, 2 sittings of F01.
+VIEW_PEOPLE = [("AF01", "ast", 0), ("BF01", "ast", 25), ("AM02", "grace", 0),
+               ("AF03", "ast", -20), ("AM04", "grace", 20)]  # fmt: skip
+VIEW_EMOTIONS = ("AN", "HA")
+# Records missing from a view: no file at all, or a picture without a face.
+VIEW_ABSENT = {("AM02", "HA", "HR")}
+VIEW_FACELESS = {("AF03", "AN", "HL")}
+
+
+@pytest.fixture(scope="session")
+def kdef_views_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """KDEF-named tree of real photos under three angle codes, as KDEF's five cameras shoot:
+    S the photo, HL its mirror, HR a shifted and slightly turned copy; plus FL pictures (not a
+    requested view), one faceless HL picture and one missing HR file."""
+    root = tmp_path_factory.mktemp("kdef_views") / "KDEF"
+    photos = {"ast": _astronaut(), "grace": _grace_hopper()}
+    for who, photo, delta in VIEW_PEOPLE:
+        for k, emo in enumerate(VIEW_EMOTIONS):
+            base = _brighter(photos[photo], delta + 10 * k)
+            views = {
+                "S": base,
+                "HL": cv2.flip(base, 1),
+                "HR": _shifted(base, 12, -8, 4.0),
+                "FL": _shifted(cv2.flip(base, 1), -10, 6),
+            }
+            for angle, image in views.items():
+                if (who, emo, angle) in VIEW_ABSENT:
+                    continue
+                if (who, emo, angle) in VIEW_FACELESS:
+                    image = np.full_like(image, 128)
+                path = root / who / f"{who}{emo}{angle}.JPG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                assert cv2.imwrite(str(path), image)
+    return root
+
+
+def _zoomed(image: np.ndarray, scale: float, dx: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), 0.0, scale)
+    m[0, 2] += dx
+    return cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REPLICATE)
+
+
+def clip_frames(image: np.ndarray, n: int) -> list[np.ndarray]:
+    """n frames of a slow zoom and pan over a real photo, brightening as it goes."""
+    return [_brighter(_zoomed(image, 1.0 + 0.04 * t, 3 * t), 4 * t) for t in range(n)]
+
+
+@pytest.fixture(scope="session")
+def clips_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder per class of clip folders (frames of real photos), a subjects.csv, a faceless
+    clip, an empty clip folder and a stray file."""
+    root = tmp_path_factory.mktemp("clips") / "ckplus"
+    ast, grace = _astronaut(), _grace_hopper()
+    clips = {
+        "happy/c01": (ast, 5),
+        "happy/c02": (grace, 7),
+        "angry/c03": (cv2.flip(ast, 1), 6),
+        "Sadness/c04": (_brighter(grace, 15), 5),
+        "angry/c05": (_brighter(ast, -20), 12),
+        "surprise/c06": (cv2.flip(grace, 1), 4),
+        "happy/blank": (np.full_like(ast, 128), 4),  # no face: skipped
+    }
+    for rel, (image, n) in clips.items():
+        folder = root / rel
+        folder.mkdir(parents=True)
+        for t, frame in enumerate(clip_frames(image, n)):
+            assert cv2.imwrite(str(folder / f"frame_{t:03d}.png"), frame)
+    (root / "angry" / "empty").mkdir()
+    (root / "angry" / "notes.txt").write_text("not a clip\n")
+    subjects = {"happy/c01": "p1", "happy/c02": "p2", "angry/c03": "p1", "Sadness/c04": "p2",
+                "angry/c05": "p3", "surprise/c06": "p4", "happy/blank": "p3",
+                "angry/empty": "p4"}  # fmt: skip
+    (root / "subjects.csv").write_text(
+        "file,subject\n" + "".join(f"{k},{v}\n" for k, v in subjects.items())
+    )
+    return root

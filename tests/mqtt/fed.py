@@ -27,10 +27,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from splitfed.client import CLIENT_PREFIX
 from splitfed.model import ModelConfig, build_split_model, smashed_shape
 from splitfed.mqtt import DOWN, GLOBAL, PREDICTION, STATUS, UP, parse_presence, parse_topic
 from splitfed.training import state_to_numpy
-from splitfed.wire import WireError, decode
+from splitfed.wire import WireError, decode, weights_spec
+
+from .hostile import Target
 
 REPO = Path(__file__).resolve().parents[2]
 THREADS = 1  # every process (and the reference simulation) uses one torch thread: same numbers
@@ -269,6 +272,15 @@ def retained_topics(url: str, wait: float = 1.5) -> dict[str, bytes]:
 
 def read_metrics(out: Path) -> dict[str, Any]:
     return json.loads((out / "metrics.json").read_text())
+
+
+def hostile_target(run_id: str, prefix: str = "splitfed") -> Target:
+    """What tests/mqtt/hostile.py needs to attack run `run_id` (the default model's shapes)."""
+    model = ModelConfig()
+    client, _ = build_split_model(model, 0)
+    spec = weights_spec(state_to_numpy(client), CLIENT_PREFIX)
+    weights = {k: (next(iter(dtypes)), shape) for k, (dtypes, shape) in spec.items()}
+    return Target(run_id, prefix, smashed_shape(model), tuple(model.input_shape), weights)
 
 
 # ---- what may cross the wire -------------------------------------------------------------------

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
@@ -15,7 +12,6 @@ from splitfed.defences import DEFENCES, DefenceConfig
 from splitfed.errors import UserError
 from splitfed.privacy.attack import AttackConfig, Decoder, invert, pixels, wire_activations
 from splitfed.privacy.report import Leakage, People, attack_people, measure_leakage
-from splitfed.privacy.train import DefendedClientRuntime, defended_runtime
 from splitfed.simulate import SimSpec, simulate
 
 # Small but honest: a few epochs at small batches are enough on ten synthetic people.
@@ -110,39 +106,3 @@ def test_too_few_people_is_a_user_error() -> None:
     no_ids = EmotionDataset("anon", tiny.images, tiny.labels)
     with pytest.raises(UserError, match="subject ids"):
         attack_people(no_ids, seed=0)
-
-
-def test_defended_runtime_with_no_defence_is_the_plain_runtime(
-    data: EmotionDataset, tmp_path: Path
-) -> None:
-    small = data.subset(np.arange(0, len(data), 2))
-    plain = simulate(small, SimSpec("sl", 2, 1, out_dir=tmp_path / "plain"))
-    same = simulate(
-        small,
-        SimSpec(
-            "sl",
-            2,
-            1,
-            out_dir=tmp_path / "none",
-            runtime_factory=defended_runtime(DEFENCES["none"]),
-        ),
-    )
-    assert plain["final"] == same["final"]
-    _, a, _ = load_model(tmp_path / "plain" / "checkpoint")
-    _, b, _ = load_model(tmp_path / "none" / "checkpoint")
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    simulate(
-        small,
-        SimSpec(
-            "sl",
-            2,
-            1,
-            out_dir=tmp_path / "noisy",
-            runtime_factory=defended_runtime(DefenceConfig(noise=1.0, nopeek=1.0)),
-        ),
-    )
-    _, c, _ = load_model(tmp_path / "noisy" / "checkpoint")
-    assert not all(
-        torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values())
-    )
-    assert isinstance(defended_runtime(DEFENCES["none"])("c", "r", small), DefendedClientRuntime)

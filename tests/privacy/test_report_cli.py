@@ -60,6 +60,8 @@ def test_report_writes_json_png_and_table(run_dir: Path, tmp_path: Path) -> None
     assert noisy["test_accuracy"] == trained["final"]["test_accuracy"]
     assert report["without_attack"] == {
         "labels_on_wire": True,
+        "logits_on_wire": True,
+        "shape": "standard",
         "bytes_per_sample": none["bytes_per_sample"],
         "holds_client_weights": True,
     }

@@ -13,13 +13,13 @@ from splitfed.algorithms.fedsl.model import (
     DEFAULT_SEGMENTS,
     SeqModelConfig,
 )
+from splitfed.algorithms.fedsl.parties import SegmentSpec, seq_model_config, sequence_shards
 from splitfed.algorithms.fedsl.strategy import FedSL
 from splitfed.config import TrainConfig
-from splitfed.data.clips import ClipDataset, clips_for, shard_indices
+from splitfed.data.clips import ClipDataset
 from splitfed.data.dataset import EmotionDataset
 from splitfed.devices.segment import SegmentRuntime
 from splitfed.errors import UserError
-from splitfed.model import ModelConfig
 from splitfed.runner import RunOptions, run, write_outputs
 from splitfed.transport import InProcessTransport
 
@@ -72,23 +72,17 @@ def simulate_fedsl(
     frames: int = DEFAULT_FRAMES,
     segments: int = DEFAULT_SEGMENTS,
 ) -> dict[str, Any]:
-    """`aggregator simulate --algo fedsl`: spec.clients client groups of `segments` devices each."""
-    clips = clips_for(data, frames)
-    if segments > clips.frames:
-        raise UserError(f"{segments} segments need sequences of at least {segments} frames")
-    split = spec.split or ("subject" if clips.subjects is not None else "random")
-    partition = spec.partition or ("subject" if clips.subjects is not None else "iid")
-    train_idx, test_idx, shards = shard_indices(
-        clips.labels, clips.subjects, spec.clients, partition, split, spec.seed, clips.name
+    """`aggregator simulate --algo fedsl`: spec.clients client groups of `segments` devices each.
+
+    `spec.frames` and `spec.segments`, when the spec has them, override the defaults."""
+    frames = getattr(spec, "frames", None) or frames
+    segments = getattr(spec, "segments", None) or segments
+    sh = sequence_shards(
+        data, SegmentSpec(spec.clients, frames, segments, spec.seed, spec.partition, spec.split)
     )
-    base = spec.model or ModelConfig()
-    model_cfg = SeqModelConfig(
-        frame_shape=clips.frame_shape,
-        frames=clips.frames,
-        segments=segments,
-        dropout=base.dropout,
-        num_classes=base.num_classes,
-    )
+    clips, train_idx, test_idx, shards = sh.clips, sh.train_idx, sh.test_idx, sh.shards
+    split, partition = sh.split, sh.partition
+    model_cfg = seq_model_config(clips, segments, spec.model)
     train_cfg = spec.train or TrainConfig()
     if train_cfg.compression == "int8":
         log.info("fedsl sends hidden states as fp16 (int8 is for conv feature maps)")
@@ -101,7 +95,7 @@ def simulate_fedsl(
         "partition": partition,
         "synthetic": bool(data.meta.get("synthetic", False)),
         "clients_samples": [int(len(tr)) for tr, _ in shards],
-        "sequence": str(clips.meta.get("sequence", f"clips of {clips.frames} frames")),
+        "sequence": sh.sequence,
     }
     opts = RunOptions(
         rounds=spec.rounds,

@@ -33,6 +33,11 @@ class VerticalModelConfig(BaseModel):
     `split` is the ordinary split CNN; each head is a copy of its device half applied to one
     part, and the trunk is its server half applied to the heads' maps put back in place. Part
     edges are multiples of the device half's scale, so every map lands on whole cells.
+
+    Two layouts: tiles (parts of one crop, which must not overlap) and views (several owners
+    whose box is each the whole crop: cameras that photograph the same record from different
+    angles). Views cannot be placed side by side, so the trunk fuses their maps with a learned
+    1x1 convolution over the stacked channels, which starts as their mean.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -50,6 +55,8 @@ class VerticalModelConfig(BaseModel):
             raise ValueError("need at least one part")
         _, h, w = self.input_shape
         s = self.scale
+        if self.views:
+            return
         taken = np.zeros((h, w), dtype=bool)
         for y0, y1, x0, x1 in self.boxes:
             if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
@@ -63,6 +70,12 @@ class VerticalModelConfig(BaseModel):
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return self.split.input_shape
+
+    @property
+    def views(self) -> bool:
+        """One whole crop per owner (views of a record), not tiles of one crop."""
+        _, h, w = self.input_shape
+        return len(self.boxes) > 1 and all(tuple(b) == (0, h, 0, w) for b in self.boxes)
 
     @property
     def scale(self) -> int:
@@ -82,7 +95,10 @@ class VerticalModelConfig(BaseModel):
 
     def mirror_map(self) -> list[int] | None:
         """Which part lies where each part's mirror image does; None if the layout is not
-        symmetric left to right (then training augments without mirroring)."""
+        symmetric left to right (then training augments without mirroring). Views never
+        mirror: a mirrored half-left view looks like a half-right one, not like itself."""
+        if self.views:
+            return None
         w = self.input_shape[2]
         where = {tuple(b): k for k, b in enumerate(self.boxes)}
         out = [where.get((y0, y1, w - x1, w - x0)) for y0, y1, x0, x1 in self.boxes]
@@ -101,6 +117,12 @@ class Trunk(nn.Module):
         self.boxes = [tuple(v // cfg.scale for v in b) for b in cfg.boxes]
         self.grid = cfg.grid()
         self.mirror = cfg.mirror_map()
+        self.fuse: nn.Conv2d | None = None
+        if cfg.views:
+            c, k = self.grid[0], len(cfg.boxes)
+            self.fuse = nn.Conv2d(k * c, c, kernel_size=1, bias=False)
+            with torch.no_grad():  # starts as the mean of the views' maps
+                self.fuse.weight.copy_(torch.eye(c).repeat(1, k)[:, :, None, None] / k)
 
     def _place(self, parts: list[torch.Tensor], boxes: list[tuple[int, ...]]) -> torch.Tensor:
         out = parts[0].new_zeros((parts[0].shape[0], *self.grid))
@@ -112,6 +134,8 @@ class Trunk(nn.Module):
         """The heads' maps in the crop's layout; a mirrored record's maps go to mirrored places."""
         if len(parts) != len(self.boxes):
             raise ValueError(f"{len(parts)} parts for {len(self.boxes)} heads")
+        if self.fuse is not None:
+            return self.fuse(torch.cat(parts, dim=1))
         out = self._place(parts, self.boxes)
         if flip is not None and bool(flip.any()):
             if self.mirror is None:

@@ -6,32 +6,32 @@ import logging
 from typing import Any
 
 from splitfed.algorithm_io import AlgorithmIO
-from splitfed.algorithms.pyvertical.model import VerticalModelConfig, head_scale
+from splitfed.algorithms.pyvertical.model import VerticalModelConfig
+from splitfed.algorithms.pyvertical.parties import (
+    MAX_OWNERS,
+    PartySpec,
+    base_model,
+    model_config_for,
+    vertical_parties,
+)
 from splitfed.algorithms.pyvertical.strategy import PyVertical
 from splitfed.config import TrainConfig
 from splitfed.data.dataset import EmotionDataset
-from splitfed.data.vertical import VerticalConfig, VerticalData, vertical_partition
+from splitfed.data.vertical import VerticalData
+from splitfed.data.views import views_partition
 from splitfed.devices.owner import OwnerRuntime
 from splitfed.errors import UserError
-from splitfed.model import ModelConfig
 from splitfed.runner import RunOptions, run, write_outputs
 from splitfed.transport import InProcessTransport
 
 log = logging.getLogger(__name__)
 
 
-MAX_OWNERS = 32
+__all__ = ["MAX_OWNERS", "build_federation", "model_config_for", "owner_id", "simulate_pyvertical"]
 
 
 def owner_id(i: int) -> str:
     return f"owner-{i:02d}"
-
-
-def model_config_for(data: VerticalData, base: ModelConfig | None) -> VerticalModelConfig:
-    base = base or ModelConfig(input_shape=data.input_shape)
-    if tuple(base.input_shape) != data.input_shape:
-        base = base.model_copy(update={"input_shape": data.input_shape})
-    return VerticalModelConfig(split=base, boxes=data.boxes)
 
 
 def build_federation(
@@ -50,21 +50,18 @@ def build_federation(
 
 def simulate_pyvertical(data: EmotionDataset, spec: Any, on_round: Any = None) -> dict[str, Any]:
     """`aggregator simulate --algo pyvertical`: spec.clients data owners, one part each."""
-    base = spec.model or ModelConfig(input_shape=data.input_shape)
-    if tuple(base.input_shape) != data.input_shape:
-        base = base.model_copy(update={"input_shape": data.input_shape})
+    base = base_model(data.input_shape, spec.model)
     if spec.partition not in (None, "vertical"):
         log.info("pyvertical partitions vertically; --partition %s is not used", spec.partition)
     if not 1 <= spec.clients <= MAX_OWNERS:
         raise UserError(
             f"pyvertical takes 1 to {MAX_OWNERS} data owners (--clients), got {spec.clients}"
         )
-    try:
-        scale = head_scale(base)
-    except ValueError as e:
-        raise UserError(f"pyvertical cannot cut these crops into parts: {e}") from None
-    vcfg = VerticalConfig(owners=spec.clients, align=scale, seed=spec.seed)
-    vdata = vertical_partition(data, vcfg, spec.split, spec.seed)
+    if data.meta.get("views"):  # `--views`: one camera angle per owner, not --clients parts
+        vdata = views_partition(data, split=spec.split, seed=spec.seed)
+    else:
+        vdata = vertical_parties(data, PartySpec(spec.clients, spec.seed, spec.split, base))
+    owners = len(vdata.owners)
     model_cfg = model_config_for(vdata, base)
     train_cfg = spec.train or TrainConfig()
     algo, io, _ = build_federation(vdata, model_cfg, train_cfg, spec.seed, spec.run_id)
@@ -73,32 +70,21 @@ def simulate_pyvertical(data: EmotionDataset, spec: Any, on_round: Any = None) -
         "n_train": 0,
         "n_test": 0,
         "split": vdata.split,
-        "partition": f"vertical:{spec.clients}",
+        "partition": f"views:{','.join(vdata.views)}" if vdata.views else f"vertical:{owners}",
         "synthetic": bool(data.meta.get("synthetic", False)),
         "clients_samples": [len(o) for o in vdata.owners],
     }
     opts = RunOptions(
         rounds=spec.rounds,
-        min_clients=spec.clients,
+        min_clients=owners,
         checkpoint_dir=spec.out_dir / "checkpoint" if spec.out_dir else None,
         resume=False,
         data_info=data_info,
         on_round=on_round,
     )
     metrics = run(algo, io, opts)
-    al = algo.aligned
-    assert al is not None
-    metrics["data"].update(n_train=len(al.train_ids), n_test=len(al.test_ids))
-    metrics["clients"] = spec.clients
-    metrics["psi"] = {
-        "label_records": len(vdata.labels.ids),
-        "owner_records": [len(o) for o in vdata.owners],
-        "held_by_each_owner": [al.per_owner[c] for c in algo.owners()],
-        "intersection": len(al.train_ids) + len(al.test_ids),
-        "bytes": al.psi_bytes,
-        "seconds": al.psi_seconds,
-        "boxes": [list(b) for b in vdata.boxes],
-    }
+    metrics["clients"] = owners
+    algo.add_report(metrics, io)
     if spec.out_dir is not None:
         write_outputs(metrics, spec.out_dir)
     return metrics

@@ -105,6 +105,9 @@ class PyVertical(Strategy):
         self.loss_fn = nn.CrossEntropyLoss()
         self.labels = labels
         self.aligned: Alignment | None = None
+        # Each owner's JOIN count when the alignment ran: an owner that joined again since
+        # (a restarted device) lost its aligned rows, and PSI runs again.
+        self._aligned_joins: dict[str, int] = {}
         self.round_timeout = 600.0
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -129,7 +132,9 @@ class PyVertical(Strategy):
             want = tuple(self.model_cfg.boxes[self.indices[cid]])
             if box != want:
                 raise UserError(
-                    f"data owner {cid} holds part {box or '?'}, the model expects {want}"
+                    f"data owner {cid} holds part {box or '?'}, the model expects {want} "
+                    "(owners take the parts in the sorted order of their ids: owner index K "
+                    "needs the K-th id, e.g. owner-00, owner-01)"
                 )
 
     def specs(self) -> dict[MsgType, Any]:
@@ -244,12 +249,44 @@ class PyVertical(Strategy):
             psi_seconds=time.perf_counter() - t0,
         )
 
+    def _ensure_aligned(self, io: ServerIO, timeout: float) -> None:
+        """Run PSI and alignment unless every owner still holds the current alignment."""
+        joins = getattr(io, "joins", {})
+        now = {c: joins.get(c, 0) for c in self.owners()}
+        if self.aligned is not None and now == self._aligned_joins:
+            return
+        if self.aligned is not None:
+            rejoined = sorted(c for c in now if now[c] != self._aligned_joins.get(c))
+            log.info("data owner(s) %s joined again: aligning the records again", rejoined)
+        self.aligned = self.align(io, timeout)
+        self._aligned_joins = now
+
+    def add_report(self, metrics: dict[str, Any], io: ServerIO) -> None:
+        """Add what the label holder knows of the alignment to `metrics`: the aligned record
+        counts, its own count, the owners' (from their JOINs), and what PSI cost."""
+        al = self.aligned
+        if al is None:
+            return
+        owners = self.owners()
+        metrics["data"].update(n_train=len(al.train_ids), n_test=len(al.test_ids))
+        metrics.update({
+            "psi": {
+                "label_records": len(self.labels.ids),
+                "owner_records": [io.clients[c].n_train for c in owners],
+                "held_by_each_owner": [al.per_owner[c] for c in owners],
+                "intersection": len(al.train_ids) + len(al.test_ids),
+                "bytes": al.psi_bytes,
+                "seconds": al.psi_seconds,
+                "boxes": [list(b) for b in self.model_cfg.boxes],
+            },
+        })  # fmt: skip
+
     # ---- training -----------------------------------------------------------------------------
 
     def configure_round(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:
         self._check_owners(io, participants)
-        if self.aligned is None:
-            self.aligned = self.align(io, self.round_timeout)
+        self._ensure_aligned(io, self.round_timeout)
+        assert self.aligned is not None
         cfg = self.train_cfg
         n = len(self.aligned.train_ids)
         key = (self.seed, rnd, 0)
@@ -322,8 +359,14 @@ class PyVertical(Strategy):
             state.result.completed.append(msg.src)
             state.active.discard(msg.src)
 
+    def on_drop(self, io: ServerIO, state: RoundState, client_id: str) -> None:
+        # Lock step: no batch can finish without every part, so the round ends for all.
+        state.active.clear()
+
     def aggregate(self, io: ServerIO, state: RoundState) -> RoundTrain:
         # Nothing to average: each owner keeps its own head; the trunk stepped as batches came.
+        done = set(state.result.completed)  # in the owners' order, not the network's
+        state.result.completed = [c for c in state.participants if c in done]
         if state.result.dropped:
             log.error(
                 "round %d: owner(s) %s dropped out; the heads are out of step",
@@ -339,8 +382,8 @@ class PyVertical(Strategy):
         self, io: ServerIO, participants: list[str], split: str, timeout: float
     ) -> np.ndarray:
         conf = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-        if self.aligned is None:
-            self.aligned = self.align(io, timeout)
+        self._ensure_aligned(io, timeout)
+        assert self.aligned is not None
         y_all = self.aligned.y_train if split == "train" else self.aligned.y_test
         if len(y_all) == 0:
             return conf
