@@ -29,6 +29,7 @@ from rich.live import Live
 from rich.table import Table
 
 from splitfed.algorithm_io import AlgorithmIO
+from splitfed.checkpoint import checkpoint_file, read_model_config
 from splitfed.cliutil import user_errors
 from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.defences import DEFENCES, DefenceConfig, get_defence
@@ -43,6 +44,7 @@ log = logging.getLogger("aggregator.serve")
 
 # What `serve` deploys (splitfed.simulate.served_names(); a test keeps the two in step).
 SERVE_ALGOS = ("fedavg", "sl", "sflv1", "sflv2", "pyvertical", "fedsl")
+SERVE_SPLIT_ALGOS = ("fedavg", "sl", "sflv1", "sflv2")  # one split CNN: --init-from, --live
 # Algorithms whose devices hold other data than whole crops (owners' parts, clip segments).
 OWN_DATA_ALGOS = ("pyvertical", "fedsl")
 NOT_ENROLLED = "client not enrolled"  # the counted reason for ids outside --allow-clients
@@ -102,6 +104,16 @@ class ServeConfig(_Strict):
         5.0, ge=0, description="seconds a round waits for agents that dropped out to reconnect"
     )
     serve_forever: bool = Field(False, description="keep answering live predictions after training")
+    init_from: Path | None = Field(
+        None,
+        description="start both halves from this checkpoint (e.g. pretrained centrally on a "
+        "public set); its architecture is used, and the cut must match",
+    )
+    live_model: Path | None = Field(
+        None,
+        description="serve this trained checkpoint live, without training: publish its client "
+        "weights and answer the agents' predictions (agents need no training data)",
+    )
     allow_clients: Path | None = Field(
         None,
         description="file of client ids (one a line, # comments) allowed to join; None = any",
@@ -435,6 +447,34 @@ class Dashboard:
 @click.option(
     "--serve-forever", is_flag=True, help="after training, keep answering live predictions"
 )
+@click.option(
+    "--init-from",
+    type=click.Path(path_type=Path, exists=True),
+    help="start both halves from this checkpoint (pretrained); its architecture is used",
+)
+@click.option(
+    "--checkpoint",
+    "live_checkpoint",
+    type=click.Path(path_type=Path, exists=True),
+    help="with --live: the trained checkpoint to serve",
+)
+@click.option(
+    "--live",
+    is_flag=True,
+    help="no training: publish --checkpoint's client weights and answer live predictions",
+)
+@click.option(
+    "--server-opt",
+    type=click.Choice(["none", "momentum", "adam"]),
+    help="server optimizer on each round's aggregate: FedAvgM, FedAdam [none]",
+)
+@click.option("--server-lr", type=float, help="server learning rate [1.0 momentum, 0.01 adam]")
+@click.option("--server-momentum", type=float, help="FedAvgM's momentum, FedAdam's beta1 [0.9]")
+@click.option(
+    "--sflv2-order",
+    type=click.Choice(["interleaved", "sequential"]),
+    help="SFLV2's schedule: batches interleaved, or clients one after another [interleaved]",
+)
 @click.option("--threads", type=int, help="torch threads [default: torch's]")
 @click.option(
     "--aggregation",
@@ -529,6 +569,12 @@ def serve(
         "aggregation.trim_ratio": kw["trim_ratio"],
         "aggregation.clip_update_norm": kw["clip_update_norm"],
         "step_timeout": kw["step_timeout"],
+        "init_from": kw["init_from"],
+        "live_model": _live_model(kw["live"], kw["live_checkpoint"]),
+        "aggregation.server_opt": kw["server_opt"],
+        "aggregation.server_lr": kw["server_lr"],
+        "aggregation.server_momentum": kw["server_momentum"],
+        "train.sflv2_order": kw["sflv2_order"],
         "data": kw["data"],
         "data_format": kw["data_format"],
         "split": kw["split"],
@@ -574,6 +620,30 @@ def _host_port(listen: str) -> tuple[str, int]:
         raise UserError(f"--listen takes HOST:PORT, got {listen!r}") from None
 
 
+def _live_model(live: bool, checkpoint: Path | None) -> Path | None:
+    if live != (checkpoint is not None):
+        raise UserError("--live and --checkpoint go together: serve this checkpoint live")
+    return checkpoint
+
+
+def _start_model(cfg: ServeConfig) -> ServeConfig:
+    """The network of --init-from or --checkpoint --live: the checkpoint's architecture (for
+    --init-from with this run's cut, so that a mismatch is named when the weights load)."""
+    start = cfg.live_model or cfg.init_from
+    if start is None:
+        return cfg
+    if cfg.init_from is not None and cfg.live_model is not None:
+        raise UserError("--init-from starts a training run; --checkpoint --live serves one")
+    if cfg.algo not in SERVE_SPLIT_ALGOS:
+        raise UserError(
+            f"--init-from and --live take a split-CNN checkpoint: {', '.join(SERVE_SPLIT_ALGOS)} "
+            f"(not {cfg.algo})"
+        )
+    saved = read_model_config(checkpoint_file(start))
+    model = saved if cfg.live_model is not None else saved.model_copy(update={"cut": cfg.model.cut})
+    return cfg.model_copy(update={"model": model})
+
+
 def run_serve(
     cfg: ServeConfig,
     eval_data_format: str | None = None,
@@ -608,6 +678,7 @@ def run_serve(
     from aggregator.options import console, load_data
     from splitfed.algorithms.cnn import SMASHED_ALGORITHMS, SplitCNN
 
+    cfg = _start_model(cfg)
     defence = get_defence(cfg.defence)
     defended = defence != DefenceConfig() or cfg.model.shape == "u"
     if cfg.algo not in SMASHED_ALGORITHMS and defended:
@@ -686,6 +757,8 @@ def run_serve(
     algo.step_timeout = cfg.step_timeout
     if isinstance(algo, SplitCNN):
         algo.defence = defence
+        if cfg.live_model or cfg.init_from:
+            algo.start_from(cfg.live_model or cfg.init_from)  # type: ignore[arg-type]
     dash = Dashboard(cfg, io, url + (" (embedded)" if embedded else ""))
 
     def on_round(row: dict[str, Any]) -> None:
@@ -736,6 +809,12 @@ def run_serve(
         )
         if view is not None:
             view.start()
+        if cfg.live_model is not None:  # a trained model, served: no agent needs data
+            dash.phase = "serving predictions"
+            io.publish_global(algo.round_body("live"), algo.global_tensors())
+            log.info("serving %s live; answering predictions until stopped", cfg.live_model)
+            serve_predictions(algo, io, stop)
+            return None
         metrics = run(algo, io, opts)
         if own is not None:
             add_own_report(algo, io, metrics, own[1])

@@ -10,7 +10,7 @@ PY=.venv/bin/python
 B=runs/bench
 mkdir -p "$B"
 ROUNDS=${ROUNDS:-15}
-SECTIONS=${SECTIONS:-core,mqtt,robust,soak,views,recipe,shift,privacy,export}
+SECTIONS=${SECTIONS:-core,mqtt,robust,soak,scale,views,recipe,shift,privacy,export}
 want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 
 want core && $PY scripts/bench_core.py --rounds "$ROUNDS" --out $B/core --section $B/core.md
@@ -18,8 +18,12 @@ want core && $PY scripts/bench_core.py --rounds "$ROUNDS" --out $B/core --sectio
 want mqtt && $PY scripts/bench_mqtt.py --out $B/mqtt.md
 # One malicious device against mean and the robust rule (issue 8).
 want robust && $PY scripts/bench_robust.py --out $B
+# The malicious agent over MQTT at the benchmark's size (the test command runs the short one).
+want robust && .venv/bin/python -m pytest -q -m soak tests/mqtt/test_poison.py
 # Chaos soak: kills, restarts, a broker restart, hostile traffic; each run <= 5 min.
 want soak && $PY scripts/soak.py --out runs/soak/soak.json
+# Aggregator workers: samples/s and round time by agents and workers, side by side.
+want scale && $PY scripts/bench_scale.py --agents 10,50,200 --workers 1,2,4 --rounds 2 --identities 250
 # PyVertical on several cameras against one.
 want views && $PY scripts/bench_views.py --out $B/views
 # Cross-validated scratch against pretrained, in domain and on the domain-shift proxy.
@@ -45,6 +49,7 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     done
     section "One malicious device against the aggregation rules (\`scripts/bench_robust.py\`)" $B/robust.md
     section "Chaos soak (\`scripts/soak.py\`)" runs/soak/soak.md
+    [ -f $B/scale.md ] && { cat $B/scale.md; echo; }
     section "PyVertical on several cameras against one (\`scripts/bench_views.py\`)" $B/views/results.md
     section "Cross-validated accuracy: from scratch and pretrained (\`scripts/bench_recipe.py\`)" $B/recipe/results.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md

@@ -113,7 +113,9 @@ def draw_faults(cfg: SoakConfig, rng: np.random.Generator) -> list[Fault]:
         for _ in range(cfg.broker_restarts)
     ]
     faults += [
-        Fault("aggregator_kill", int(rng.integers(1, max(last, 1) + 1)), float(rng.uniform(0, 2)))
+        # Soon after the checkpoint it waits for: a later kill could land after the last round,
+        # when the agents have left and a resumed aggregator has no one to evaluate with.
+        Fault("aggregator_kill", int(rng.integers(1, max(last, 1) + 1)), float(rng.uniform(0, 0.3)))
         for _ in range(cfg.aggregator_kills if cfg.rounds >= 2 else 0)
     ]
     return sorted(faults, key=lambda f: (f.after_rounds, f.delay))
@@ -536,6 +538,9 @@ def fire(fed: Federation, f: Fault, restarts: list[tuple[float, int]], t0: float
     elif f.kind == "aggregator_kill":
         name = fed.aggregator
         rounds = completed_rounds(fed.checkpoint_dir)
+        if rounds >= fed.cfg.rounds:  # the run is over: nothing is left to resume
+            fed.note(t0, "aggregator_kill_skipped", why="the last round is checkpointed")
+            return
         fed.killed.add(name)
         procs.kill(name, signal.SIGKILL)
         fed.start_aggregator(f"aggregator-{fed.faults['aggregator_kill'] + 1}")

@@ -248,3 +248,55 @@ def test_pyvertical_owner_killed_and_restarted_mid_run_completes(
         1 for m in tap.snapshot() if m[0].endswith(f"/{victim}/down") and b"psi_request" in m[1]
     )
     assert psi_queries == 2, psi_queries  # once at the start, once after the restart
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow
+def test_fedsl_segment_killed_and_restarted_mid_run_completes(
+    mosquitto: Mosquitto, procs: Procs, tmp_path: Path
+) -> None:
+    """A segment device dies mid-round: its chain's round ends without it (every step needs the
+    whole chain); it comes back as a new process, re-joins, and the later rounds train."""
+    from .test_faults import is_smashed
+
+    run_id, out, rounds, segments = "deploy-fedsl-restart", tmp_path / "out", 3, 2
+    devices = [f"client-00-s{k}" for k in range(segments)]
+    cmds = {
+        cid: role_cmd(
+            mosquitto.url,
+            cid,
+            run_id,
+            "--role",
+            "segment",
+            "--group",
+            "0",
+            "--groups",
+            "1",
+            "--segment",
+            str(k),
+            "--segments",
+            str(segments),
+            "--frames",
+            "4",
+        )  # fmt: skip
+        for k, cid in enumerate(devices)
+    }
+    tap = Tap(mosquitto.url)
+    try:
+        procs.start("aggregator", serve_cmd(out, mosquitto.url, "fedsl", segments, rounds,
+                                            run_id, "--segments", str(segments), "--frames", "4",
+                                            "--round-timeout", "120"))  # fmt: skip
+        for cid, cmd in cmds.items():
+            procs.start(cid, cmd)
+        victim = devices[0]
+        up = lambda: procs.check_alive("aggregator")  # noqa: E731
+        assert tap.wait_for(is_smashed(victim, 0), 180, up), procs.logs()
+        procs.kill(victim)
+        procs.start(victim, cmds[victim])  # a new process: fresh segment, no round state
+        metrics = finish(procs, devices, out)
+    finally:
+        tap.close()
+    rows = metrics["rounds"]
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    assert victim in rows[0]["dropped"], rows[0]
+    assert all(sorted(r["clients"]) == devices and not r["dropped"] for r in rows[1:]), rows

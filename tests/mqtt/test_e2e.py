@@ -49,9 +49,10 @@ def federate(
     compression: str = "fp32",
     clients: int = 3,
     rounds: int = 2,
+    serve_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run serve + `clients` agents as separate processes; returns serve's metrics.json."""
-    extra = ["--compression", compression, "--round-timeout", "120"]
+    extra = ["--compression", compression, "--round-timeout", "120", *serve_args]
     broker = None if embedded else url
     if embedded:
         extra += ["--listen", url.removeprefix("mqtt://")]
@@ -121,6 +122,33 @@ def test_fp32_over_mosquitto_equals_simulate(
     assert metrics["comm"]["rejected_messages"] == 0 and metrics["comm"]["transport_dropped"] == 0
     assert_clean_wire(tap, mosquitto.url, run_id, "fp32", local=algo == "fedavg")
     assert (tmp_path / "out" / "curves.png").exists() and (tmp_path / "out" / "checkpoint").is_dir()
+
+
+def test_pretrained_start_over_mosquitto_equals_simulate(
+    mosquitto: Mosquitto, procs: Procs, reference: Any, tmp_path: Path
+) -> None:
+    """`serve --init-from` starts where `simulate --init-from` starts, and ends where it ends."""
+    import torch
+
+    from splitfed.config import TrainConfig
+    from splitfed.data.synth import SynthConfig, generate_synth
+    from splitfed.simulate import SimSpec, simulate
+
+    from .conftest import IDENTITIES, THREADS
+
+    ckpt = tmp_path / "pretrained" / "checkpoint"
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        ds = generate_synth(SynthConfig(identities=IDENTITIES))
+        simulate(ds, SimSpec("centralized", 1, 2, seed=5, out_dir=ckpt.parent))
+        ref = simulate(ds, SimSpec("sflv1", 3, 2, seed=0, train=TrainConfig(), init_from=ckpt))
+    finally:
+        torch.set_num_threads(old)
+    got = federate(procs, tmp_path / "out", mosquitto.url, "sflv1", "e2e-pretrained",
+                   serve_args=("--init-from", str(ckpt)))  # fmt: skip
+    assert_equal_metrics(got, ref)
+    assert got["rounds"][0]["train_loss"] != reference("sflv1")["rounds"][0]["train_loss"]
 
 
 def test_int8_activations_over_mosquitto(

@@ -196,6 +196,46 @@ def test_live_predictions_through_the_aggregator(
     assert not server.is_alive()
 
 
+def test_a_trained_checkpoint_is_served_live_without_training(
+    face_video: Path, mosquitto: Mosquitto, procs: Procs, tmp_path: Path
+) -> None:
+    """`serve --checkpoint C --live`: a camera agent with no training data gets its emotions."""
+    from splitfed.simulate import SimSpec, simulate
+
+    simulate(generate_synth(SynthConfig(identities=4)),
+             SimSpec("centralized", 1, 1, out_dir=tmp_path / "trained"))  # fmt: skip
+    run_id = "live-only"
+    stop = threading.Event()
+    broker = ServeBroker(url=mosquitto.url, run_id=run_id)
+    ckpt = tmp_path / "trained" / "checkpoint"
+    cfg = ServeConfig(algo="sflv1", live_model=ckpt, broker=broker, out=tmp_path / "out")
+    server = threading.Thread(
+        target=run_serve, args=(cfg,), kwargs={"stop": stop, "live": False}, daemon=True
+    )
+    server.start()
+    try:
+        cam = [*AGENT_CMD, "--broker", mosquitto.url, "--client-id", "cam-live", "--run-id",
+               run_id, "--camera", str(face_video), "--state-dir",
+               str(tmp_path / "cam")]  # fmt: skip
+        procs.start("cam-live", cam)
+        assert procs.wait("cam-live", 180) == 0, procs.logs()
+        lines = re.findall(r"^frame \d+: (\w+) [0-9.]+ \(\d+ ms\)$", procs.log("cam-live"), re.M)
+        assert len(lines) >= 3 and all(e in EMOTIONS for e in lines), procs.logs()
+        assert not (cfg.out / "metrics.json").exists()  # nothing was trained
+        assert server.is_alive()  # still serving
+    finally:
+        stop.set()
+        server.join(30)
+    assert not server.is_alive()
+
+
+def test_live_and_checkpoint_go_together(tmp_path: Path) -> None:
+    from aggregator.cli import main as aggregator_main
+
+    res = CliRunner().invoke(aggregator_main, ["serve", "--live"])
+    assert res.exit_code != 0 and "--live and --checkpoint go together" in res.output
+
+
 # ---- the card's own command: `edge-agent --camera 0` as a user types it ------------------------
 
 

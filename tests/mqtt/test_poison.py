@@ -179,7 +179,7 @@ def test_robust_rule_contains_a_poisoning_agent_over_mqtt(
     assert ruined["final"]["test_accuracy"] < got["final"]["test_accuracy"]
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # about 5 minutes: scripts/benchmark.sh runs it; the short version above stays
 def test_robust_rule_holds_accuracy_the_plain_mean_loses_over_mqtt(
     mosquitto: Mosquitto, procs: Procs, simulated: Simulated, tmp_path: Path
 ) -> None:
