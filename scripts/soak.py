@@ -73,6 +73,9 @@ class SoakConfig:
     hostile_group: int = 8  # classes per publisher process (they rotate through all of them)
     hostile_interval: float = 2.0  # seconds between publisher processes
     round_timeout: float = 90.0
+    # Passes over local data per round: longer rounds give the resumed aggregator time to meet
+    # the hostile publishers before the run ends (a short run on an idle machine is quick).
+    local_epochs: int = 1
 
 
 @dataclass(frozen=True)
@@ -381,6 +384,8 @@ def run_federation(
         run_id,
         "--round-timeout",
         str(cfg.round_timeout),
+        "--local-epochs",
+        str(cfg.local_epochs),
     )
     fed = Federation(cfg, work, run_id, broker, procs, serve)
     rng = np.random.default_rng(cfg.seed)

@@ -59,7 +59,8 @@ def test_short_soak_survives_kills_resume_and_hostile_publishers(tmp_path: Path)
         aggregator_kills=1,
         hostile_count=5,
         hostile_group=len(soak.CLASSES),  # every class in every publisher process
-        hostile_interval=4.0,
+        hostile_interval=1.0,
+        local_epochs=4,
     )
     r = soak.run_federation(cfg, tmp_path, faults=True)
     logs = Path(r["logs"])
