@@ -283,26 +283,15 @@ class SplitCNN(Strategy):
 
         def on_message(msg: Message) -> None:
             nonlocal conf
-            if msg.type is MsgType.EVAL_SMASHED and msg.env.body["split"] == split and self.ushaped:
-                feats = self.features(unpack_activations(msg.tensors))
+            if msg.type is MsgType.EVAL_SMASHED and msg.env.body["split"] == split:
+                act = unpack_activations(msg.tensors)
+                if self.ushaped:  # the device holds the head: it gets the features
+                    kind, out = MsgType.FEATURES, {"features": self.features(act)}
+                else:
+                    pred = self.predict(act).argmax(1).astype(np.int64)
+                    kind, out = MsgType.EVAL_PREDICTIONS, {"pred": pred}
                 body = {"split": split, "step": int(msg.env.body["step"])}
-                io.send(
-                    msg.src,
-                    MsgType.FEATURES,
-                    body,
-                    {"features": feats},
-                    reply_to=msg.env.message_id,
-                )
-            elif msg.type is MsgType.EVAL_SMASHED and msg.env.body["split"] == split:
-                pred = self.predict(unpack_activations(msg.tensors)).argmax(1).astype(np.int64)
-                body = {"split": split, "step": int(msg.env.body["step"])}
-                io.send(
-                    msg.src,
-                    MsgType.EVAL_PREDICTIONS,
-                    body,
-                    {"pred": pred},
-                    reply_to=msg.env.message_id,
-                )
+                io.send(msg.src, kind, body, out, reply_to=msg.env.message_id)
             elif msg.type is MsgType.EVAL_RESULT and msg.env.body["split"] == split:
                 conf += np.asarray(msg.env.body["confusion"], dtype=np.int64)
                 active.discard(msg.src)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from splitfed.data.loaders import (
     _read_subjects_csv,
     default_cache_dir,
     read_image,
+    save_cache_file,
 )
 from splitfed.emotions import emotion_index
 from splitfed.errors import UserError
@@ -206,15 +206,7 @@ def _write_cache(path: Path, ds: ClipDataset) -> None:
     if ds.subjects is not None:
         arrays["subjects"] = ds.subjects.astype(str)
     arrays["meta_json"] = np.array(json.dumps({"name": ds.name, "meta": ds.meta}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
-        tmp.replace(path)
-    except OSError as e:
-        log.warning("could not write the clip cache %s: %s", path, e)
-        tmp.unlink(missing_ok=True)
+    save_cache_file(path, arrays, "clip")
 
 
 def load_clips(

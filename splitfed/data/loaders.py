@@ -345,6 +345,11 @@ def _save_cache(path: Path, ds: EmotionDataset) -> None:
         else:
             plain[key] = value
     arrays["meta_json"] = np.array(json.dumps({"name": ds.name, "meta": plain}))
+    save_cache_file(path, arrays, "data-set")
+
+
+def save_cache_file(path: Path, arrays: dict[str, np.ndarray], what: str) -> None:
+    """Write a cache .npz atomically; a cache that cannot be written is only a warning."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     try:
@@ -352,7 +357,7 @@ def _save_cache(path: Path, ds: EmotionDataset) -> None:
             np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
         tmp.replace(path)
     except OSError as exc:
-        log.warning("could not write the data-set cache %s: %s", path, exc)
+        log.warning("could not write the %s cache %s: %s", what, path, exc)
         tmp.unlink(missing_ok=True)
 
 
