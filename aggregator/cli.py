@@ -13,6 +13,7 @@ from aggregator import evaluate as evaluate_commands
 from aggregator import privacy as privacy_commands
 from aggregator.options import (
     COLUMNS,
+    compare_defence_options,
     console,
     data_options,
     defence_options,
@@ -28,8 +29,9 @@ from aggregator.options import (
     setup_logging,
     verdict,
 )
+from splitfed.algorithms.cnn import SMASHED_ALGORITHMS
 from splitfed.cliutil import user_errors
-from splitfed.defences import get_defence
+from splitfed.defences import default_defence, get_defence
 from splitfed.errors import UserError
 
 
@@ -71,7 +73,7 @@ def simulate(
     spec = SimSpec(
         algo, clients, rounds, kw["seed"], kw["partition"], kw["split"], model, train, out_dir,
         aggregation=make_aggregation(kw), report_shift=shift, init_from=kw["init_from"],
-        defence=get_defence(kw["defence"] or "none"),
+        defence=get_defence(kw["defence"] or default_defence(algo)),
         frames=kw["frames"], segments=kw["segments"],
     )  # fmt: skip
     metrics = _run(ds, spec, folds, f"{algo} x{clients}")
@@ -95,6 +97,7 @@ def simulate(
     show_default=True,
 )
 @evaluation_options
+@compare_defence_options
 @data_options
 @user_errors
 def compare(
@@ -128,6 +131,16 @@ def compare(
     ds = load_data(kw["data"], kw["data_format"], kw["synth_identities"], kw["views"])
     model, train = make_configs(kw, ds)
     aggregation = make_aggregation(kw)
+    defence = get_defence(kw["defence"] or "none")
+    # The defence and the U-shape act on smashed data: the algorithms that send none run as
+    # they are, next to the ones that do, and the output says so.
+    plain = [a for a in names if a not in SMASHED_ALGORITHMS]
+    if plain and (kw["defence"] not in (None, "none") or kw["shape"] == "u"):
+        what = " and ".join(
+            f"--{k} {kw[k]}" for k in ("shape", "defence") if kw[k] not in (None, "none")
+        )
+        console.print(f"{what}: for {', '.join(n for n in names if n not in plain)} only; "
+                      f"{', '.join(plain)} send no smashed data and run without it")  # fmt: skip
     results: list[dict[str, Any]] = []
     jobs = [(a, n) for n in counts for a in names if not (a == "centralized" and n != counts[0])]
     # With --init-from, each job runs from scratch and pretrained, side by side.
@@ -138,10 +151,12 @@ def compare(
             label = f"{a} x{n}" if a != "centralized" else a
             if init is not None:
                 sub, label = sub.with_name(sub.name + "-pretrained"), label + " pretrained"
-            spec = SimSpec(a, n, rounds, kw["seed"], kw["partition"], kw["split"], model, train,
-                           sub, aggregation=aggregation, report_shift=shift,
-                           init_from=init, frames=kw["frames"],
-                           segments=kw["segments"])  # fmt: skip
+            smashed = a in SMASHED_ALGORITHMS
+            job_model = model if smashed else model.model_copy(update={"shape": "standard"})
+            spec = SimSpec(a, n, rounds, kw["seed"], kw["partition"], kw["split"], job_model,
+                           train, sub, aggregation=aggregation, report_shift=shift,
+                           init_from=init, frames=kw["frames"], segments=kw["segments"],
+                           defence=defence if smashed else None)  # fmt: skip
             results.append(_run(ds, spec, folds, label))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_results(results, out_dir)
@@ -254,6 +269,9 @@ def _register_optional() -> None:
             raise
     else:
         main.add_command(serve)
+        from aggregator.fed_server import fed_server
+
+        main.add_command(fed_server)
 
 
 _register_optional()

@@ -21,7 +21,7 @@ from rich.table import Table
 from splitfed.checkpoint import checkpoint_file, read_model_config
 from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset
-from splitfed.defences import DEFENCES
+from splitfed.defences import DEFAULT_HELP, DEFENCES
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig
 
@@ -108,17 +108,17 @@ def data_options(fn: F) -> F:
         ),
         click.option(
             "--server-opt",
-            type=click.Choice(["none", "momentum", "adam"]),
+            type=click.Choice(["none", "sgd", "momentum", "adam"]),
             default="none",
             show_default=True,
             help="server optimizer on each round's aggregate (FedAvg, SFLV1, SFLV2, FedSL): "
-            "momentum = FedAvgM, adam = FedAdam",
+            "sgd = FedAvg with a server lr, momentum = FedAvgM, adam = FedAdam",
         ),
         click.option(
             "--server-lr",
-            type=float,
             default=None,
-            help="server learning rate [1.0 for momentum, 0.01 for adam]",
+            help="server learning rate, or auto: the number of clients (the sum of their "
+            "updates) [auto for sgd, 1.0 for momentum, 0.01 for adam]",
         ),
         click.option(
             "--server-momentum",
@@ -174,7 +174,16 @@ def data_options(fn: F) -> F:
 
 
 def defence_options(fn: F) -> F:
-    """What `simulate` and `serve` let leave the devices: the defence and the split's shape."""
+    """What `simulate` lets leave the devices: the defence (default: `default_defence`)."""
+    return _defence_options(fn, DEFAULT_HELP)
+
+
+def compare_defence_options(fn: F) -> F:
+    """`compare` runs every algorithm as it is unless a defence is named: a fair comparison."""
+    return _defence_options(fn, "none; a named one applies to sl, sflv1 and sflv2 only")
+
+
+def _defence_options(fn: F, default_help: str) -> F:
     fn = click.option(
         "--shape",
         type=click.Choice(["standard", "u"]),
@@ -186,7 +195,8 @@ def defence_options(fn: F) -> F:
         "--defence",
         type=click.Choice(list(DEFENCES)),
         default=None,
-        help="device-side defence of the smashed data (splitfed/defences.py) [default: none]",
+        help=f"device-side defence of the smashed data (splitfed/defences.py) "
+        f"[default: {default_help}]",
     )(fn)
 
 

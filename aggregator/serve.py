@@ -32,7 +32,7 @@ from splitfed.algorithm_io import AlgorithmIO
 from splitfed.checkpoint import checkpoint_file, read_model_config
 from splitfed.cliutil import user_errors
 from splitfed.config import AggregationConfig, TrainConfig
-from splitfed.defences import DEFENCES, DefenceConfig, get_defence
+from splitfed.defences import DEFAULT_HELP, DEFENCES, DefenceConfig, default_defence, get_defence
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig
 from splitfed.mqtt import ID_RE, MqttSettings
@@ -70,6 +70,12 @@ class ServeBroker(MqttSettings):
     )
     insecure: bool = Field(
         False, description="embedded broker: allow listening beyond loopback without logins"
+    )
+    shared_group: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="subscribe as MQTT 5 shared subscriptions $share/GROUP/... (a broker "
+        "cluster may then serve them from any node); None = plain subscriptions",
     )
 
 
@@ -122,10 +128,11 @@ class ServeConfig(_Strict):
     aggregation: AggregationConfig = Field(
         default_factory=AggregationConfig, description="how the devices' copies are combined"
     )
-    defence: str = Field(
-        "none",
+    defence: str | None = Field(
+        None,
         description="defence the agents apply to their smashed data (splitfed/defences.py); "
-        "its cut, bottleneck and compression override model and train",
+        "its cut, bottleneck and compression override model and train. None: `recommended` "
+        "for sl, sflv1 and sflv2, `none` for the algorithms that send no smashed data",
     )
     step_timeout: float | None = Field(
         None,
@@ -146,7 +153,23 @@ class ServeConfig(_Strict):
         None, description="pyvertical: held-out split of `data` (as simulate)"
     )
     frames: int = Field(4, ge=2, le=64, description="fedsl: time steps per sequence")
+    views: str | None = Field(
+        None,
+        description="pyvertical: KDEF camera angles, one data owner (camera) each, e.g. S,HL,HR "
+        "(agents `--role owner --views` the same list); `data` is the KDEF tree of the labels",
+    )
+    record_salt: str = Field(
+        "splitfed-views",
+        min_length=1,
+        max_length=256,
+        description="pyvertical views: the federation's shared salt of the record ids",
+    )
     segments: int = Field(2, ge=1, le=64, description="fedsl: devices per client group")
+    fed_server: bool = Field(
+        False,
+        description="sflv1, sflv2: a separate fed server (`aggregator fed-server`) averages the "
+        "client halves; this main server trains the server half and never holds a client half",
+    )
 
 
 class ServeIO(ServerIO):
@@ -403,6 +426,14 @@ class Dashboard:
 )
 @click.option("--frames", type=int, help="fedsl: time steps (or row bands) per sequence [4]")
 @click.option(
+    "--views",
+    help="pyvertical: KDEF camera angles, one owner (camera) each, e.g. S,HL,HR; --data is the "
+    "KDEF tree whose labels stay here; --min-clients defaults to the number of views",
+)
+@click.option(
+    "--record-salt", help="pyvertical --views: shared salt of the record ids [splitfed-views]"
+)
+@click.option(
     "--segments",
     type=int,
     help="fedsl: devices per client group; --min-clients counts devices [2]",
@@ -431,6 +462,12 @@ class Dashboard:
 )
 @click.option(
     "--insecure", is_flag=True, help="embedded broker: listen beyond loopback without logins"
+)
+@click.option(
+    "--shared-subscription",
+    "shared_group",
+    metavar="GROUP",
+    help="subscribe as MQTT 5 shared subscriptions $share/GROUP/... [default: plain]",
 )
 @click.option(
     "--allow-clients",
@@ -504,9 +541,15 @@ class Dashboard:
 @click.option("--master", help="ADDR:PORT where the workers meet (torch.distributed), with --rank")
 @click.option("-v", "--verbose", is_flag=True)
 @click.option(
+    "--fed-server",
+    is_flag=True,
+    help="sflv1/sflv2: `aggregator fed-server` averages the client halves; this main server "
+    "never holds one",
+)
+@click.option(
     "--defence",
     type=click.Choice(list(DEFENCES)),
-    help="defence the agents apply to their smashed data [default: none]",
+    help=f"defence the agents apply to their smashed data [default: {DEFAULT_HELP}]",
 )
 @click.option(
     "--shape",
@@ -542,6 +585,7 @@ def serve(
         "broker.tls.key_file": kw["tls_key"],
         "broker.users_file": kw["broker_users"],
         "broker.insecure": True if kw["insecure"] else None,
+        "broker.shared_group": kw["shared_group"],
         "allow_clients": kw["allow_clients"],
         "algo": kw["algo"],
         "min_clients": kw["min_clients"],
@@ -580,7 +624,12 @@ def serve(
         "split": kw["split"],
         "frames": kw["frames"],
         "segments": kw["segments"],
+        "views": kw["views"],
+        "record_salt": kw["record_salt"],
+        "fed_server": True if kw["fed_server"] else None,
     }
+    if kw["views"] and kw["min_clients"] is None:  # one owner per camera
+        overrides["min_clients"] = len(kw["views"].split(","))
     cfg = load_serve_config(config_path, overrides)
     try:
         if kw["workers"] != 1 or kw["rank"] is not None or kw["world_size"] is not None:
@@ -679,7 +728,11 @@ def run_serve(
     from splitfed.algorithms.cnn import SMASHED_ALGORITHMS, SplitCNN
 
     cfg = _start_model(cfg)
-    defence = get_defence(cfg.defence)
+    if cfg.fed_server:
+        from aggregator.fed_server import check_fed_serve
+
+        check_fed_serve(cfg, group)
+    defence = get_defence(cfg.defence or default_defence(cfg.algo))
     defended = defence != DefenceConfig() or cfg.model.shape == "u"
     if cfg.algo not in SMASHED_ALGORITHMS and defended:
         raise UserError(
@@ -732,10 +785,11 @@ def run_serve(
     if group is not None:
         shard = {"owns": group.owns, "worker": (group.rank, group.world_size)}
     transport = MqttTransport(
-        settings, b.prefix, b.run_id, presence_grace=cfg.presence_grace, **shard
-    )
-    if group is not None:
-        group.on_joined = transport.pin_clients
+        settings, b.prefix, b.run_id, presence_grace=cfg.presence_grace,
+        shared_group=b.shared_group, **shard,
+    )  # fmt: skip
+    if group is not None:  # enrolled agents are homed up front: no JOIN of theirs can race
+        group.on_joined = lambda local: transport.pin_clients([*local, *sorted(allowed or ())])
     data_info: dict[str, Any] = {"source": "agents"}
     live_kw: dict[str, Any] = dict(
         data_info=data_info, min_clients=cfg.min_clients, grace=cfg.rejoin_grace,
@@ -755,6 +809,10 @@ def run_serve(
 
         io.seq = ClockSequencer(io.seq.src, io.seq.run_id)
     algo.step_timeout = cfg.step_timeout
+    if cfg.fed_server:  # before the transport starts: it subscribes to the fed server's sync
+        from aggregator.fed_server import attach_fed_server
+
+        attach_fed_server(algo, io, transport, cfg.round_timeout)
     if isinstance(algo, SplitCNN):
         algo.defence = defence
         if cfg.live_model or cfg.init_from:
@@ -834,6 +892,10 @@ def run_serve(
             metrics["workers"] = group.world_size
         metrics["comm"].update(comm)
         metrics["defence"] = defence.model_dump(mode="json")
+        if cfg.fed_server:
+            from aggregator.fed_server import held_report
+
+            metrics["held"] = held_report()
         metrics["mqtt"] = {
             "broker": url,
             "embedded": embedded is not None,
@@ -866,6 +928,8 @@ def own_data_strategy(cfg: ServeConfig, synth_identities: int) -> tuple[Any, dic
     Returns the strategy and what metrics.json says of the run's data beyond the rounds."""
     from aggregator.options import load_data
 
+    if cfg.algo == "pyvertical" and cfg.views:
+        return _views_label_holder(cfg)
     ds = load_data(cfg.data, cfg.data_format, synth_identities)
     if cfg.algo == "pyvertical":
         from splitfed.algorithms.pyvertical.parties import PartySpec, label_holder
@@ -912,6 +976,29 @@ def own_data_strategy(cfg: ServeConfig, synth_identities: int) -> tuple[Any, dic
         "groups": cfg.min_clients // cfg.segments,
     }
     return FedSL(model_cfg, cfg.train, cfg.seed), info
+
+
+def _views_label_holder(cfg: ServeConfig) -> tuple[Any, dict[str, Any]]:
+    """PyVertical over cameras: the labels of the KDEF tree `cfg.data`, an owner per view."""
+    from splitfed.algorithms.pyvertical.model import VerticalModelConfig
+    from splitfed.algorithms.pyvertical.parties import base_model
+    from splitfed.algorithms.pyvertical.strategy import PyVertical
+    from splitfed.data.views import load_views, parse_views, view_labels
+
+    views = parse_views(cfg.views or "")
+    if cfg.min_clients != len(views):
+        raise UserError(f"--views {cfg.views}: one owner per view, not --min-clients "
+                        f"{cfg.min_clients}")  # fmt: skip
+    ds = load_views(cfg.data, views, progress=True)
+    labels, _ = view_labels(ds, views, cfg.split, cfg.seed, cfg.record_salt)
+    _, h, w = ds.input_shape
+    vmodel = VerticalModelConfig(
+        split=base_model(ds.input_shape, cfg.model), boxes=[(0, h, 0, w)] * len(views)
+    )
+    log.info("label holder: %d labelled records of %s; cameras %s", len(labels.ids), ds.name,
+             ",".join(views))  # fmt: skip
+    info = {"partition": f"views:{','.join(views)}", "name": ds.name}
+    return PyVertical(vmodel, cfg.train, cfg.seed, labels), info
 
 
 def add_own_report(algo: Any, io: ServeIO, metrics: dict[str, Any], info: dict[str, Any]) -> None:

@@ -8,9 +8,12 @@ The rounds, averages and metrics are those of one worker (see splitfed.distribut
 
 Joining: rank 0 announces the aggregator only once every worker listens on `+/up` (each keeps
 its own agents' messages), and after the join phase each worker subscribes to its agents' own
-`up` topics and drops the wildcard. An agent that is new after that is homed when its `online`
-status arrives; its JOIN can race that subscription (it re-joins at the next aggregator
-restart), so start the agents a deployment expects before `--min-clients` is reached.
+`up` topics and drops the wildcard (enrolled agents, `--allow-clients`, are homed up front).
+An agent that is new after that is homed when its `online` status arrives, and its home is
+published then; its JOIN can beat that subscription and reach nobody. Such an agent (online,
+homed, never joined) is found at the next round boundary, rank 0 announces a new instance
+and every agent JOINs again before that round starts (`Group.online`), so a late agent trains
+from the next round whichever way the race went.
 Only SFLV1 and FedAvg shard: SL and SFLV2 train one server half on every batch in turn.
 """
 

@@ -8,6 +8,12 @@ The agent joins each aggregator instance once (a restarted aggregator gets a fre
 reconnected one does not), loads pushed global weights without a restart, and turns live
 frames' smashed data into PREDICT messages whose PREDICTION answers it prints and republishes
 as JSON (the split-CNN client only: the other runtimes hold no client half of a whole crop).
+
+A live frame leaves as the run's defence allows (`ClientRuntime.live_wire`: the same
+`splitfed.defences.to_wire` as training, noise keyed by the device's secret, the run's
+compression), whichever half computed it (torch or ONNX). In a U-shaped run the aggregator
+answers a PREDICT with the server half's features, and the device's own head finishes the
+prediction: no logit of a live frame crosses the wire either.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from splitfed.client import ClientRuntime
 from splitfed.device import DeviceRuntime
@@ -34,6 +41,7 @@ from splitfed.mqtt import (
     INBOX_BYTES,
     PREDICTION,
     STATUS,
+    WEIGHTS,
     FairInbox,
     LinkSettings,
     MqttLink,
@@ -43,12 +51,14 @@ from splitfed.mqtt import (
 )
 from splitfed.server import AGGREGATOR_ID
 from splitfed.wire import (
+    FED_SERVER_ID,
+    Envelope,
     MsgType,
     RejectLog,
+    ShapeSpec,
     Validator,
     WireError,
     encode,
-    pack_activations,
     read_header,
 )
 
@@ -120,21 +130,28 @@ class Agent:
         self.predict_sent: dict[str, tuple[int, float]] = {}
         self.predict_latency: deque[float] = deque(maxlen=10_000)
         self.live_net: ClientNet | None = None
+        self.live_head: torch.nn.Module | None = None  # U-shape: the device's classifier head
         self.live_version = -1
         # Called with (client half snapshot, version) when new global weights arrive, e.g. to
         # re-quantize the ONNX model; runs on the message loop, so it must hand work off.
         self.on_weights: Callable[[ClientNet, int], None] | None = None
+        # The answers to live frames: PREDICTION, or (U-shape) the server half's FEATURES.
         self._pred_validator = Validator(
             run_id,
-            {MsgType.PREDICTION: {"probs": (frozenset({"F32"}), (-1, NUM_CLASSES))}},
+            {
+                MsgType.PREDICTION: {"probs": (frozenset({"F32"}), (-1, NUM_CLASSES))},
+                MsgType.FEATURES: self._live_features_spec,
+            },
             known_sender=lambda src: src == AGGREGATOR_ID,
         )
         subs = [
             topic(prefix, run_id, self.client_id, DOWN),
             topic(prefix, run_id, AGGREGATOR_ID, STATUS),
             topic(prefix, run_id, AGGREGATOR_ID, GLOBAL),
+            topic(prefix, run_id, FED_SERVER_ID, GLOBAL),  # with a separate fed server
         ]
         self.up_topic = topic(prefix, run_id, self.client_id, "up")
+        self.weights_topic = topic(prefix, run_id, self.client_id, WEIGHTS)
         self.prediction_topic = topic(prefix, run_id, self.client_id, PREDICTION)
         self.link = MqttLink(
             settings,
@@ -208,7 +225,7 @@ class Agent:
             self.join()
         self.counters["received"] += 1
         env, _ = read_header(payload)  # a WireError is counted by dispatch
-        if env.type is MsgType.PREDICTION:
+        if env.type is MsgType.PREDICTION or (env.type is MsgType.FEATURES and "frame" in env.body):
             self._on_prediction(payload)
             return
         now = time.perf_counter() if received is None else received
@@ -228,11 +245,16 @@ class Agent:
             self._refresh_live_net()
 
     def _publish_up(self, data: bytes) -> None:
-        env, _ = read_header(data)
+        env, specs = read_header(data)
         if env.type is MsgType.SMASHED:
             self.smashed_sent[env.message_id] = time.perf_counter()
         self.counters["sent"] += 1
         self.counters[f"sent_{env.type.value}"] += 1
+        if env.type is MsgType.CLIENT_UPDATE and specs and getattr(self.runtime, "fed_server", 0):
+            # The client half goes to the fed server's topic alone: the aggregator (and the
+            # ACL keeps it so) never reads it. The aggregator gets the counts on `up`.
+            self.link.publish(self.weights_topic, data)
+            return
         self.link.publish(self.up_topic, data)
 
     def _on_aggregator_status(self, payload: bytes) -> None:
@@ -286,21 +308,35 @@ class Agent:
             if net is None or version == self.live_version:
                 return
             snapshot = copy.deepcopy(net).eval()
-        self.live_net, self.live_version = snapshot, version
+            server = self.runtime.server_net
+            head = copy.deepcopy(server.fc).eval() if self.runtime.ushaped and server else None
+        self.live_net, self.live_head, self.live_version = snapshot, head, version
         log.info("client half for live frames: global weights version %d", version)
         if self.on_weights is not None:
             self.on_weights(snapshot, version)
 
-    def compression(self) -> str:
-        cfg = getattr(self.runtime, "train_cfg", None)
-        return cfg.compression if cfg is not None else "fp32"
+    def live_ready(self) -> bool:
+        """Joined, and told by the aggregator how smashed data leaves this run (its defence):
+        before that a live frame could only leave undefended, so none leaves. U-shape: and
+        holding the head that finishes the prediction."""
+        runtime = self.runtime
+        return (
+            self.joined.is_set()
+            and isinstance(runtime, ClientRuntime)
+            and runtime.live_configured()
+            and (not runtime.ushaped or self.live_head is not None)
+        )
 
     def send_predict(self, frame: int, activations: np.ndarray, captured_at: float) -> bool:
-        """Publish one frame's smashed data; the aggregator answers with its emotion."""
-        if not self.joined.is_set():
+        """Publish one frame's smashed data, defended as the run's training batches are; the
+        aggregator answers with its emotion (U-shape: with the features for the device's head).
+        """
+        if not self.live_ready():
+            self.counters["predict_not_ready"] += 1
             return False
-        tensors = pack_activations(activations.astype(np.float32), self.compression())  # type: ignore[arg-type]
+        assert isinstance(self.runtime, ClientRuntime)
         with self.lock:
+            tensors = self.runtime.live_wire(activations)
             msg = self.runtime.seq.make(
                 MsgType.PREDICT, 0, {"frame": frame}, tensors, ttl=self.predict_ttl
             )
@@ -330,6 +366,12 @@ class Agent:
         if self.on_prediction is not None:
             self.on_prediction(pred)
 
+    def _live_features_spec(self, env: Envelope) -> ShapeSpec:
+        runtime = self.runtime
+        if not isinstance(runtime, ClientRuntime):
+            raise ValueError("features for a live frame on a device without a client half")
+        return runtime.live_features_spec()
+
     def _on_prediction(self, payload: bytes) -> None:
         try:
             msg = self._pred_validator.check(payload)
@@ -341,11 +383,23 @@ class Agent:
             self._reject("bad_body", f"prediction: {type(e).__name__}: {e}")
             return
         sent = self.predict_sent.pop(msg.env.reply_to, None)
-        probs = msg.tensors["probs"]
-        if sent is None or len(probs) != 1:
+        probs: np.ndarray | None = None
+        if sent is not None:  # U-shape: the features of the frame, for this device's head
+            probs = (self._head_probs(msg.tensors["features"]) if msg.type is MsgType.FEATURES
+                     else msg.tensors["probs"])  # fmt: skip
+        if sent is None or probs is None or len(probs) != 1:
             self.counters["unmatched_prediction"] += 1
             return
         self._report(frame, probs[0].astype(float), time.perf_counter() - sent[1])
+
+    def _head_probs(self, features: np.ndarray) -> np.ndarray | None:
+        """U-shape: the device's own head finishes a live frame's prediction."""
+        head = self.live_head
+        if head is None:
+            return None
+        with torch.no_grad():
+            logits = head(torch.from_numpy(features.astype(np.float32)))
+            return torch.softmax(logits, 1).numpy()
 
     # ---- numbers -------------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 edge-agent --broker mqtt://HOST:PORT --client-id pi-01 --dataset synth --shard 0/3
 edge-agent --broker mqtt://HOST:PORT --client-id pi-01 --camera 0
 edge-agent --broker mqtt://HOST:PORT --client-id owner-00 --role owner --owner-index 0 --owners 2
+edge-agent --broker mqtt://HOST:PORT --client-id owner-01 --role owner --views S,HL,HR \
+    --owner-index 1 --dataset KDEF_DIR
 edge-agent collect --camera 0 --per-emotion 20
 """
 
@@ -66,6 +68,8 @@ def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
         "role": kw.get("role"),
         "owner.index": kw.get("owner_index"),
         "owner.owners": kw.get("owners"),
+        "owner.views": kw.get("views"),
+        "owner.record_salt": kw.get("record_salt"),
         "segment.group": kw.get("group"),
         "segment.groups": kw.get("groups"),
         "segment.segment": kw.get("segment"),
@@ -132,9 +136,22 @@ def _stop_on_signals(stop: threading.Event) -> None:
     help="owner: the part this device holds, 0-based, of the --owners parts the simulator cuts "
     "(2: left and right half; 3 and more: brow band and eye band in strips). Owners take the "
     "parts in the sorted order of their client ids, so give owner K the K-th id "
-    "(owner-00, owner-01, ...) [default: 0]",
+    "(owner-00, owner-01, ...); with --views, the camera: view K of --views [default: 0]",
 )
-@click.option("--owners", type=int, help="owner: data owners in the run [default: 2]")
+@click.option(
+    "--owners", type=int, help="owner: data owners in the run [default: 2, or the --views count]"
+)
+@click.option(
+    "--views",
+    help="owner: this device is one camera of a multi-camera rig: the run's KDEF angles, e.g. "
+    "S,HL,HR (as `aggregator serve --views`); it holds the pictures of view --owner-index of "
+    "--dataset (a KDEF tree that may hold only that view)",
+)
+@click.option(
+    "--record-salt",
+    help="owner --views: the federation's shared salt of the record ids, as `serve "
+    "--record-salt` [default: splitfed-views]",
+)
 @click.option("--group", type=int, help="segment: this device's client group, 0-based [default: 0]")
 @click.option(
     "--groups",
@@ -316,14 +333,29 @@ def _local_data(cfg: AgentConfig) -> EmotionDataset:
 def owner_table(cfg: AgentConfig) -> OwnerTable:
     """`--role owner`: this device's part of each record, under the records' ids.
 
-    The one place an owner's data come from: today the simulator's vertical partition of the
-    local data set (the same owners, seed and split as `simulate --algo pyvertical`, of which
-    this device keeps part --owner-index); a loader of real multi-camera records replaces
-    this function's body and nothing else."""
+    With `--views` this device is one camera: it loads only the KDEF pictures of its own view
+    (view --owner-index of --views) and names each record from its file name and the
+    federation's salt, so it needs no other camera's photos and no split (the label holder
+    keeps the split). Without, the simulator's vertical partition of the local data set (the
+    same owners, seed and split as `simulate --algo pyvertical`), of which it keeps one part."""
+    if cfg.owner.views is not None:
+        return _view_owner_table(cfg)
     from splitfed.algorithms.pyvertical.parties import PartySpec, partitioned_owner
 
     spec = PartySpec(cfg.owner.owners, cfg.data.seed, cfg.data.split)
     return partitioned_owner(_local_data(cfg), spec, cfg.owner.index)
+
+
+def _view_owner_table(cfg: AgentConfig) -> OwnerTable:
+    from splitfed.data.views import ViewSpec, load_views, parse_views, view_owner
+
+    views = parse_views(cfg.owner.views or "")
+    if cfg.data.dataset in (None, "synth", "crops") or cfg.data.data_format not in (None, "kdef"):
+        raise UserError("--role owner --views reads KDEF pictures: give --dataset KDEF_DIR")
+    view = views[cfg.owner.index]
+    ds = load_views(cfg.data.dataset, [view], cfg.crop)  # this camera's photos only
+    spec = ViewSpec(views, cfg.data.seed, cfg.owner.record_salt)
+    return view_owner(ds, spec, cfg.owner.index)
 
 
 def segment_runtime(cfg: AgentConfig) -> DeviceRuntime:
@@ -365,8 +397,8 @@ def _start_live(cfg: AgentConfig, agent: Any, stop: threading.Event, train: bool
         log.info("live client half: torch, from the aggregator's retained global weights")
     onnx = offline or cfg.inference.model is not None
 
-    def ready() -> bool:  # joined (so frames are answered) and holding a client half
-        return offline or (agent.joined.is_set() and (onnx or agent.live_net is not None))
+    def ready() -> bool:  # joined, told the run's defence, and holding a client half
+        return offline or (agent.live_ready() and (onnx or agent.live_net is not None))
 
     pipeline = LivePipeline(cfg.camera, cfg.live, cfg.crop, half, publish, stop, ready)
     pipeline.start()

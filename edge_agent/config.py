@@ -97,13 +97,42 @@ class DataConfig(_Strict):
 
 
 class OwnerConfig(_Strict):
-    """`role: owner` (PyVertical): which part of every record this device holds."""
+    """`role: owner` (PyVertical): which part of every record this device holds.
+
+    Either a part of each crop of the local data set (the simulator's vertical partition), or,
+    with `views`, one camera of a multi-camera rig: this device holds the KDEF pictures of view
+    `index` of `views` (and may hold nothing else)."""
 
     index: int = Field(0, ge=0, le=31, description="this owner's part, 0-based (--owner-index)")
-    owners: int = Field(2, ge=1, le=32, description="data owners in the run (--owners)")
+    owners: int = Field(
+        2, ge=1, le=32, description="data owners in the run (--owners; with views: their count)"
+    )
+    views: str | None = Field(
+        None,
+        description="KDEF camera angles of the run, e.g. S,HL,HR, the same list and order as "
+        "`aggregator serve --views`; this owner holds the pictures of view `index` (--views)",
+    )
+    record_salt: str = Field(
+        "splitfed-views",
+        min_length=1,
+        max_length=256,
+        description="views: the federation's shared salt of the record ids (session + subject + "
+        "emotion); the same on every owner and the aggregator (--record-salt)",
+    )
 
     @model_validator(mode="after")
     def _index_in_range(self) -> OwnerConfig:
+        if self.views is not None:
+            from splitfed.data.views import parse_views
+
+            try:
+                views = parse_views(self.views)
+            except UserError as e:
+                raise ValueError(str(e)) from None
+            if "owners" in self.model_fields_set and self.owners != len(views):
+                raise ValueError(f"{self.owners} owners, but {len(views)} views {self.views}")
+            self.views = ",".join(views)
+            self.owners = len(views)
         if self.index >= self.owners:
             raise ValueError(f"owner index {self.index} needs more than {self.owners} owners")
         return self

@@ -32,7 +32,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 SERVE = [sys.executable, "-c", "from aggregator.cli import main; main()", "serve"]
 AGENT = [sys.executable, "-m", "edge_agent"]
@@ -52,7 +52,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_mosquitto(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_mosquitto(directory: Path, extra_conf: str = "") -> tuple[subprocess.Popen[bytes], str]:
+    """Mosquitto on a free loopback port (config lines `extra_conf` added); (process, URL)."""
     binary = os.environ.get("MOSQUITTO") or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(binary).is_file():
         sys.exit("mosquitto not found: run scripts/setup.sh (apt-get install mosquitto)")
@@ -65,7 +66,7 @@ def start_mosquitto(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
         f"listener {port} 127.0.0.1\nuser {pwd.getpwuid(os.getuid()).pw_name}\n"
         "allow_anonymous true\nset_tcp_nodelay true\n"
         "max_queued_messages 100000\nmax_inflight_messages 100\n"
-        f"log_dest file {directory}/mosquitto.log\n"
+        f"log_dest file {directory}/mosquitto.log\n" + extra_conf
     )
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
@@ -145,43 +146,18 @@ def simulate_run(clients: int, rounds: int, identities: int, compression: str) -
 def pool_run(url: str, work: Path, n: int, identities: int) -> tuple[dict[str, Any], list[Any]]:
     """One round with n agents as threads of this process (one MQTT connection each)."""
     import torch
-
-    from edge_agent.agent import Agent
-    from splitfed.client import ClientRuntime
-    from splitfed.data.partition import client_shards
-    from splitfed.data.synth import SynthConfig, generate_synth
-    from splitfed.mqtt import LinkSettings
+    from agent_pool import AgentPool
 
     torch.set_num_threads(1)
     work.mkdir(parents=True, exist_ok=True)
     run_id = f"pool{n}"
-    ds = generate_synth(SynthConfig(identities=identities))
-    _, _, shards = client_shards(ds, n, None, None, 0)
     agg = serve(url, work / "out", run_id, n, 1, "fp32", work / "serve.log")
-    settings = LinkSettings.from_url(url)
-    agents = [
-        Agent(
-            ClientRuntime(f"client-{i:02d}", run_id, tr, te),
-            settings,
-            "splitfed",
-            run_id,
-            exit_when_done=True,
-        )  # fmt: skip
-        for i, (tr, te) in enumerate(shards)
-    ]
-    threads = []
-    for a in agents:
-        a.start()
-        t = threading.Thread(target=a.run, daemon=True)
-        t.start()
-        threads.append(t)
+    pool = AgentPool.synth(url, run_id, n, identities)
+    pool.start()
     if agg.wait(3600) != 0:
         sys.exit(f"serve failed; see {work / 'serve.log'}")
-    for t in threads:
-        t.join(30)
-    for a in agents:
-        a.close()
-    return json.loads((work / "out" / "metrics.json").read_text()), agents
+    pool.finish()
+    return json.loads((work / "out" / "metrics.json").read_text()), pool.agents
 
 
 # PyVertical: 2 data owners; FedSL: 1 client group of 2 segment devices.

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from splitfed.config import TrainConfig
+from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.crossval import cross_validate
 from splitfed.data.dataset import EmotionDataset
 from splitfed.data.synth import SynthConfig, generate_synth
@@ -101,6 +101,9 @@ def main() -> int:
     ap.add_argument("--algos", default="centralized,sl,sflv1,sflv2")
     ap.add_argument("--recipes", default="baseline,per-crop")
     ap.add_argument("--starts", default="scratch,pretrained")
+    ap.add_argument("--batch-size", type=int, default=None, help="[TrainConfig's]")
+    ap.add_argument("--server-opt", default="none", help="none, sgd, momentum or adam")
+    ap.add_argument("--server-lr", default=None, help="a number or auto (the client count)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/recipe"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -108,6 +111,9 @@ def main() -> int:
     public = public_population(args.public_identities, args.per_emotion)
     counts = [int(c) for c in args.clients.split(",")]
     algos = args.algos.split(",")
+    train = TrainConfig(**({"batch_size": args.batch_size} if args.batch_size else {}))
+    server_lr = args.server_lr if args.server_lr in (None, "auto") else float(args.server_lr)
+    aggregation = AggregationConfig(server_opt=args.server_opt, server_lr=server_lr)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for recipe in args.recipes.split(","):
@@ -119,8 +125,8 @@ def main() -> int:
             for algo in algos:
                 for n in counts if algo != "centralized" else [1]:
                     spec = SimSpec(
-                        algo, n, args.rounds, seed=0, model=model, train=TrainConfig(),
-                        report_shift=True, init_from=init,
+                        algo, n, args.rounds, seed=0, model=model, train=train,
+                        aggregation=aggregation, report_shift=True, init_from=init,
                     )  # fmt: skip
                     m = cross_validate(data, spec, args.folds)
                     row = {"recipe": recipe, "start": start, "algo": algo, "clients": n, **cell(m)}

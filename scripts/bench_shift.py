@@ -4,10 +4,15 @@
 Centralized training on the synthetic set with a subject split (test people never trained on),
 the same seeds and epochs for every recipe:
 
-    baseline   today's model: global pixel normalisation, flips and pixel shifts
+    baseline   today's defaults: global pixel normalisation, flips and pixel shifts
     per-crop   + per-crop standardisation inside the client half (ModelConfig.input_norm)
     jitter     + geometric jitter of the band (TrainConfig.jitter)
     both       per-crop + jitter
+    camera     + another camera's look (TrainConfig.jitter.camera): tone curve, side light,
+               blur, lower resolution, sensor noise, JPEG
+    per-crop+camera  per-crop + camera
+    jitter+camera  jitter + camera
+    all        per-crop + jitter + camera
 
 The domain-shift proxy (splitfed/data/shift.py) is the test set as another camera and detector
 would give it. The gap is in-domain minus shift accuracy; the last column is each recipe's gap
@@ -27,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from splitfed.config import JitterConfig, TrainConfig
+from splitfed.config import CameraConfig, JitterConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset
 from splitfed.data.shift import PERTURBATIONS
 from splitfed.data.synth import SynthConfig, generate_synth
@@ -36,13 +41,22 @@ from splitfed.simulate import SimSpec, simulate
 
 # Jitter as wide as detectors disagree: the proxy's band errors are 15 % offset, 25 % scale,
 # 10 degrees; training covers most of that range.
-DETECTOR_JITTER = JitterConfig(scale=0.2, rotation=8.0, shift_y=0.12)
+OFF = JitterConfig(scale=0.0, rotation=0.0, shift_y=0.0, camera=CameraConfig(p=0.0))
+DETECTOR_JITTER = OFF.model_copy(update={"scale": 0.2, "rotation": 8.0, "shift_y": 0.12})
+# Each camera change on half the crops, up to about what another camera differs by.
+CAMERA = CameraConfig(p=0.5, gamma=0.7, gradient=80.0, blur=1.4, lowres=3.0, noise=16.0, jpeg=20)
+CAMERA_JITTER = OFF.model_copy(update={"camera": CAMERA})
+DETECTOR_CAMERA_JITTER = DETECTOR_JITTER.model_copy(update={"camera": CAMERA})
 
 RECIPES: dict[str, tuple[str, JitterConfig]] = {
-    "baseline": ("global", JitterConfig()),
-    "per-crop": ("per-crop", JitterConfig()),
+    "baseline": ("global", OFF),
+    "per-crop": ("per-crop", OFF),
     "jitter": ("global", DETECTOR_JITTER),
     "both": ("per-crop", DETECTOR_JITTER),
+    "camera": ("global", CAMERA_JITTER),
+    "per-crop+camera": ("per-crop", CAMERA_JITTER),
+    "jitter+camera": ("global", DETECTOR_CAMERA_JITTER),
+    "all": ("per-crop", DETECTOR_CAMERA_JITTER),
 }
 
 
@@ -101,7 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--json", type=Path, help="also write every run's numbers here")
+    ap.add_argument(
+        "--from-json", type=Path, nargs="+", help="train nothing: tabulate runs that --json wrote"
+    )
     args = ap.parse_args(argv)
+    if args.from_json:
+        rows = [r for path in args.from_json for r in json.loads(path.read_text())]
+        rows = [r for r in rows if r["recipe"] in args.recipes]
+        rows.sort(key=lambda r: list(RECIPES).index(r["recipe"]))
+        seeds = sorted({r["seed"] for r in rows})
+        print(f"Seeds {' '.join(map(str, seeds))}; accuracy per perturbation in %.\n")
+        print(table(rows))
+        return 0
     torch.set_num_threads(1)
     data = generate_synth(SynthConfig(identities=args.identities, seed=args.data_seed))
     rows = []
@@ -109,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in args.recipes:
             r = train_and_measure(recipe, data, args.epochs, seed)
             print(
-                f"{recipe:9s} seed {seed}: in-domain {r['in_domain_accuracy']:.3f} "
+                f"{recipe:15s} seed {seed}: in-domain {r['in_domain_accuracy']:.3f} "
                 f"shift {r['shift_accuracy']:.3f} ({r['train_seconds']:.0f} s)",
                 file=sys.stderr,
                 flush=True,

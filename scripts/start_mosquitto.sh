@@ -3,6 +3,9 @@
 #   scripts/start_mosquitto.sh [PORT] [DIR]     (defaults: 1883, a new temporary folder)
 # The config allows anonymous clients on loopback only, keeps sessions and retained messages on
 # disk (so a broker restart loses nothing), and sets no message-size limit (batches are MBs).
+# With BRIDGE_TO=HOST:PORT it also bridges every splitfed/# topic both ways (QoS 1, retained
+# flags kept) to the broker there: two bridged Mosquittos are a minimal stand-in for a broker
+# cluster (scripts/start_mosquitto_bridge.sh starts such a pair).
 # Stop it with: kill PID
 set -euo pipefail
 PORT="${1:-1883}"
@@ -28,6 +31,18 @@ log_type error
 log_type warning
 log_type notice
 CONF
+if [ -n "${BRIDGE_TO:-}" ]; then
+  # try_private: the remote Mosquitto knows this is a bridge (no loops, retained flags kept).
+  cat >>"$DIR/mosquitto.conf" <<CONF
+connection splitfed-bridge
+address $BRIDGE_TO
+topic splitfed/# both 1
+try_private true
+cleansession true
+notifications false
+restart_timeout 1 2
+CONF
+fi
 "$BIN" -c "$DIR/mosquitto.conf" >"$DIR/stdout.log" 2>&1 &
 PID=$!
 for _ in $(seq 50); do

@@ -51,6 +51,7 @@ from splitfed.training import (
     unprefixed,
 )
 from splitfed.wire import (
+    FED_SERVER_ID,
     Envelope,
     Message,
     MsgType,
@@ -70,6 +71,7 @@ SERVER_PREFIX = "s."
 HEAD_PREFIX = "h."  # U-shape: the classifier head (ServerNet.fc), which trains on the device
 EVAL_BATCH = 256
 EVAL_NOISE_STREAM = 1_000_000  # noise keys of evaluation batches, apart from training steps
+LIVE_NOISE_STREAM = 2_000_000  # noise keys of live frames (PREDICT), apart from both
 
 
 @dataclass
@@ -132,8 +134,16 @@ class ClientRuntime(DeviceRuntime):
         self.round: _Round | None = None
         self.evals: dict[str, _Eval] = {}
         self.rejected = 0
+        self._live_frames = 0  # live frames put on the wire: each one's noise key
         self._max_round = 0
         self._spec_cache: dict[str, tuple[dict, dict]] = {}  # type: ignore[type-arg]
+        # With a separate fed server (the round says `fed_server`; once said, for good): the
+        # client half comes from its GLOBAL_WEIGHTS and goes back to it alone, never to the
+        # aggregator. A round or evaluation waits here until the version it names has come.
+        self.fed_server = False
+        self._fed_global: Message | None = None
+        self._fed_deferred: list[Message] = []
+        self._fed_outbox: list[Message] = []
         self._validator = Validator(
             run_id,
             {
@@ -144,11 +154,13 @@ class ClientRuntime(DeviceRuntime):
                 MsgType.FEATURES: self._features_spec,
                 MsgType.EVAL_PREDICTIONS: {"pred": (frozenset({"I64"}), (-1,))},
             },
-            known_sender=lambda src: src == aggregator_id,
+            known_sender=lambda src: src in (aggregator_id, FED_SERVER_ID),
             round_ok=self._round_ok,
         )
 
     def _weights_spec(self, env: Envelope) -> ShapeSpec:
+        if env.body.get("fed_server") and env.type is not MsgType.GLOBAL_WEIGHTS:
+            return {}  # the client half comes from the fed server
         model_json = json.dumps(env.body["model"], sort_keys=True)
         if model_json not in self._spec_cache:
             cfg = ModelConfig.model_validate(env.body["model"])
@@ -170,6 +182,12 @@ class ClientRuntime(DeviceRuntime):
             raise ValueError("gradients before any round started")
         return {"grad": (frozenset({"F32", "F16"}), (-1, *smashed_shape(self.model_cfg)))}
 
+    def _round_ok(self, env: Envelope) -> bool:
+        """Not older than the newest round of an accepted message. The newest moves on only in
+        `handle`, once a message has passed every check: a forged one of a far round that
+        fails them must not make the real rounds look stale."""
+        return env.round >= self._max_round
+
     def _features_spec(self, env: Envelope) -> ShapeSpec:
         if self.model_cfg is None or self.model_cfg.shape != "u":
             raise ValueError("features outside a U-shaped run")
@@ -189,6 +207,12 @@ class ClientRuntime(DeviceRuntime):
         return encode(self.seq.make(MsgType.JOIN, 0, body))
 
     def handle(self, msg: Message) -> list[Message]:
+        self._max_round = max(self._max_round, msg.env.round)  # it passed every check
+        if msg.src == FED_SERVER_ID or self.fed_server or msg.env.body.get("fed_server"):
+            return self._fed_handle(msg)
+        return self._handle(msg)
+
+    def _handle(self, msg: Message) -> list[Message]:
         handlers = {
             MsgType.ROUND_START: self._on_round_start,
             MsgType.GRADIENTS: self._on_gradients,
@@ -376,7 +400,51 @@ class ClientRuntime(DeviceRuntime):
             extra = {"loss_sum": r.loss_sum, "correct": r.correct, **extra}
         body = {"n_samples": len(self.train), "steps": r.step, "seen": r.samples, **extra}
         self.round = None
+        if self.fed_server:
+            # The half to the fed server (sent first), the counts alone to the aggregator.
+            self._fed_outbox.append(self.seq.make(MsgType.CLIENT_UPDATE, r.round, body, tensors))
+            tensors = {}
         return self.seq.make(MsgType.CLIENT_UPDATE, r.round, body, tensors, reply_to=reply_to)
+
+    # ---- with a separate fed server -----------------------------------------------------------
+
+    def _fed_handle(self, msg: Message) -> list[Message]:
+        """The fed server's weights, and rounds and evaluations that wait for them."""
+        if msg.src == FED_SERVER_ID:
+            if msg.type is not MsgType.GLOBAL_WEIGHTS:
+                raise ValueError(f"{msg.type.value} from the fed server")
+            version = int(msg.env.body["weights_version"])
+            if self._fed_global is not None and version <= self._fed_version(self._fed_global):
+                return []  # a retained copy again (reconnect): never roll back mid-round
+            self._fed_global = msg
+            if self.client_net is not None and self.round is None:
+                self._load(msg)  # for live frames; a round loads it again at its start
+            ready = [m for m in self._fed_deferred if self._fed_version(m) == version]
+            self._fed_deferred = [m for m in self._fed_deferred if self._fed_version(m) > version]
+            out: list[Message] = []
+            for m in ready:
+                out.extend(self._fed_handle(m))
+            return out
+        if msg.type is MsgType.GLOBAL_WEIGHTS:
+            return []  # the aggregator holds no client half to push
+        if msg.type in (MsgType.ROUND_START, MsgType.EVAL_REQUEST):
+            if not msg.env.body.get("fed_server"):
+                raise ValueError(f"{msg.type.value} without the fed server, after one")
+            self.fed_server = True
+            have = self._fed_global
+            if have is None or self._fed_version(have) != self._fed_version(msg):
+                self._fed_deferred = [m for m in self._fed_deferred if m.type is not msg.type]
+                self._fed_deferred.append(msg)
+                return []
+            # The fed server's client half in place of the one the aggregator would have sent.
+            msg = Message(msg.env, {**have.tensors, **msg.tensors})
+        out = self._handle(msg)
+        sent, self._fed_outbox = self._fed_outbox, []
+        return [*sent, *out]
+
+    @staticmethod
+    def _fed_version(msg: Message) -> int:
+        return int(msg.env.body.get("weights_version", -1))
 
     def _train_locally(self, msg: Message) -> Message:
         """FedAvg: the whole model trains on the device, with the same arithmetic as a split."""
@@ -502,6 +570,36 @@ class ClientRuntime(DeviceRuntime):
     def smashed_shape(self) -> tuple[int, int, int]:
         assert self.model_cfg is not None
         return smashed_shape(self.model_cfg)
+
+    # ---- live frames --------------------------------------------------------------------------
+
+    def live_configured(self) -> bool:
+        """Whether the aggregator has said how smashed data leaves this run (defence, wire)."""
+        return self.model_cfg is not None and self.train_cfg is not None
+
+    def live_wire(self, activations: np.ndarray) -> dict[str, np.ndarray]:
+        """A live frame's smashed data as the run's defence lets it leave the device.
+
+        The client half has already run (torch or ONNX, on the live thread); `to_wire` with an
+        identity in its place adds the noise, keyed by this device's secret and a count of
+        live frames, and compresses: the same path as every training and evaluation batch.
+        """
+        if not self.live_configured():
+            raise ValueError("a live frame before the run's settings came from the aggregator")
+        assert self.train_cfg is not None
+        self._live_frames += 1
+        key = (LIVE_NOISE_STREAM, self._live_frames, self.secret)
+        act = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32))
+        with torch.no_grad():
+            wire = to_wire(nn.Identity(), act, self.defence, self.train_cfg.compression, key)
+        return wire.tensors
+
+    def live_features_spec(self) -> ShapeSpec:
+        """U-shape: what the aggregator answers a PREDICT with (the features, not logits)."""
+        if not self.ushaped:
+            raise ValueError("features for a live frame outside a U-shaped run")
+        assert self.model_cfg is not None
+        return {"features": (frozenset({"F32"}), (-1, feature_dim(self.model_cfg)))}
 
     def activation_spec(self) -> dict:  # type: ignore[type-arg]
         assert self.train_cfg is not None

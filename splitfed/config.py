@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from splitfed.wire import Compression, GradCompression
 
@@ -17,12 +17,41 @@ def round_lr(cfg: TrainConfig, rnd: int, rounds: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * rnd / rounds))
 
 
+class CameraConfig(BaseModel):
+    """Photometric augmentation of training crops, as cameras and light differ.
+
+    Another camera has another tone curve, light from another side, softer focus, fewer pixels,
+    more sensor noise and stronger JPEG compression. Each change is applied to a crop with
+    probability `p`, at a size drawn uniformly up to its maximum. `p` 0 turns it off.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    p: float = Field(0.0, ge=0, le=1, description="chance that each change is applied to a crop")
+    gamma: float = Field(0.7, ge=0, le=2, description="tone curve: gamma 2**(+-gamma)")
+    gradient: float = Field(
+        80.0, ge=0, le=255, description="light from one side: up to this many grey levels"
+    )
+    blur: float = Field(1.4, ge=0, le=5, description="defocus: Gaussian std up to this, pixels")
+    lowres: float = Field(3.0, ge=1, le=8, description="resolution divided by up to this factor")
+    noise: float = Field(16.0, ge=0, le=64, description="sensor noise std up to this, grey levels")
+    jpeg: int = Field(20, ge=1, le=95, description="JPEG quality drawn from this to 95")
+
+    @property
+    def enabled(self) -> bool:
+        return self.p > 0
+
+
 class JitterConfig(BaseModel):
-    """Geometric jitter of training crops, as wide as face detectors disagree on the band.
+    """Jitter of training crops, as wide as face detectors and cameras disagree.
 
     Another detector places the band a little higher or lower, tighter or looser, and less
-    level; training on such crops keeps the model from relying on one detector's geometry.
-    All zero turns it off (the plain flips and pixel shifts of `augment` remain).
+    level; another camera renders it differently (`camera`). Training on such crops keeps the
+    model from relying on one detector's geometry and one camera's look. All zero and
+    `camera.p` 0 (the defaults) turn it off; the plain flips, pixel shifts and brightness
+    changes of `augment` remain. On the domain-shift proxy (scripts/bench_shift.py) the camera
+    helps together with ModelConfig.input_norm="per-crop"; the geometric jitter left short
+    trainings stuck near chance.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -30,10 +59,17 @@ class JitterConfig(BaseModel):
     scale: float = Field(0.0, ge=0, le=0.5, description="zoom drawn from 1 +- scale")
     rotation: float = Field(0.0, ge=0, le=45, description="roll drawn from +- degrees")
     shift_y: float = Field(0.0, ge=0, le=0.5, description="band offset, +- fraction of height")
+    camera: CameraConfig = Field(
+        default_factory=CameraConfig, description="photometric jitter: another camera's look"
+    )
+
+    @property
+    def geometric(self) -> bool:
+        return self.scale > 0 or self.rotation > 0 or self.shift_y > 0
 
     @property
     def enabled(self) -> bool:
-        return self.scale > 0 or self.rotation > 0 or self.shift_y > 0
+        return self.geometric or self.camera.enabled
 
 
 class TrainConfig(BaseModel):
@@ -82,20 +118,36 @@ class AggregationConfig(BaseModel):
     clip_update_norm: float | None = Field(
         None, gt=0, description="clip each update (copy minus global half) to this L2 norm"
     )
-    server_opt: Literal["none", "momentum", "adam"] = Field(
+    server_opt: Literal["none", "sgd", "momentum", "adam"] = Field(
         "none",
-        description="server optimizer on the aggregate: none (FedAvg), momentum (FedAvgM), "
-        "adam (FedAdam); splitfed.algorithms.server_opt",
+        description="server optimizer on the aggregate: none (FedAvg), sgd (FedAvg with a "
+        "server learning rate), momentum (FedAvgM), adam (FedAdam); "
+        "splitfed.algorithms.server_opt",
     )
-    server_lr: float | None = Field(
-        None, gt=0, description="server learning rate [1.0 for momentum, 0.01 for adam]"
+    server_lr: float | Literal["auto"] | None = Field(
+        None,
+        description="server learning rate; auto: the number of copies combined, so the step is "
+        "the sum of the devices' updates [auto for sgd, 1.0 for momentum, 0.01 for adam]",
     )
     server_momentum: float = Field(
         0.9, ge=0, lt=1, description="momentum (FedAvgM) or Adam's beta1 (FedAdam)"
     )
 
+    @field_validator("server_lr")
+    @classmethod
+    def _positive_lr(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and v <= 0:
+            raise ValueError("the server learning rate must be positive")
+        return v
+
+    def server_lr_for(self, copies: int) -> float:
+        """The server learning rate of a round that combines `copies` copies of a half."""
+        lr = self.server_lr
+        if lr is None:
+            lr = "auto" if self.server_opt == "sgd" else 0.01 if self.server_opt == "adam" else 1.0
+        return float(copies) if lr == "auto" else lr
+
     @property
     def effective_server_lr(self) -> float:
-        if self.server_lr is not None:
-            return self.server_lr
-        return 0.01 if self.server_opt == "adam" else 1.0
+        """The server learning rate when it does not depend on the round (auto: 1.0)."""
+        return self.server_lr_for(1)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # The algorithms whose server-side work splits by client. SL and SFLV2 step one server half.
 SHARDED_ALGOS = ("sflv1", "fedavg")
+REJOIN_WAIT_S = 15.0  # how long the workers wait for the agents' JOINs after a re-announce
 
 
 def owner(client_id: str, world_size: int) -> int:
@@ -121,8 +122,45 @@ class Group:
     # ---- membership ---------------------------------------------------------------------------
 
     def online(self, io: ServerIO) -> list[str]:
-        """Every worker's trainers, sorted: the participants one worker would have."""
-        return sorted({c for part in self.gather(_trainers(io)) for c in part})
+        """Every worker's trainers, sorted: the participants one worker would have.
+
+        Agents that said `online` but whose JOIN reached no worker (`MqttTransport.orphans`:
+        a late agent's JOIN can beat its home worker's subscription) are asked to join again
+        here, between rounds, so that they train from this round on."""
+        transport = getattr(io, "transport", None)
+        find = getattr(transport, "orphans", None)
+        lost = find(set(io.clients)) if callable(find) else []
+        parts = self.gather((_trainers(io), lost))
+        lost = sorted({c for _, part in parts for c in part})
+        if lost:
+            self._rejoin(io, transport, lost)
+            parts = self.gather((_trainers(io), []))
+        return sorted({c for part, _ in parts for c in part})
+
+    def _rejoin(self, io: ServerIO, transport: Any, lost: list[str]) -> None:
+        """Rank 0 announces a new aggregator instance; every worker then waits (bounded) for
+        its agents' new JOINs, so that none lands mid-round (which drops its sender)."""
+        if self.is_main:
+            log.warning("%s online but never joined: asking every agent to join again",
+                        ", ".join(lost))  # fmt: skip
+        transport.nudged.update(lost)  # once each: an agent refused at JOIN stays refused
+        since = time.time()
+        if self.is_main:
+            transport.reannounce()
+        mine = [c for c in lost if self.owns(c)]
+        deadline = time.monotonic() + REJOIN_WAIT_S
+
+        def pending() -> bool:
+            return any(c not in io.clients for c in mine) or any(
+                info.online and info.joined_at < since for info in io.clients.values()
+            )
+
+        while pending() and time.monotonic() < deadline:
+            io.next(min(deadline, time.monotonic() + 0.5))
+        missing = [c for c in mine if c not in io.clients]
+        if missing:
+            log.warning("worker %d: %s did not join within %.0f s", self.rank,
+                        ", ".join(missing), REJOIN_WAIT_S)  # fmt: skip
 
     def wait_for_clients(
         self, io: ServerIO, n: int, timeout: float, poll: float = 0.5

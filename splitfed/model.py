@@ -26,7 +26,8 @@ class ModelConfig(BaseModel):
     input_norm: Literal["global", "per-crop"] = Field(
         "global",
         description="'global': the fixed pixel mean/std only; 'per-crop': the client half's first "
-        "layer also standardises each crop, so exposure and contrast drop out",
+        "layer also standardises each crop, so exposure and contrast drop out (in training, the "
+        "ONNX export and live inference alike)",
     )
     widths: tuple[int, ...] = Field((16, 32, 64, 96), description="channels of each conv block")
     stem_stride: int = Field(2, ge=1, le=4, description="stride of the first convolution")

@@ -10,6 +10,12 @@ Every topic sits under one prefix: `<prefix>/<run>/<client_id>/<kind>`.
 | `global`     | aggregator -> all  | GLOBAL_WEIGHTS wire message (versioned) | 1   | yes      |
 | `prediction` | agent -> anyone    | JSON: the emotion of a live frame       | 0   | no       |
 | `assign`     | aggregator worker  | `<rank>/<world size>`: the agent's home worker | 1 | yes  |
+| `weights`    | agent -> fed server| CLIENT_UPDATE with the client half      | 1   | no       |
+| `sync`       | main <-> fed server| FED_ROUND / FED_PUBLISHED (round sync)  | 1   | no       |
+
+With a separate fed server (`aggregator fed-server`, client id `fed-server`) the client halves
+travel only on `weights` and the fed server's own `global`; the main server never subscribes
+to them, and the shipped ACL denies its user reading them.
 
 One topic per direction keeps each agent's messages in order (MQTT orders per topic). The
 aggregator's own topics use the client id `aggregator`; its `online` status carries an instance
@@ -18,6 +24,14 @@ id (`online <hex>`) so that agents re-join a restarted aggregator but not a reco
 `MqttLink` is one paho 2.x connection with availability, a persistent session (MQTT 5 session
 expiry or 3.1.1 clean_session=False), reconnect with backoff, subscriptions made in `on_connect`
 and a bounded outgoing queue. `MqttTransport` puts it under `ServerIO` on the aggregator.
+
+Nothing here needs one broker node: state that outlives a connection is retained messages
+(status, global weights, homes) and persistent sessions, which clustered brokers (EMQX,
+VerneMQ) replicate or hand over between nodes; order is only ever relied on per topic and
+publisher, which they keep; QoS is 1 throughout; nothing reads a broker's own topics ($SYS).
+`shared_group` puts the aggregator's subscriptions under an MQTT 5 shared subscription
+(`$share/<group>/<filter>`), which a cluster may serve from any node; a shared subscription
+gets no retained messages, so presence then comes from live status changes and JOINs only.
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -50,7 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from splitfed.errors import UserError
 from splitfed.server import AGGREGATOR_ID
 from splitfed.transport import Incoming, Transport
-from splitfed.wire import MAX_MESSAGE_BYTES, RejectLog
+from splitfed.wire import FED_SERVER_ID, MAX_MESSAGE_BYTES, RejectLog
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +124,8 @@ class MqttSettings(BaseModel):
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 UP, DOWN, STATUS, GLOBAL, PREDICTION = "up", "down", "status", "global", "prediction"
 ASSIGN = "assign"  # several aggregator workers (splitfed.distributed): which one hosts an agent
-KINDS = (UP, DOWN, STATUS, GLOBAL, PREDICTION, ASSIGN)
+WEIGHTS, SYNC = "weights", "sync"  # with a separate fed server (aggregator/fed_server.py)
+KINDS = (UP, DOWN, STATUS, GLOBAL, PREDICTION, ASSIGN, WEIGHTS, SYNC)
 PRESENCE_STATES = ("online", "offline", "stopped")
 Protocol = Literal["auto", "5", "3.1.1"]
 
@@ -622,10 +637,18 @@ class MqttTransport(Transport):
         sender_inbox_bytes: int = SENDER_BYTES,
         owns: Callable[[str], bool] | None = None,
         worker: tuple[int, int] = (0, 1),
+        shared_group: str | None = None,
     ) -> None:
         """`owns` and `worker` (rank, world size) make this one of several aggregator workers
         (`splitfed.distributed`): it takes only the agents `owns` names, and rank 0 alone is
-        the `aggregator` agents see, announced by `announce()` once every worker listens."""
+        the `aggregator` agents see, announced by `announce()` once every worker listens.
+        `shared_group`: subscribe as `$share/<group>/...` (worker R > 0: `<group>-wR`, as each
+        worker must get its own agents' messages, never another worker's)."""
+        if shared_group is not None and not ID_RE.match(shared_group):
+            raise UserError(f"bad shared subscription group {shared_group!r}: use A-Z a-z 0-9 _ -")
+        self.share = None
+        if shared_group is not None:
+            self.share = shared_group if worker[0] == 0 else f"{shared_group}-w{worker[0]}"
         self.prefix = prefix
         self.run_id = run_id
         self.max_payload = max_payload
@@ -647,15 +670,22 @@ class MqttTransport(Transport):
         self.worker = worker
         self.homed: set[str] = set()  # agents whose own `up` topic this worker subscribed
         self.pinned = False  # True once `pin_clients` replaced the `+/up` wildcard
+        # Workers: when each own agent last said `online`, to find agents whose JOIN never
+        # reached this worker (`orphans`), and those already asked to join again.
+        self._online_since: dict[str, float] = {}
+        self.nudged: set[str] = set()
+        self.reannounced = 0
         self._homes_lock = threading.Lock()
         # Workers: digests of each agent's last messages. A restarted worker's restored session
         # still holds its agents' own `up` subscriptions beside the join phase's `+/up`, and
         # the broker then delivers their messages twice; every real message is unique.
         self._recent: dict[str, deque[bytes]] = {}
         self.duplicates = 0
+        # With a separate fed server: its `sync` messages go here (paho's thread), not inbox.
+        self.on_sync: Callable[[bytes], None] | None = None
         name = AGGREGATOR_ID if worker[0] == 0 else f"{AGGREGATOR_ID}-w{worker[0]}"
         online = b"online " + self.instance.encode()
-        subs = [f"{prefix}/{run_id}/+/{UP}", f"{prefix}/{run_id}/+/{STATUS}"]
+        subs = [self._filter(f"{prefix}/{run_id}/+/{k}") for k in (UP, STATUS)]
         self.link = MqttLink(
             settings,
             f"{prefix}-{run_id}-{name}",
@@ -665,9 +695,39 @@ class MqttTransport(Transport):
             online_payload=online if owns is None else None,
         )
 
+    def _filter(self, name: str) -> str:
+        """`name`, or its shared-subscription form when this transport has a group."""
+        return name if self.share is None else f"$share/{self.share}/{name}"
+
     def announce(self) -> None:
         """Workers: say `online` (rank 0 as the `aggregator`, whose instance agents join)."""
         self.link.announce(b"online " + self.instance.encode())
+
+    def reannounce(self) -> None:
+        """Rank 0: say `online` with a new instance id, so that every agent JOINs again.
+
+        For agents whose first JOIN was lost (`orphans`): their home worker subscribed to
+        their `up` topic when their `online` status came, and a JOIN sent before that
+        subscription took effect reached nobody. The agents ignore a reconnected aggregator
+        but JOIN a new instance, and now their home is listening."""
+        self.instance = uuid.uuid4().hex[:16]
+        self.reannounced += 1
+        self.announce()
+
+    def orphans(self, joined: Collection[str], grace: float = 2.0) -> list[str]:
+        """Workers: own agents `online` for over `grace` s, homed here, but not in `joined`
+        (their JOIN never arrived) and not yet asked to join again."""
+        if self.owns is None:
+            return []
+        now = time.monotonic()
+        with self._homes_lock:
+            if not self.pinned:
+                return []  # the join phase's wildcard still catches every JOIN
+            return sorted(
+                c for c, t in self._online_since.items()
+                if c in self.homed and c not in joined and c not in self.nudged
+                and now - t >= grace
+            )  # fmt: skip
 
     def pin_clients(self, known: Sequence[str] = ()) -> None:
         """Workers, after the join phase: subscribe to each own agent's `up` topic (and publish
@@ -678,7 +738,7 @@ class MqttTransport(Transport):
             self.pinned = True
         for cid in ids:
             self._home(cid)
-        self.link.unsubscribe(f"{self.prefix}/{self.run_id}/+/{UP}")
+        self.link.unsubscribe(self._filter(f"{self.prefix}/{self.run_id}/+/{UP}"))
 
     def _duplicate(self, cid: str, payload: bytes) -> bool:
         digest = hashlib.blake2b(payload, digest_size=16).digest()
@@ -693,7 +753,7 @@ class MqttTransport(Transport):
         if self.owns is None or not self.owns(cid) or cid in self.homed:
             return
         self.homed.add(cid)
-        self.link.subscribe(topic(self.prefix, self.run_id, cid, UP))
+        self.link.subscribe(self._filter(topic(self.prefix, self.run_id, cid, UP)))
         rank, world = self.worker
         self.link.publish(
             topic(self.prefix, self.run_id, cid, ASSIGN), f"{rank}/{world}".encode(), retain=True
@@ -714,6 +774,10 @@ class MqttTransport(Transport):
         cid, kind = parsed
         if cid == AGGREGATOR_ID or cid.startswith(f"{AGGREGATOR_ID}-w"):
             return  # our own status, or another worker's
+        if cid == FED_SERVER_ID:
+            if kind == SYNC and self.on_sync is not None and len(payload) <= self.max_payload:
+                self.on_sync(bytes(payload))
+            return  # the fed server is no agent
         if self.owns is not None and not self.owns(cid):
             return  # another worker's agent
         if kind == STATUS:
@@ -727,6 +791,10 @@ class MqttTransport(Transport):
             with self._homes_lock:
                 self.presence[cid] = state
                 home = self.pinned and state == "online"
+                if state == "online":
+                    self._online_since.setdefault(cid, time.monotonic())
+                else:
+                    self._online_since.pop(cid, None)
             if home:
                 self._home(cid)
             with self._offline_lock:

@@ -128,7 +128,8 @@ def run(algo: Strategy, io: ServerIO | None, opts: RunOptions) -> dict[str, Any]
         if opts.checkpoint_dir is not None and main:
             info = {"algo": algo.name, "round": rnd, "rounds": rounds, "data": opts.data_info}
             save_checkpoint(opts.checkpoint_dir, algo, info)
-        if io is not None and algo.uses_clients and algo.mode == "split" and main:
+        # (With a fed server, it publishes the client half; this process holds none.)
+        if io is not None and algo.uses_clients and algo.mode == "split" and main and not algo.fed:
             io.publish_global(
                 algo.round_body(participants[0] if participants else "x"), algo.global_tensors()
             )

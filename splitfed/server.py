@@ -79,6 +79,8 @@ class ServerIO:
         self.round = 0
         self.rejects = RejectLog(log, "aggregator")
         self.rejected: Counter[str] = self.rejects.counts  # by reason; metrics report it
+        # U-shape: per client, the FEATURES message its next FEATURE_GRADS must answer.
+        self._features_sent: dict[str, str] = {}
         client, server = build_split_model(model_cfg, 0)
         act = activation_spec(train_cfg.compression, smashed_shape(model_cfg))
         c_spec = weights_spec(state_to_numpy(client), CLIENT_PREFIX)
@@ -128,6 +130,8 @@ class ServerIO:
         round: int | None = None,
     ) -> None:
         msg = self.seq.make(type, self.round if round is None else round, body, tensors, reply_to)
+        if type is MsgType.FEATURES and "step" in msg.env.body:  # a training batch's features
+            self._features_sent[client_id] = msg.env.message_id
         self.transport.send(client_id, encode(msg))
 
     def publish_global(self, body: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
@@ -165,6 +169,13 @@ class ServerIO:
             body = check_body(msg)
             if isinstance(body, JoinBody) and body.client_id != msg.src:
                 raise WireError(f"{msg.src!r} joined as {body.client_id!r}", "spoofed_sender")
+            if msg.type is MsgType.FEATURE_GRADS:
+                # Only an answer to the features of this client's batch in flight: one that
+                # answers nothing (no round running, another step, a forged reply) is refused.
+                if self._features_sent.get(msg.src) != msg.env.reply_to:
+                    raise WireError(f"feature gradients that answer no features sent to "
+                                    f"{msg.src!r}", "unasked")  # fmt: skip
+                del self._features_sent[msg.src]
             # The round logic reads the body: give it the checked, typed values.
             msg.env.body = {**msg.env.body, **body.model_dump()}
             if isinstance(body, JoinBody):

@@ -38,6 +38,9 @@ MAX_TENSOR_NAME = 256
 MAX_NDIM = 8
 MAX_ELEMENTS = MAX_MESSAGE_BYTES  # a shape's product; computed with a cap, so never overflows
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# The sender id of the separate fed server (SplitFed's "fed server"): it averages the client
+# halves, so that the main server (`aggregator`) never receives one. No device may use it.
+FED_SERVER_ID = "fed-server"
 
 Compression = Literal["fp32", "fp16", "int8"]
 GradCompression = Literal["fp32", "fp16"]
@@ -59,6 +62,9 @@ class MsgType(str, Enum):
     PREDICT = "predict"  # agent -> aggregator: activations of a live frame
     PREDICTION = "prediction"  # aggregator -> agent: the emotion for that frame
     LEAVE = "leave"  # agent -> aggregator: clean shutdown
+    # With a separate fed server (aggregator/fed_server.py), which alone holds client halves:
+    FED_ROUND = "fed_round"  # main server -> fed server: the round's clients and weights
+    FED_PUBLISHED = "fed_published"  # fed server -> main server: client average published
 
 
 class Envelope(BaseModel):

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from splitfed.algorithms.aggregate import aggregate_states, max_samples
 from splitfed.algorithms.server_opt import ServerOptState, server_step
+from splitfed.client import CLIENT_PREFIX
 from splitfed.config import AggregationConfig, TrainConfig, round_lr
 from splitfed.server import Presence, ServerIO
 from splitfed.training import load_numpy_state, set_lr, state_to_numpy, unprefixed
@@ -82,6 +83,16 @@ class RoundState:
         return [c for c in self.participants if c in self.updates]
 
 
+class FedPeer(Protocol):
+    """A separate fed server as the main server sees it (aggregator/fed_server.py)."""
+
+    def sync(self, algo: Strategy) -> None:
+        """Before a round: wait until the fed server has published the version `algo` is at."""
+
+    def round_done(self, algo: Strategy, rnd: int, clients: list[str], weights: list[int]) -> None:
+        """Hand it the round's clients and weights; wait until it published their average."""
+
+
 class Strategy(abc.ABC):
     """Base of all algorithms: membership, learning rate, the receive loop, client updates."""
 
@@ -108,6 +119,9 @@ class Strategy(abc.ABC):
         # Several aggregator workers (splitfed.distributed.Group.merge_round): gives the round
         # every worker's updates before `aggregate`, which then runs as on one worker.
         self.merge_round: Callable[[Strategy, RoundState], None] | None = None
+        # A separate fed server (SplitFed's): it alone receives and averages the client halves
+        # (CLIENT_UPDATEs here carry counts only); this process never holds a trained one.
+        self.fed: FedPeer | None = None
 
     # ---- the three hooks --------------------------------------------------------------------
 
@@ -341,6 +355,9 @@ class Strategy(abc.ABC):
         if done:
             weights = [state.updates[c].n_samples for c in done]
             for prefix, net in nets.items():
+                if prefix == CLIENT_PREFIX and self.fed is not None:
+                    self.fed.round_done(self, state.rnd, done, weights)  # it averages them
+                    continue
                 halves = [state.updates[c].halves[prefix] for c in done]
                 self.average_into(net, halves, weights, prefix)
         return done

@@ -12,6 +12,7 @@ averaged head (`server_net.fc`) for checkpoints and live predictions, but never 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,8 @@ class SplitCNN(Strategy):
     def start_round(self, rnd: int, total_rounds: int) -> None:
         super().start_round(rnd, total_rounds)
         self.pending.clear()
+        if self.fed is not None:  # the devices train from the fed server's current half
+            self.fed.sync(self)
 
     def update_nets(self) -> dict[str, nn.Module]:
         """The parts a device trains and sends back, by prefix: its half, and the head (U)."""
@@ -88,6 +91,25 @@ class SplitCNN(Strategy):
         if self.ushaped:
             nets[HEAD_PREFIX] = self.server_net.fc
         return nets
+
+    def average_into(
+        self,
+        net: nn.Module,
+        states: Sequence[Mapping[str, np.ndarray]],
+        weights: Sequence[float],
+        half: str = "model",
+    ) -> None:
+        """As the base, with the server learning rate of this round's number of copies (auto:
+        the sum of the devices' updates); FedAvg and SFLV1 combine as many, so stay equal."""
+        agg = self.aggregation
+        if agg.server_opt == "none" or agg.server_lr is not None and agg.server_lr != "auto":
+            super().average_into(net, states, weights, half)
+            return
+        self.aggregation = agg.model_copy(update={"server_lr": agg.server_lr_for(len(states))})
+        try:
+            super().average_into(net, states, weights, half)
+        finally:
+            self.aggregation = agg
 
     def load_update(self, update: ClientUpdate) -> None:
         """Take one device's parts as the global ones (SL relays them, nothing is averaged)."""
@@ -117,10 +139,13 @@ class SplitCNN(Strategy):
             "weights_version": self.version,
             "lr": self.lr,
             "defence": self.defence.model_dump(mode="json", include={"noise", "nopeek"}),
+            **({"fed_server": True} if self.fed is not None else {}),
             **extra,
         }
 
     def global_tensors(self, full: bool = False) -> dict[str, np.ndarray]:
+        if self.fed is not None:
+            return {}  # the devices get the client half from the fed server
         t = prefixed(state_to_numpy(self.client_net), CLIENT_PREFIX)
         if full:
             t.update(prefixed(state_to_numpy(self.server_net), SERVER_PREFIX))
@@ -258,7 +283,16 @@ class SplitCNN(Strategy):
         self.answer_predict(io, msg)
 
     def answer_predict(self, io: ServerIO, msg: Message) -> None:
-        """Live mode: answer one frame's smashed data with the predicted emotion."""
+        """Live mode: answer one frame's smashed data with the predicted emotion.
+
+        U-shape: the device holds the head, so it gets the server half's features and
+        finishes the prediction itself; no logit of a live frame goes on the wire."""
+        if self.ushaped:
+            features = self.features(unpack_activations(msg.tensors))
+            body = {"frame": int(msg.env.body["frame"])}
+            io.send(msg.src, MsgType.FEATURES, body, {"features": features},
+                    reply_to=msg.env.message_id, round=msg.env.round)  # fmt: skip
+            return
         logits = self.predict(unpack_activations(msg.tensors))
         probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
         body = {"frame": int(msg.env.body["frame"]), "classes": probs.argmax(1).tolist()}
@@ -303,13 +337,16 @@ class SplitCNN(Strategy):
     # ---- checkpoints ------------------------------------------------------------------------
 
     def checkpoint_tensors(self) -> dict[str, np.ndarray]:
-        t = prefixed(state_to_numpy(self.client_net), "client.")
+        # With a fed server this process holds the server half only; the fed server
+        # checkpoints the client half.
+        t = {} if self.fed is not None else prefixed(state_to_numpy(self.client_net), "client.")
         t.update(prefixed(state_to_numpy(self.server_net), "server."))
         return t
 
     def state(self) -> dict[str, Any]:
+        client = {} if self.fed is not None else {"client": self.client_net.state_dict()}
         return {
-            "client": self.client_net.state_dict(),
+            **client,
             "server": self.server_net.state_dict(),
             "server_opt": self.server_opt.state_dict(),
             "version": self.version,
@@ -318,7 +355,8 @@ class SplitCNN(Strategy):
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.client_net.load_state_dict(state["client"])
+        if "client" in state and self.fed is None:
+            self.client_net.load_state_dict(state["client"])
         self.server_net.load_state_dict(state["server"])
         self.server_opt.load_state_dict(state["server_opt"])
         self.version = int(state["version"])

@@ -1,10 +1,14 @@
-"""Server-side optimizers over the round's aggregate: FedAvgM and FedAdam (Reddi et al., 2021).
+"""Server-side optimizers over the round's aggregate: FedAvg with a server learning rate,
+FedAvgM and FedAdam (Reddi et al., 2021).
 
 Plain FedAvg replaces the global half by the aggregate of the devices' copies. FedOpt reads the
 difference `aggregate - global` as a pseudo-gradient and steps the global half along it with a
-server optimizer: heavy-ball momentum (FedAvgM, Hsu et al. 2019) carries the direction of past
-rounds across the noise of few, non-IID devices; Adam (FedAdam) also scales each weight's step.
-With `none` the aggregate is loaded unchanged, bit for bit.
+server optimizer: plain SGD (`sgd`, x + lr * delta) scales the step; with lr equal to the
+number of devices it is the sum of their updates, so K devices that each took 1/K of an epoch's
+steps move the model about as far as one epoch of centralized training. Heavy-ball momentum
+(FedAvgM, Hsu et al. 2019) carries the direction of past rounds across the noise of few, non-IID
+devices; Adam (FedAdam) also scales each weight's step. With `none` the aggregate is loaded
+unchanged, bit for bit.
 
 Only trainable parameters are stepped. Buffers (BatchNorm's running statistics and counters)
 are not gradients of anything and take the aggregate as is. The state is one dictionary of
@@ -38,7 +42,7 @@ def server_step(
     """The new global half; updates `state` (keys `half.m.NAME`, `half.v.NAME`, `half.t`)."""
     if kind == "none":
         return dict(aggregate)
-    if kind not in ("momentum", "adam"):
+    if kind not in ("sgd", "momentum", "adam"):
         raise ValueError(f"unknown server optimizer {kind!r}")
     t_key = f"{half}.t"
     step = int(state[t_key].item()) + 1 if t_key in state else 1
@@ -50,6 +54,9 @@ def server_step(
             continue
         x = torch.from_numpy(np.asarray(current[name], dtype=np.float64))
         delta = torch.from_numpy(np.asarray(agg, dtype=np.float64)) - x
+        if kind == "sgd":  # stateless: nothing to keep but the step count
+            out[name] = (x + lr * delta).numpy().astype(np.asarray(agg).dtype)
+            continue
         m_key = f"{half}.m.{name}"
         m = state.get(m_key, torch.zeros_like(delta)).to(torch.float64)
         if kind == "momentum":

@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from splitfed.config import JitterConfig
+from splitfed.config import CameraConfig, JitterConfig
 from splitfed.data.dataset import EmotionDataset
 
 # Normalisation applied on the device before the client half; recorded in export manifests.
@@ -32,11 +34,12 @@ def augment_batch(
     max_shift: int = 4,
     jitter: JitterConfig | None = None,
 ) -> torch.Tensor:
-    """Mirror, small shifts, brightness/contrast changes and, with `jitter`, geometric jitter.
+    """Mirror, small shifts, brightness/contrast changes and, with `jitter`, another detector's
+    band (zoom, roll, offset) and another camera's look (`jitter.camera`).
 
     Mirroring an eye crop swaps the eyes but keeps the expression; shifts stand in for detector
-    jitter; brightness and contrast for lighting. The jitter (zoom, roll, band offset) is drawn
-    after everything else, so without it the draws, and the numbers, are what they always were.
+    jitter; brightness and contrast for lighting. The jitter is drawn after everything else,
+    geometry before camera, so without it the draws, and the numbers, are what they always were.
     """
     n, _, h, w = x.shape
     flip = torch.rand(n, generator=gen) < 0.5
@@ -51,8 +54,10 @@ def augment_batch(
     gain = 1.0 + 0.2 * (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1)
     bias = 0.3 * (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1)
     x = x * gain + bias
-    if jitter is not None and jitter.enabled:
+    if jitter is not None and jitter.geometric:
         x = geometric_jitter(x, gen, jitter)
+    if jitter is not None and jitter.camera.enabled:
+        x = camera_jitter(x, gen, jitter.camera)
     return x
 
 
@@ -81,6 +86,84 @@ def geometric_jitter(x: torch.Tensor, gen: torch.Generator, jitter: JitterConfig
     return torch.nn.functional.grid_sample(
         x, grid, mode="bilinear", padding_mode="border", align_corners=False
     )
+
+
+def _uniform(n: int, gen: torch.Generator, lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+
+def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(C, H, W) blurred by a separable Gaussian of `sigma` pixels, borders repeated."""
+    r = max(1, math.ceil(3.0 * sigma))
+    t = torch.arange(-r, r + 1, dtype=img.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = img.shape[0]
+    y = F.pad(img[None], (r, r, r, r), mode="replicate")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)[0]
+
+
+def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
+    """(C, H, W) grey levels through a JPEG encoder and decoder (OpenCV's libjpeg)."""
+    u8 = img.clamp(0, 255).round().to(torch.uint8).numpy()
+    hwc = u8[0] if u8.shape[0] == 1 else np.ascontiguousarray(u8.transpose(1, 2, 0))
+    ok, buf = cv2.imencode(".jpg", hwc, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    out = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE if u8.shape[0] == 1 else cv2.IMREAD_COLOR)
+    out = out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(out)).to(img.dtype)
+
+
+def camera_jitter(x: torch.Tensor, gen: torch.Generator, cam: CameraConfig) -> torch.Tensor:
+    """Another camera per crop, in the order a camera works: the tone curve and the light, the
+    lens, the sensor's resolution and noise, the encoder.
+
+    Each change is applied with probability `cam.p` at a size drawn uniformly up to its
+    maximum. Every draw is made for every crop whether applied or not, so the draws depend
+    only on the batch size and `gen`. Works in grey levels; a changed crop saturates at 0 and
+    255 as a sensor does.
+    """
+    n, c, h, w = x.shape
+    on = torch.rand(n, 6, generator=gen) < cam.p
+    gam = 2.0 ** (cam.gamma * _uniform(n, gen, -1.0, 1.0))
+    ang = _uniform(n, gen, 0.0, 2.0 * math.pi)
+    ramp_size = _uniform(n, gen, 0.0, cam.gradient)
+    sigma = _uniform(n, gen, 0.0, cam.blur)
+    factor = _uniform(n, gen, 1.0, cam.lowres)
+    noise_std = _uniform(n, gen, 0.0, cam.noise)
+    quality = torch.randint(cam.jpeg, 96, (n,), generator=gen)
+    noise = torch.randn(n, c, h, w, generator=gen, dtype=x.dtype)
+    changed = on.any(1)[:, None, None, None]
+    g = (x * PIXEL_STD + PIXEL_MEAN) * 255.0
+    g = torch.where(changed, g.clamp(0.0, 255.0), g)
+
+    def where(k: int, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(on[:, k, None, None, None], y, g)
+
+    g = where(0, 255.0 * (g / 255.0).pow(gam.to(x.dtype)[:, None, None, None]))
+    yy = (torch.arange(h, dtype=x.dtype) / max(h - 1, 1) - 0.5)[None, :, None]
+    xx = (torch.arange(w, dtype=x.dtype) / max(w - 1, 1) - 0.5)[None, None, :]
+    cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
+    ramp = (xx * cos[:, None, None] + yy * sin[:, None, None]) / (cos.abs() + sin.abs())[
+        :, None, None
+    ]  # from -1/2 to 1/2 corner to corner, whatever the direction
+    g = where(1, g + (ramp_size.to(x.dtype)[:, None, None] * ramp)[:, None])
+    g = g.clone()
+    for i in range(n):
+        if on[i, 2] and float(sigma[i]) > 0.1:
+            g[i] = _gaussian_blur(g[i], float(sigma[i]))
+        if on[i, 3]:
+            size = (max(1, round(h / float(factor[i]))), max(1, round(w / float(factor[i]))))
+            small = F.interpolate(g[i : i + 1], size=size, mode="area")
+            g[i] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0]
+    g = where(4, g + noise_std.to(x.dtype)[:, None, None, None] * noise)
+    for i in range(n):
+        if on[i, 5]:
+            g[i] = _jpeg(g[i], int(quality[i]))
+    g = torch.where(changed, g.clamp(0.0, 255.0), g)
+    return (g / 255.0 - PIXEL_MEAN) / PIXEL_STD
 
 
 def num_batches(n: int, batch_size: int) -> int:

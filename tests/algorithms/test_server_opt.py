@@ -14,6 +14,7 @@ from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset
 from splitfed.model import ModelConfig
 from splitfed.simulate import SimSpec, simulate
+from splitfed.training import state_to_numpy
 
 X = {"w": np.array([1.0, 2.0], dtype=np.float32), "bn.running_mean": np.zeros(2, np.float32)}
 AGG = {"w": np.array([2.0, 0.0], dtype=np.float32), "bn.running_mean": np.ones(2, np.float32)}
@@ -36,6 +37,45 @@ def test_momentum_carries_past_rounds() -> None:
     np.testing.assert_array_equal(again["bn.running_mean"], AGG["bn.running_mean"])  # buffer
     assert again["w"].dtype == np.float32
     assert int(state["client..t"]) == 2
+
+
+def test_sgd_scales_the_step_and_keeps_no_momentum() -> None:
+    state: dict[str, torch.Tensor] = {}
+    for _ in range(2):  # the same step twice: nothing carried over
+        out = server_step(X, AGG, PARAMS, state, "client.", "sgd", 3.0, 0.9)
+        np.testing.assert_allclose(out["w"], X["w"] + 3.0 * (AGG["w"] - X["w"]))
+    np.testing.assert_array_equal(out["bn.running_mean"], AGG["bn.running_mean"])
+    assert out["w"].dtype == np.float32
+    assert set(state) == {"client..t"}
+
+
+def test_auto_server_lr_is_the_number_of_copies() -> None:
+    assert AggregationConfig(server_opt="sgd").server_lr_for(5) == 5.0  # sgd's default: auto
+    assert AggregationConfig(server_opt="momentum", server_lr="auto").server_lr_for(3) == 3.0
+    assert AggregationConfig(server_opt="momentum").server_lr_for(3) == 1.0
+    assert AggregationConfig(server_opt="adam").server_lr_for(3) == 0.01
+    assert AggregationConfig(server_opt="sgd", server_lr=2.0).server_lr_for(7) == 2.0
+    with pytest.raises(ValueError):
+        AggregationConfig(server_lr=0.0)
+    with pytest.raises(ValueError):
+        AggregationConfig(server_lr="twice")  # type: ignore[arg-type]
+
+
+def test_auto_step_is_the_sum_of_the_updates() -> None:
+    """Two copies, equal weights: the global half moves by the sum of the two deltas."""
+    cfg = ModelConfig(widths=(8, 16, 16), cut=1)
+    algo = SFLV1(cfg, TrainConfig(), 0, AggregationConfig(server_opt="sgd"))
+    start = {k: v.copy() for k, v in state_to_numpy(algo.client_net).items()}
+    rng = np.random.default_rng(0)
+    copies = [{k: v + rng.normal(0, 0.01, v.shape).astype(v.dtype) for k, v in start.items()}
+              for _ in range(2)]  # fmt: skip
+    algo.average_into(algo.client_net, copies, [1.0, 1.0], "client.")
+    now = state_to_numpy(algo.client_net)
+    params = {name for name, _ in algo.client_net.named_parameters()}
+    for k in params:
+        expect = start[k] + (copies[0][k] - start[k]) + (copies[1][k] - start[k])
+        np.testing.assert_allclose(now[k], expect, rtol=0, atol=1e-6)
+    assert algo.aggregation.server_lr is None  # the round's lr is not left behind
 
 
 def test_adam_steps_each_weight_by_about_the_server_lr() -> None:
@@ -72,7 +112,7 @@ def trajectory(m: dict) -> list[tuple[float, float]]:  # type: ignore[type-arg]
     return [(r["train_loss"], r["test_accuracy"]) for r in m["rounds"]]
 
 
-@pytest.mark.parametrize("opt", ["momentum", "adam"])
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
 def test_sflv1_equals_fedavg_under_a_server_optimizer(
     small_synth: EmotionDataset, opt: str
 ) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitfed.config import JitterConfig, TrainConfig
+from splitfed.config import CameraConfig, JitterConfig, TrainConfig
 from splitfed.data.batches import augment_batch, to_tensor
 from splitfed.data.crop import EyeRegionCropper
 from splitfed.data.shift import (
@@ -194,7 +194,7 @@ def test_per_crop_norm_ignores_brightness_and_contrast() -> None:
         torch.testing.assert_close(v, glob.state_dict()[k])
 
 
-def test_global_norm_is_todays_network() -> None:
+def test_global_norm_is_the_plain_network() -> None:
     client, _ = build_split_model(ModelConfig(), seed=0)
     x = to_tensor(crops())
     client.eval()
@@ -225,14 +225,16 @@ def test_shift_metrics_of_a_model() -> None:
 
 def test_jitter_is_seeded_and_off_by_default() -> None:
     x = to_tensor(crops())
-    jit = JitterConfig(scale=0.2, rotation=8.0, shift_y=0.12)
+    off = JitterConfig(camera=CameraConfig(p=0.0))
+    jit = off.model_copy(update={"scale": 0.2, "rotation": 8.0, "shift_y": 0.12})
+    assert off == TrainConfig().jitter and not off.enabled  # off by default
 
     def aug(j: JitterConfig | None, seed: int = 5) -> torch.Tensor:
         return augment_batch(x.clone(), torch.Generator().manual_seed(seed), jitter=j)
 
     assert torch.equal(aug(jit), aug(jit))
     assert not torch.equal(aug(jit), aug(jit, 6))
-    assert torch.equal(aug(None), aug(JitterConfig()))  # zero jitter: today's batches
+    assert torch.equal(aug(None), aug(off))  # zero jitter: the plain batches
     assert not torch.equal(aug(jit), aug(None))
     assert TrainConfig().jitter == TrainConfig.model_validate(TrainConfig().model_dump()).jitter
 
@@ -240,7 +242,7 @@ def test_jitter_is_seeded_and_off_by_default() -> None:
 def test_jitter_moves_the_band_by_at_most_its_range() -> None:
     x = torch.full((64, 1, H, W), -1.0)
     x[:, :, 24, :] = 2.0
-    jit = JitterConfig(shift_y=0.12)
+    jit = JitterConfig(shift_y=0.12, camera=CameraConfig(p=0.0))
     # Draw with the jitter alone: skip the flips/shifts by comparing with the unjittered batch.
     gen = torch.Generator().manual_seed(0)
     plain = augment_batch(x.clone(), gen)
@@ -253,8 +255,8 @@ def test_jitter_moves_the_band_by_at_most_its_range() -> None:
 
 
 @pytest.mark.parametrize("algo", ["sl", "sflv1"])
-def test_jitter_and_per_crop_keep_split_equal_to_centralized(small_synth, algo: str) -> None:
-    jitter = JitterConfig(scale=0.2, rotation=8, shift_y=0.1)
+def test_jitter_camera_and_per_crop_keep_split_equal_to_centralized(small_synth, algo: str) -> None:
+    jitter = JitterConfig(scale=0.2, rotation=8, shift_y=0.1, camera=CameraConfig(p=0.5))
 
     def run(name: str) -> dict:  # type: ignore[type-arg]
         spec = SimSpec(

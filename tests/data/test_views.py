@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,10 +13,13 @@ from click.testing import CliRunner
 from splitfed.algorithms.pyvertical.model import VerticalModelConfig, build_vertical_model
 from splitfed.data.dataset import EmotionDataset
 from splitfed.data.views import (
-    _record_id,
+    DEFAULT_SALT,
+    ViewSpec,
     load_views,
     parse_views,
+    record_id,
     record_key,
+    view_labels,
     view_owner,
     views_partition,
 )
@@ -77,7 +79,7 @@ def test_owner_k_holds_view_k_under_the_record_ids(views_ds: EmotionDataset) -> 
             assert len(rows) == 1
             r = rows[0]
             key = record_key(sessions[r], views_ds.subjects[r], int(views_ds.labels[r]))
-            assert rid == _record_id(views_ds.name, key)
+            assert rid == record_id(key)
             assert label_of[rid] == int(views_ds.labels[r])
     # The views of one record differ (other cameras), and records differ from each other.
     common = sorted(data.true_intersection())
@@ -91,7 +93,7 @@ def test_records_missing_in_a_view_are_absent_from_that_owner_only(
 ) -> None:
     data = views_partition(views_ds, VIEWS, seed=0)
     ids = {
-        (who, emo): _record_id(views_ds.name, _key_of(who, emo))
+        (who, emo): record_id(_key_of(who, emo))
         for who, _, _ in VIEW_PEOPLE
         for emo in VIEW_EMOTIONS
     }
@@ -106,9 +108,7 @@ def test_records_missing_in_a_view_are_absent_from_that_owner_only(
 
 def test_subject_split_keeps_test_people_out_of_training(views_ds: EmotionDataset) -> None:
     subject_of = {
-        _record_id(views_ds.name, _key_of(who, emo)): who[1:]
-        for who, _, _ in VIEW_PEOPLE
-        for emo in VIEW_EMOTIONS
+        record_id(_key_of(who, emo)): who[1:] for who, _, _ in VIEW_PEOPLE for emo in VIEW_EMOTIONS
     }
     for seed in (0, 1, 2):
         data = views_partition(views_ds, VIEWS, seed=seed)
@@ -119,23 +119,50 @@ def test_subject_split_keeps_test_people_out_of_training(views_ds: EmotionDatase
         assert test and train and not test & train  # F01's two sessions stay together
 
 
-def test_view_model_fuses_whole_crops_and_starts_as_their_mean(
+def test_view_model_fuses_late_and_starts_as_the_mean_of_single_view_models(
     views_ds: EmotionDataset,
 ) -> None:
+    from splitfed.model import build_split_model
+
     data = views_partition(views_ds, VIEWS, seed=0)
     cfg = VerticalModelConfig(split=ModelConfig(input_shape=data.input_shape), boxes=data.boxes)
     assert cfg.views and cfg.mirror_map() is None and not cfg.mirrors()
     heads, trunk = build_vertical_model(cfg, seed=0)
-    assert len(heads) == 3 and trunk.fuse is not None
+    assert len(heads) == 3 and trunk.fusion is not None and trunk.server is None
     maps = [torch.randn(2, *cfg.head_shape(k)) for k in range(3)]
     assert cfg.head_shape(0) == cfg.grid()
-    fused = trunk.stitch(maps)
-    torch.testing.assert_close(fused, sum(maps) / 3)
+    _, server = build_split_model(cfg.split, 0)
+    server.eval()
+    trunk.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(trunk(maps), sum(server(m) for m in maps) / 3)
+        # Each view keeps its own branch: changing one camera's maps moves only its scores.
+        z = trunk.fusion.view_logits(maps)
+        z2 = trunk.fusion.view_logits([maps[0], maps[1], torch.randn_like(maps[2])])
+    torch.testing.assert_close(z[0], z2[0])
+    torch.testing.assert_close(z[1], z2[1])
+    assert not torch.allclose(z[2], z2[2])
+    with pytest.raises(ValueError, match="fuse late"):
+        trunk.stitch(maps)
+    # Training scores the fused model and every view on its own; the loss it reports is the
+    # fused model's.
+    y = torch.tensor([0, 3])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    with torch.no_grad():
+        objective, loss, out = trunk.objective(maps, None, y, loss_fn)
+    torch.testing.assert_close(out, trunk(maps))
+    torch.testing.assert_close(loss, loss_fn(out, y))
+    torch.testing.assert_close(objective, loss + sum(loss_fn(v, y) for v in z))
+    # The gate decides how much each view counts.
+    with torch.no_grad():
+        trunk.fusion.gate.copy_(torch.tensor([0.0, -30.0, -30.0]))
+        torch.testing.assert_close(trunk(maps), server(maps[0]), atol=1e-6, rtol=1e-5)
+    trunk.train()
     assert trunk(maps).shape == (2, 7)
     # Tiles keep their rules: one whole-crop box is a tile, overlapping parts are refused.
     _, h, w = data.input_shape
     one = VerticalModelConfig(split=cfg.split, boxes=[(0, h, 0, w)])
-    assert not one.views and build_vertical_model(one, 0)[1].fuse is None
+    assert not one.views and build_vertical_model(one, 0)[1].fusion is None
     with pytest.raises(ValueError, match="overlaps"):
         VerticalModelConfig(split=cfg.split, boxes=[(0, h, 0, w), (0, h, 0, w // 2)])
 
@@ -176,8 +203,45 @@ def test_an_owner_table_depends_on_its_own_view_only(views_ds: EmotionDataset) -
     for k in (0, 1):
         assert part.owners[k].ids.tolist() == full.owners[k].ids.tolist()
         np.testing.assert_array_equal(part.owners[k].images, full.owners[k].images)
-    spec = SimpleNamespace(seed=3, split=None)
+    spec = ViewSpec(VIEWS, seed=3)
     owner = view_owner(views_ds, spec, 2)
     assert owner.ids.tolist() == full.owners[2].ids.tolist()
     with pytest.raises(UserError):
         view_owner(views_ds, spec, 3)
+
+
+def test_a_camera_that_loaded_only_its_view_holds_its_simulated_twins_table(
+    kdef_views_dir: Path, views_ds: EmotionDataset, tmp_path: Path
+) -> None:
+    """Each camera loads its own photos only; its table is `views_partition`'s owner k, row for
+    row, and the label holder's ids are the same pseudonyms."""
+    for seed in (0, 5):
+        full = views_partition(views_ds, VIEWS, seed=seed)
+        for k, view in enumerate(VIEWS):
+            own = load_views(kdef_views_dir, [view], cache_dir=tmp_path / "cache")
+            assert set(np.asarray(own.meta["angles"]).tolist()) == {view}
+            table = view_owner(own, ViewSpec(VIEWS, seed), k)
+            assert table.ids.tolist() == full.owners[k].ids.tolist()
+            np.testing.assert_array_equal(table.images, full.owners[k].images)
+            assert table.box == full.owners[k].box
+        labels, _ = view_labels(views_ds, VIEWS, None, seed)
+        assert labels.ids.tolist() == full.labels.ids.tolist()
+        np.testing.assert_array_equal(labels.test, full.labels.test)
+    # The row order is the seed's: another seed stores the same records in another order.
+    a = views_partition(views_ds, VIEWS, seed=0).owners[0].ids.tolist()
+    b = views_partition(views_ds, VIEWS, seed=5).owners[0].ids.tolist()
+    assert sorted(a) == sorted(b) and a != b
+
+
+def test_record_ids_come_from_the_record_and_the_salt_not_the_folder(
+    views_ds: EmotionDataset,
+) -> None:
+    renamed = EmotionDataset(
+        "another-folder", views_ds.images, views_ds.labels, views_ds.subjects, dict(views_ds.meta)
+    )
+    a = views_partition(views_ds, VIEWS, seed=0)
+    b = views_partition(renamed, VIEWS, seed=0)
+    assert [o.ids.tolist() for o in a.owners] == [o.ids.tolist() for o in b.owners]
+    salted = views_partition(views_ds, VIEWS, seed=0, salt="another-federation")
+    assert not set(salted.labels.ids.tolist()) & set(a.labels.ids.tolist())
+    assert record_id("AF01AN") == record_id("AF01AN", DEFAULT_SALT) != record_id("AF01HA")

@@ -186,11 +186,24 @@ class Procs:
 
 
 def serve_cmd(
-    out: Path, broker: str | None, algo: str, clients: int, rounds: int, run_id: str, *extra: str
+    out: Path,
+    broker: str | None,
+    algo: str,
+    clients: int,
+    rounds: int,
+    run_id: str,
+    *extra: str,
+    default_defence: bool = False,
 ) -> list[str]:
+    """`aggregator serve` as the suite runs it: `--defence none` unless `extra` names one.
+
+    The suite's equalities compare against simulator runs without a defence (`reference`);
+    `default_defence` leaves the flag out, so serve applies its own default (test_e2e)."""
     cmd = [*AGGREGATOR_CMD, "--algo", algo, "--min-clients", str(clients), "--rounds", str(rounds),
            "--seed", "0", "--threads", str(THREADS), "--run-id", run_id, "--out", str(out),
            "--join-timeout", "120", *extra]  # fmt: skip
+    if "--defence" not in extra and not default_defence:
+        cmd += ["--defence", "none"]
     if broker is not None:
         cmd += ["--broker", broker]
     return cmd

@@ -29,6 +29,7 @@ import numpy as np
 from splitfed.wire import MAX_TENSORS, MsgType, Sequencer, encode
 
 Pair = tuple[str, bytes]  # (topic, payload)
+AGGREGATOR = "aggregator"  # the aggregator's sender id (splitfed.server.AGGREGATOR_ID)
 DTYPES: dict[str, type] = {"F32": np.float32, "I64": np.int64}
 
 
@@ -41,6 +42,7 @@ class Target:
     smashed: tuple[int, ...]  # one sample's activations at the cut
     input_shape: tuple[int, ...]
     weights: dict[str, tuple[str, tuple[int, ...]]]  # client half: wire name -> dtype, shape
+    features: int = 0  # U-shape: width of the server half's features (FEATURES, FEATURE_GRADS)
 
     def up(self, cid: str) -> str:
         return f"{self.prefix}/{self.run_id}/{cid}/up"
@@ -75,6 +77,7 @@ def read_spec(path: Path) -> Target:
         tuple(d["smashed"]),
         tuple(d["input_shape"]),
         {k: (dt, tuple(shape)) for k, (dt, shape) in d["weights"].items()},
+        int(d.get("features", 0)),
     )
 
 
@@ -442,11 +445,13 @@ def replay(t: Target, rng: np.random.Generator, n: int) -> Batch:
     return b
 
 
+def _other_run(t: Target) -> Target:
+    return Target(f"{t.run_id}-other", t.prefix, t.smashed, t.input_shape, t.weights, t.features)
+
+
 def other_run(t: Target, rng: np.random.Generator, n: int) -> Batch:
     """Well-formed messages of another run, published on this run's topics."""
-    s = Sender(
-        Target(f"{t.run_id}-other", t.prefix, t.smashed, t.input_shape, t.weights), "h-other-run"
-    )
+    s = Sender(_other_run(t), "h-other-run")
     b = Batch(sender=s.cid)
     for i in range(n):
         if i % 2:
@@ -515,10 +520,19 @@ def wrong_type(t: Target, rng: np.random.Generator, n: int) -> Batch:
         (MsgType.GRADIENTS, {"grad": activations(t, rng)}),
         (MsgType.EVAL_PREDICTIONS, {"pred": np.zeros(1, np.int64)}),
         (MsgType.PREDICTION, {"probs": np.zeros((1, 7), np.float32)}),
+        (MsgType.FEATURES, {"features": np.zeros((1, max(t.features, 1)), np.float32)}),
     ]
     for i in range(n):
         typ, tensors = kinds[i % len(kinds)]
         b.hostile.append((s.topic, s.msg(typ, tensors if i % 3 else None, step=0)))
+    return b
+
+
+def feature_grads_standard(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """Well-formed U-shape head gradients sent to a run that is not U-shaped."""
+    s, b = _joined(t, "feature-grads-standard")
+    for i in range(n):
+        b.hostile.append((s.topic, s.msg(MsgType.FEATURE_GRADS, {"grad": _grad(t, rng)}, step=i)))
     return b
 
 
@@ -659,6 +673,117 @@ def bad_topic(t: Target, rng: np.random.Generator, n: int) -> Batch:
     return b
 
 
+# ---- the U-shape's own messages (a run with --shape u) ------------------------------------------
+
+
+def _grad(t: Target, rng: np.random.Generator, batch: int = 1, dtype: type = np.float32) -> Any:
+    return rng.standard_normal((batch, max(t.features, 1))).astype(dtype)
+
+
+def feature_grads_shape(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """Head gradients of the wrong width or rank, none, empty, or beside tensors of their own."""
+    s, b = _joined(t, "feature-grads-shape")
+    f = t.features
+    for i in range(n):
+        kind = i % 7
+        if kind == 0:
+            tensors = {"grad": rng.standard_normal((1, f + int(rng.integers(1, 64)))).astype("f4")}
+        elif kind == 1:
+            tensors = {"grad": rng.standard_normal((2, f - int(rng.integers(1, f)))).astype("f4")}
+        elif kind == 2:
+            tensors = {"grad": rng.standard_normal((1, f, 1)).astype(np.float32)}
+        elif kind == 3:
+            tensors = {"grad": rng.standard_normal(f).astype(np.float32)}
+        elif kind == 4:
+            tensors = {"grad": _grad(t, rng), "labels": np.zeros(1, np.int64)}
+        elif kind == 5:
+            tensors = {}
+        else:
+            tensors = {"grad": np.zeros((0, f), np.float32)}
+        b.hostile.append((s.topic, s.msg(MsgType.FEATURE_GRADS, tensors, step=0)))
+    return b
+
+
+def feature_grads_dtype(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """Head gradients in a dtype other than F32/F16."""
+    s, b = _joined(t, "feature-grads-dtype")
+    dtypes = [np.float64, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_]
+    for i in range(n):
+        grad = _grad(t, rng).astype(dtypes[i % len(dtypes)])
+        b.hostile.append((s.topic, s.msg(MsgType.FEATURE_GRADS, {"grad": grad}, step=0)))
+    return b
+
+
+def feature_grads_non_finite(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """NaN and infinities in head gradients (F32, and F16 that overflows)."""
+    s, b = _joined(t, "feature-grads-non-finite")
+    for i in range(n):
+        grad = _grad(t, rng)
+        grad.flat[int(rng.integers(grad.size))] = [np.nan, np.inf, -np.inf, 7e4][i % 4]
+        if i % 4 == 3:
+            with np.errstate(over="ignore"):
+                grad = grad.astype(np.float16)  # 7e4 is beyond float16: infinity
+        b.hostile.append((s.topic, s.msg(MsgType.FEATURE_GRADS, {"grad": grad}, step=0)))
+    return b
+
+
+def feature_grads_round(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """Head gradients for rounds that are not the current one."""
+    s, b = _joined(t, "feature-grads-round")
+    for _ in range(n):
+        rnd = int(rng.integers(1, 1_000_001))
+        b.hostile.append(
+            (s.topic, s.msg(MsgType.FEATURE_GRADS, {"grad": _grad(t, rng)}, round=rnd, step=0))
+        )
+    return b
+
+
+def feature_grads_step(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """Head gradients whose step is negative, too large, fractional, text, null or missing."""
+    s, b = _joined(t, "feature-grads-step")
+    steps: list[Any] = [-1, 10_000_001, 2**40, 1.5, "x", None, [0]]
+    for i in range(n):
+        body = {} if i % 8 == 7 else {"step": steps[i % 8 % len(steps)]}
+        b.hostile.append((s.topic, s.msg(MsgType.FEATURE_GRADS, {"grad": _grad(t, rng)}, **body)))
+    return b
+
+
+def feature_grads_unasked(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """Well-formed head gradients of the current round that answer no FEATURES: no round is
+    running, and they reply to nothing, to a made-up id, or to another message."""
+    s, b = _joined(t, "feature-grads-unasked")
+    for i in range(n):
+        msg = s.seq.make(MsgType.FEATURE_GRADS, 0, {"step": i % 5}, {"grad": _grad(t, rng)},
+                         reply_to="" if i % 2 else uuid.uuid4().hex)  # fmt: skip
+        b.hostile.append((s.topic, encode(msg)))
+    return b
+
+
+def feature_grads_oversized(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """Head gradients of more rows than any batch: headers that claim billions of elements,
+    and (every 25th) real ones of 1,025 rows."""
+    s, b = _joined(t, "feature-grads-oversized")
+    for i in range(n):
+        if i % 25 == 24:
+            grad = _grad(t, rng, batch=1025, dtype=np.float16)
+            b.hostile.append((s.topic, s.msg(MsgType.FEATURE_GRADS, {"grad": grad}, step=0)))
+            continue
+        rows = [2**20, 2**31, 2**40, 10**9][i % 4]
+        entry = {"dtype": "F32", "shape": [rows, t.features], "data_offsets": [0, 0]}
+        env = s.env(MsgType.FEATURE_GRADS, step=0)
+        b.hostile.append((s.topic, raw(env, {"grad": entry})))
+    return b
+
+
+def features_up(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """FEATURES (the aggregator's half of the U-shape) sent up to the aggregator."""
+    s, b = _joined(t, "features-up")
+    for i in range(n):
+        feats = {"features": _grad(t, rng)}
+        b.hostile.append((s.topic, s.msg(MsgType.FEATURES, feats, step=i % 3)))
+    return b
+
+
 @dataclass(frozen=True)
 class HostileClass:
     make: Callable[[Target, np.random.Generator, int], Batch]
@@ -694,21 +819,39 @@ CLASSES: dict[str, HostileClass] = {
     "bitflip": _c(bitflip),
     "flood": _c(flood, "expired", "sender_over_budget"),
     "bad_topic": _c(bad_topic, "bad_status", "foreign_topic", counted="dropped"),
+    "feature_grads_standard": _c(feature_grads_standard, "unexpected_type"),
 }
+
+# Against a U-shaped run (`serve --shape u`): FEATURES go down, FEATURE_GRADS come up.
+U_CLASSES: dict[str, HostileClass] = {
+    "feature_grads_shape": _c(feature_grads_shape, "wrong_shape", "tensor_names", "batch_size"),
+    "feature_grads_dtype": _c(feature_grads_dtype, "wrong_dtype"),
+    "feature_grads_non_finite": _c(feature_grads_non_finite, "non_finite"),
+    "feature_grads_round": _c(feature_grads_round, "other_round"),
+    "feature_grads_step": _c(feature_grads_step, "bad_body"),
+    "feature_grads_unasked": _c(feature_grads_unasked, "unasked"),
+    "feature_grads_oversized": _c(feature_grads_oversized, "shape_too_large", "batch_size"),
+    "features_up": _c(features_up, "unexpected_type"),
+}
+ALL_CLASSES = {**CLASSES, **U_CLASSES}
 
 
 # ---- the agent side ----------------------------------------------------------------------------
 
 AGENT_REASONS = frozenset({"header_depth", "other_run", "unknown_sender", "int_too_large"})
+# What agents of a standard run also refuse: the U-shape's messages (features of a U-shaped
+# run's head, head gradients that only the aggregator takes).
+AGENT_U_REASONS = frozenset({"bad_body", "unexpected_type"})
+# Agents of a U-shaped run: forged features of a far round, of the wrong width or dtype, with
+# NaN; head gradients sent down to them.
+AGENT_U_RUN_REASONS = frozenset({"wrong_shape", "wrong_dtype", "non_finite", "unexpected_type"})
 
 
 def agent_junk(t: Target, rng: np.random.Generator, n: int, client_id: str) -> Batch:
     """Junk on an agent's `down` topic: deep nesting, another run, a stranger, huge ints."""
     b = Batch()
     stranger = Sender(t, "h-agent-junk")
-    other = Sender(
-        Target(f"{t.run_id}-other", t.prefix, t.smashed, t.input_shape, t.weights), "aggregator"
-    )
+    other = Sender(_other_run(t), AGGREGATOR)
     for i in range(n):
         kind = i % 4
         if kind == 0:
@@ -721,6 +864,43 @@ def agent_junk(t: Target, rng: np.random.Generator, n: int, client_id: str) -> B
         else:
             env = stranger.env(MsgType.GRADIENTS, step=_huge(rng), loss=1.0)
             msg = raw(env)
+        b.hostile.append((t.down(client_id), msg))
+    b.hostile += agent_u_junk(t, rng, max(n // 4, 2), client_id).hostile
+    return b
+
+
+def _forged_aggregator(t: Target, i: int) -> Sender:
+    """The aggregator's id with a sequence far ahead of the real one: accepted, it would
+    block the real aggregator; refused, it must leave no trace (neither seq nor round)."""
+    fake = Sender(t, AGGREGATOR)
+    fake.seq.seq = 2**62 + i  # (a real aggregator counts from its start time in microseconds)
+    return fake
+
+
+def agent_u_junk(t: Target, rng: np.random.Generator, n: int, client_id: str) -> Batch:
+    """The U-shape's messages on an agent's `down` topic, under the aggregator's id.
+
+    FEATURE_GRADS (only the aggregator takes them), and FEATURES: of a standard run (no head
+    on the device), or in a U-shaped run of a far round with the wrong width, dtype or NaN.
+    """
+    b = Batch()
+    f = max(t.features, 1)
+    for i in range(n):
+        fake = _forged_aggregator(t, i)
+        kind = i % 4
+        rnd = int(rng.integers(1000, 1_000_000))  # a far round: it must not move the agent on
+        if kind == 0:
+            msg = fake.msg(MsgType.FEATURE_GRADS, {"grad": _grad(t, rng)}, round=rnd, step=0)
+        elif kind == 1:
+            feats = rng.standard_normal((1, f + 1 if t.features else f)).astype(np.float32)
+            msg = fake.msg(MsgType.FEATURES, {"features": feats}, round=rnd, step=0)
+        elif kind == 2:
+            feats = _grad(t, rng, dtype=np.float64 if t.features else np.float32)
+            msg = fake.msg(MsgType.FEATURES, {"features": feats}, round=rnd, step=0)
+        else:
+            feats = _grad(t, rng)
+            feats.flat[int(rng.integers(feats.size))] = np.nan
+            msg = fake.msg(MsgType.FEATURES, {"features": feats}, round=rnd, step=0)
         b.hostile.append((t.down(client_id), msg))
     return b
 
@@ -790,7 +970,7 @@ def main(argv: list[str] | None = None) -> None:
     markers: dict[str, str] = {}  # sender -> what the aggregator logs for its closing JOIN
     closing: list[Pair] = []
     for name in filter(None, a.classes.split(",")):
-        batch = CLASSES[name].make(t, rng, a.count)
+        batch = ALL_CLASSES[name].make(t, rng, a.count)
         setup += batch.setup
         hostile += batch.hostile
         sent[name] = len(batch.hostile)

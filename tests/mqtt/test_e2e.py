@@ -50,13 +50,18 @@ def federate(
     clients: int = 3,
     rounds: int = 2,
     serve_args: tuple[str, ...] = (),
+    default_defence: bool = False,
 ) -> dict[str, Any]:
-    """Run serve + `clients` agents as separate processes; returns serve's metrics.json."""
+    """Run serve + `clients` agents as separate processes; returns serve's metrics.json.
+
+    `--defence none` unless `serve_args` names one or `default_defence` leaves serve its own."""
     extra = ["--compression", compression, "--round-timeout", "120", *serve_args]
     broker = None if embedded else url
     if embedded:
         extra += ["--listen", url.removeprefix("mqtt://")]
-    procs.start("aggregator", serve_cmd(out, broker, algo, clients, rounds, run_id, *extra))
+    cmd = serve_cmd(out, broker, algo, clients, rounds, run_id, *extra,
+                    default_defence=default_defence)  # fmt: skip
+    procs.start("aggregator", cmd)
     if embedded:
         assert wait_port(int(url.rsplit(":", 1)[1]), 60), procs.logs()
     for i in range(clients):
@@ -180,3 +185,58 @@ def test_embedded_broker_default(procs: Procs, reference: Any, tmp_path: Path) -
     assert metrics["mqtt"]["embedded"] is True
     assert "embedded MQTT broker" in procs.log("aggregator")
     assert "MQTT 3.1.1" in procs.log("client-00")
+
+
+def test_default_defence_over_mosquitto(mosquitto: Mosquitto, procs: Procs, tmp_path: Path) -> None:
+    """No --defence: serve applies `recommended` to sflv1, number for number as simulate does.
+
+    The noise is keyed by each device's secret, which the aggregator never learns; the agents
+    here are in-process with the simulator's secrets (`device_secret`), so that the equality
+    can hold with the noise on. Everything else is the real serve process and a real broker.
+    """
+    import threading
+
+    import torch
+
+    from edge_agent.agent import Agent
+    from splitfed.client import ClientRuntime
+    from splitfed.config import TrainConfig
+    from splitfed.data.dataset import default_split
+    from splitfed.data.partition import client_shards, default_partition
+    from splitfed.data.synth import SynthConfig, generate_synth
+    from splitfed.defences import DEFENCES
+    from splitfed.mqtt import LinkSettings
+    from splitfed.simulate import SimSpec, client_id, device_secret, simulate
+
+    from .conftest import IDENTITIES, THREADS
+
+    rec, run_id, clients = DEFENCES["recommended"], "e2e-default", 3
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    stop = threading.Event()
+    agents: list[Agent] = []
+    try:
+        ds = generate_synth(SynthConfig(identities=IDENTITIES))
+        spec = SimSpec("sflv1", clients, 2, seed=0, train=TrainConfig(), defence=rec)
+        ref = simulate(ds, spec)
+        procs.start("aggregator", serve_cmd(tmp_path / "out", mosquitto.url, "sflv1", clients,
+                                            2, run_id, "--round-timeout", "120",
+                                            default_defence=True))  # fmt: skip
+        _, _, shards = client_shards(ds, clients, default_partition(ds), default_split(ds), 0)
+        for i, (tr, te) in enumerate(shards):
+            runtime = ClientRuntime(client_id(i), run_id, tr, te, secret=device_secret(0, i))
+            agent = Agent(runtime, LinkSettings.from_url(mosquitto.url), "splitfed", run_id, stop)
+            agent.start()
+            threading.Thread(target=agent.run, daemon=True).start()
+            agents.append(agent)
+        assert procs.wait("aggregator", 300) == 0, procs.logs()
+    finally:
+        stop.set()
+        for agent in agents:
+            agent.close()
+        torch.set_num_threads(old)
+    got = read_metrics(tmp_path / "out")
+    assert got["defence"] == rec.model_dump(mode="json") == ref["defence"]
+    assert got["model"] == ref["model"]
+    assert got["train"]["compression"] == ref["train"]["compression"]
+    assert_equal_metrics(got, ref)

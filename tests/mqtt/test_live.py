@@ -126,9 +126,10 @@ def test_live_predictions_through_the_aggregator(
     """Train one round, keep serving; a camera agent (torch half, then ONNX) gets its emotions."""
     run_id = "live"
     stop = threading.Event()
+    # No defence: live frames under one are test_live_defence.py's subject.
     cfg = ServeConfig(algo="sflv1", min_clients=1, rounds=1, round_timeout=120, join_timeout=120,
                       broker=ServeBroker(url=mosquitto.url, run_id=run_id), out=tmp_path / "out",
-                      serve_forever=True, eval_data="synth")  # fmt: skip
+                      serve_forever=True, eval_data="synth", defence="none")  # fmt: skip
     kwargs = {"stop": stop, "live": False, "synth_identities": 3}  # --eval-data: a set of its own
     server = threading.Thread(target=run_serve, args=(cfg,), kwargs=kwargs, daemon=True)
     ds = generate_synth(SynthConfig(identities=4))
@@ -208,7 +209,9 @@ def test_a_trained_checkpoint_is_served_live_without_training(
     stop = threading.Event()
     broker = ServeBroker(url=mosquitto.url, run_id=run_id)
     ckpt = tmp_path / "trained" / "checkpoint"
-    cfg = ServeConfig(algo="sflv1", live_model=ckpt, broker=broker, out=tmp_path / "out")
+    # Served with the defence it was trained with (none): the default's cut would not fit it.
+    cfg = ServeConfig(algo="sflv1", live_model=ckpt, broker=broker, out=tmp_path / "out",
+                      defence="none")  # fmt: skip
     server = threading.Thread(
         target=run_serve, args=(cfg,), kwargs={"stop": stop, "live": False}, daemon=True
     )

@@ -8,6 +8,7 @@ copies), and the merged round must give exactly the numbers of one worker and of
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -151,3 +152,55 @@ def test_single_server_half_algorithms_refuse_workers(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "sflv2 trains one server half" in done.stderr + done.stdout
+
+
+def test_a_late_agent_whose_join_was_lost_is_homed_and_trains_from_the_next_round(
+    mosquitto: Mosquitto, procs: Procs, tmp_path: Path
+) -> None:
+    """A JOIN sent before the home worker subscribed reaches nobody; the worker finds the agent
+    (online, homed, never joined), rank 0 announces a new instance and the agent trains."""
+    from edge_agent.agent import Agent
+    from splitfed.client import ClientRuntime
+    from splitfed.data.partition import client_shards
+    from splitfed.data.synth import SynthConfig, generate_synth
+
+    from .fed import IDENTITIES, Tap
+
+    run_id, late = "late", "client-02"
+    out = tmp_path / "out"
+    extra = ["--round-timeout", "120", "--workers", "2"]
+    procs.start(run_id, serve_cmd(out, mosquitto.url, "sflv1", 2, 4, run_id, *extra))
+    for i in range(2):
+        procs.start(f"agent-{i}", agent_cmd(mosquitto.url, i, 3, run_id))
+    tap = Tap(mosquitto.url)
+    agent = None
+    try:
+        pinned = lambda t, _p: t == f"splitfed/{run_id}/client-00/assign"  # noqa: E731
+        assert tap.wait_for(pinned, 180, lambda: procs.check_alive(run_id)), procs.logs()
+        _, _, shards = client_shards(generate_synth(SynthConfig(identities=IDENTITIES)), 3)
+        agent = Agent(
+            ClientRuntime(late, run_id, *shards[2]), LinkSettings.from_url(mosquitto.url),
+            "splitfed", run_id, exit_when_done=True,
+        )  # fmt: skip
+        agent.link.online_payload = None  # no `online` yet: its JOIN goes out to nobody
+        agent.start()
+        threading.Thread(target=agent.run, daemon=True).start()
+        assert _until(agent.joined.is_set, 60)
+        procs.check_alive(run_id)  # still training: the next rounds can take the agent
+        agent.link.announce(b"online")  # now its home worker subscribes
+        assert procs.wait(run_id, 300) == 0, procs.logs()
+        assert agent.counters["joins"] >= 2  # asked to join again, and did
+    finally:
+        tap.close()
+        if agent is not None:
+            agent.stop.set()
+            agent.close()
+    metrics = read_metrics(out)
+    log = procs.log(run_id)
+    assert f"{late} online but never joined: asking every agent to join again" in log, log[-3000:]
+    assert late in metrics["rounds"][-1]["clients"], metrics["rounds"]
+    assert late not in metrics["rounds"][0]["clients"]
+    for r in metrics["rounds"]:  # the re-announce dropped nobody from a round
+        assert r["dropped"] == [], metrics["rounds"]
+    retained = retained_topics(mosquitto.url)
+    assert retained[f"splitfed/{run_id}/{late}/assign"] == f"{owner(late, 2)}/2".encode()

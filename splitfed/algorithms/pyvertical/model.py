@@ -36,8 +36,9 @@ class VerticalModelConfig(BaseModel):
 
     Two layouts: tiles (parts of one crop, which must not overlap) and views (several owners
     whose box is each the whole crop: cameras that photograph the same record from different
-    angles). Views cannot be placed side by side, so the trunk fuses their maps with a learned
-    1x1 convolution over the stacked channels, which starts as their mean.
+    angles). Views cannot be placed side by side, so they fuse late (`ViewFusion`): each view's
+    maps go through their own copy of the server blocks, and one linear classifier reads the
+    concatenated features.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -108,21 +109,52 @@ class VerticalModelConfig(BaseModel):
         return self.mirror and self.mirror_map() is not None
 
 
+class ViewFusion(nn.Module):
+    """Late fusion of camera views: each view has its own copy of the server half (blocks,
+    pooling, classifier), and the fused scores are the views' scores weighted by a learned
+    softmax gate, which starts even (the mean of k single-view models).
+
+    Why not average the views' maps before the server blocks (the first design, a 1x1
+    convolution starting as the mean)? A noisy camera's maps are then mixed into a good
+    camera's before any nonlinearity, and on the synthetic three-camera proxy
+    (scripts/bench_views.py) three cameras ended well below the best one. Here each view keeps
+    its own features; training (`Trunk.objective`) also scores each view on its own, so every
+    camera's branch learns as it would alone, and the gate learns how much each view is worth.
+    """
+
+    def __init__(self, server: ServerNet, views: int) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(copy.deepcopy(server) for _ in range(views))
+        self.gate = nn.Parameter(torch.zeros(views))
+
+    def view_logits(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(parts) != len(self.branches):
+            raise ValueError(f"{len(parts)} views for {len(self.branches)} branches")
+        return [b(p) for b, p in zip(self.branches, parts, strict=True)]
+
+    def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        w = torch.softmax(self.gate, dim=0)
+        return sum(w[k] * z for k, z in enumerate(logits))  # type: ignore[return-value]
+
+    def forward(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return self.combine(self.view_logits(parts))
+
+
 class Trunk(nn.Module):
-    """The label holder's half: puts the heads' maps where their parts were, then the CNN's rest."""
+    """The label holder's half: puts the heads' maps where their parts were, then the CNN's rest
+    (tiles); or fuses the views' maps late (views, `ViewFusion`)."""
 
     def __init__(self, server: ServerNet, cfg: VerticalModelConfig) -> None:
         super().__init__()
-        self.server = server
         self.boxes = [tuple(v // cfg.scale for v in b) for b in cfg.boxes]
         self.grid = cfg.grid()
         self.mirror = cfg.mirror_map()
-        self.fuse: nn.Conv2d | None = None
+        self.server: ServerNet | None = None
+        self.fusion: ViewFusion | None = None
         if cfg.views:
-            c, k = self.grid[0], len(cfg.boxes)
-            self.fuse = nn.Conv2d(k * c, c, kernel_size=1, bias=False)
-            with torch.no_grad():  # starts as the mean of the views' maps
-                self.fuse.weight.copy_(torch.eye(c).repeat(1, k)[:, :, None, None] / k)
+            self.fusion = ViewFusion(server, len(cfg.boxes))
+        else:
+            self.server = server
 
     def _place(self, parts: list[torch.Tensor], boxes: list[tuple[int, ...]]) -> torch.Tensor:
         out = parts[0].new_zeros((parts[0].shape[0], *self.grid))
@@ -134,8 +166,8 @@ class Trunk(nn.Module):
         """The heads' maps in the crop's layout; a mirrored record's maps go to mirrored places."""
         if len(parts) != len(self.boxes):
             raise ValueError(f"{len(parts)} parts for {len(self.boxes)} heads")
-        if self.fuse is not None:
-            return self.fuse(torch.cat(parts, dim=1))
+        if self.fusion is not None:
+            raise ValueError("views are not stitched into one map: they fuse late")
         out = self._place(parts, self.boxes)
         if flip is not None and bool(flip.any()):
             if self.mirror is None:
@@ -145,7 +177,31 @@ class Trunk(nn.Module):
         return out
 
     def forward(self, parts: list[torch.Tensor], flip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fusion is not None:  # views never mirror (see mirror_map)
+            return self.fusion(parts)
+        assert self.server is not None
         return self.server(self.stitch(parts, flip))
+
+    def objective(
+        self,
+        parts: list[torch.Tensor],
+        flip: torch.Tensor | None,
+        y: torch.Tensor,
+        loss_fn: nn.Module,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(what training minimises, the model's loss, its scores) of one batch.
+
+        Tiles: the loss of the stitched model. Views: the fused loss plus each view's own loss
+        (deep supervision of every branch), so a camera's branch gets the gradient it would get
+        trained alone, however little the gate trusts it yet."""
+        if self.fusion is None:
+            out = self(parts, flip)
+            loss = loss_fn(out, y)
+            return loss, loss, out
+        logits = self.fusion.view_logits(parts)
+        out = self.fusion.combine(logits)
+        loss = loss_fn(out, y)
+        return loss + sum(loss_fn(z, y) for z in logits), loss, out
 
 
 def build_vertical_model(cfg: VerticalModelConfig, seed: int) -> tuple[list[ClientNet], Trunk]:

@@ -326,10 +326,9 @@ class PyVertical(Strategy):
         y = torch.from_numpy(self.aligned.y_train[idx])
         self.trunk.train()
         with seeded(self.seed, state.rnd, 0, s, 1):
-            out = self.trunk(parts, state.flips[s])
-        loss = self.loss_fn(out, y)
+            objective, loss, out = self.trunk.objective(parts, state.flips[s], y, self.loss_fn)
         self.server_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         self.server_opt.step()
         state.result.add(loss.item(), int((out.argmax(1) == y).sum()), len(y))
         for c, p in zip(owners, parts, strict=True):

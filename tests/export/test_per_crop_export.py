@@ -1,0 +1,107 @@
+"""Per-crop normalisation travels inside the exported client half.
+
+Training, the ONNX export and live inference must standardise a crop the same way. The
+normalisation is a layer of the client half (ModelConfig.input_norm="per-crop"), so the exported
+graph carries it: the ONNX model gives the torch half's output on the same crops, ignores a
+crop's exposure and contrast as the torch half does, and the int8 model still agrees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.onnx import FP32_TOLERANCE, export_client
+from splitfed.config import TrainConfig
+from splitfed.data.batches import to_tensor
+from splitfed.data.dataset import EmotionDataset, train_test_split
+from splitfed.data.synth import SynthConfig, generate_synth
+from splitfed.model import ClientNet, ModelConfig, PerCropNorm, ServerNet
+from splitfed.onnx_client import OnnxClient
+
+MIN_AGREEMENT = 0.9
+
+
+@dataclass
+class PerCrop:
+    cfg: ModelConfig
+    client: ClientNet
+    server: ServerNet
+    test: EmotionDataset
+    out: Path
+    manifest: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def per_crop(tmp_path_factory: pytest.TempPathFactory) -> PerCrop:
+    from splitfed.checkpoint import load_model
+    from splitfed.simulate import SimSpec, simulate
+
+    data = generate_synth(SynthConfig(identities=10, per_emotion=2))
+    run = tmp_path_factory.mktemp("per-crop-run")
+    spec = SimSpec(
+        algo="centralized", clients=1, rounds=2, out_dir=run,
+        model=ModelConfig(input_norm="per-crop"),
+        train=TrainConfig(local_epochs=2, batch_size=16),
+    )  # fmt: skip
+    simulate(data, spec)
+    cfg, client, server = load_model(run / "checkpoint")
+    assert isinstance(client.norm, PerCropNorm), "the checkpoint lost input_norm"
+    train, test = train_test_split(data, "subject", seed=0)
+    out = tmp_path_factory.mktemp("per-crop-export")
+    manifest = export_client(
+        client, cfg, out, calibration=train.images, server_net=server, full_model=True,
+        eval_data=test, version="per-crop-v1",
+    )  # fmt: skip
+    return PerCrop(cfg, client, server, test, out, manifest)
+
+
+def _torch(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    module.eval()
+    with torch.no_grad():
+        return module(torch.from_numpy(x)).numpy()
+
+
+def test_the_graph_normalises_before_the_first_convolution(per_crop: PerCrop) -> None:
+    graph = onnx.load(str(per_crop.out / "client_fp32.onnx")).graph
+    readers = [n.op_type for n in graph.node if graph.input[0].name in n.input]
+    assert "Conv" not in readers and "ReduceMean" in readers, readers
+
+
+def test_onnx_matches_the_torch_half_on_live_crops(per_crop: PerCrop) -> None:
+    assert per_crop.manifest["parity"]["fp32_max_abs_diff"] <= FP32_TOLERANCE
+    crops = per_crop.test.images[:16]
+    live = OnnxClient(per_crop.out / "client_fp32.onnx").run_crops(crops)  # the agent's path
+    ref = _torch(per_crop.client, to_tensor(crops).numpy())  # the training path
+    assert np.abs(live - ref).max() <= FP32_TOLERANCE
+
+
+def test_exported_half_ignores_exposure_and_contrast(per_crop: PerCrop) -> None:
+    client = OnnxClient(per_crop.out / "client_fp32.onnx")
+    crops = per_crop.test.images[:16].astype(np.float64)
+    # A flatter, brighter picture of the same crops, kept inside 0..255 so nothing clips.
+    lit = np.rint(crops * 0.6 + 70).astype(np.uint8)
+    same = client.run_crops(lit)
+    ref = client.run_crops(np.rint(crops).astype(np.uint8))
+    # Rounding to whole grey levels is the only difference; it moves the output a little.
+    rel = np.abs(same - ref).mean() / np.abs(ref).mean()
+    assert rel < 0.05, rel
+    glob = _torch(per_crop.client.blocks, to_tensor(lit).numpy())  # the layers without the norm
+    assert np.abs(glob - ref).mean() / np.abs(ref).mean() > 10 * rel
+
+
+def test_int8_per_crop_model_agrees(per_crop: PerCrop) -> None:
+    p = per_crop.manifest["parity"]
+    assert p["int8_top1_agreement"] >= MIN_AGREEMENT, p
+    q = OnnxClient(per_crop.out / "client_int8.onnx").run_crops(per_crop.test.images)
+    pred = _torch(per_crop.server, q).argmax(1)
+    ref = _torch(per_crop.server, _torch(per_crop.client, to_tensor(per_crop.test.images).numpy()))
+    ref = ref.argmax(1)
+    assert len(np.unique(ref)) >= 2, "the model predicts one class: agreement means nothing"
+    assert np.mean(pred == ref) >= MIN_AGREEMENT

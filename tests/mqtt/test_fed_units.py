@@ -1,0 +1,141 @@
+"""The fed server's parts without a broker: the device's side, and the fed server's checks.
+
+A device in a round that names the fed server waits for the client-weights version the round
+names, trains from the fed server's half, and splits its update: the half for the fed server,
+the counts alone for the main server. The fed server refuses and counts what a peer may send
+wrong, and averages the named devices' halves weighted by samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aggregator.fed_server import FedServer
+from splitfed.algorithms.sflv1 import SFLV1
+from splitfed.client import CLIENT_PREFIX, ClientRuntime
+from splitfed.config import AggregationConfig, TrainConfig
+from splitfed.data.partition import client_shards
+from splitfed.model import ModelConfig, build_split_model
+from splitfed.mqtt import LinkSettings
+from splitfed.training import prefixed, state_to_numpy
+from splitfed.wire import FED_SERVER_ID, Message, MsgType, Sequencer, decode, encode
+
+RUN = "u"
+MODEL = ModelConfig(widths=(8, 16, 16), cut=1)
+TRAIN = TrainConfig(batch_size=16)
+
+
+def fed_global(seq: Sequencer, version: int, seed: int = 0) -> bytes:
+    client, _ = build_split_model(MODEL, seed)
+    body = {"algo": "sflv1", "mode": "split", "seed": 0,
+            "model": MODEL.model_dump(mode="json"), "weights_version": version}  # fmt: skip
+    tensors = prefixed(state_to_numpy(client), CLIENT_PREFIX)
+    return encode(seq.make(MsgType.GLOBAL_WEIGHTS, 0, body, tensors))
+
+
+def test_device_waits_for_the_fed_servers_half_and_trains_from_it(small_synth: Any) -> None:
+    _, _, shards = client_shards(small_synth, 2, seed=0)
+    dev = ClientRuntime("client-00", RUN, *shards[0])
+    algo = SFLV1(MODEL, TRAIN, 0)
+    algo.enrol(["client-00"])
+    body = {**algo.round_body("client-00"), "fed_server": True}  # weights_version 0
+    main, fed = Sequencer("aggregator", RUN), Sequencer(FED_SERVER_ID, RUN)
+    # A round that names the fed server and carries no client half: the device waits.
+    assert dev.handle_bytes(encode(main.make(MsgType.ROUND_START, 0, body))) == []
+    assert dev.rejected == 0 and dev.fed_server
+    # The half of the version it names starts it.
+    assert [decode(m).type for m in dev.handle_bytes(fed_global(fed, 0))] == [MsgType.SMASHED]
+    # An older half than the round names does not.
+    dev2 = ClientRuntime("client-01", RUN, *shards[1])
+    later = {**body, "weights_version": 1}
+    assert dev2.handle_bytes(encode(main.make(MsgType.ROUND_START, 0, later))) == []
+    assert dev2.handle_bytes(fed_global(fed, 0)) == []  # not the version the round names
+    out = dev2.handle_bytes(fed_global(fed, 1, seed=7))
+    assert [decode(m).type for m in out] == [MsgType.SMASHED]
+    # It trains from the fed server's half (seed 7's weights), not from its own init: no step
+    # yet, so its parameters are that half's (the forward pass moved only BatchNorm's stats).
+    want, _ = build_split_model(MODEL, 7)
+    assert dev2.client_net is not None
+    mine = dict(dev2.client_net.named_parameters())
+    for name, p in want.named_parameters():
+        assert torch.equal(mine[name], p), name
+    # A GLOBAL_WEIGHTS from the main server is not the fed server's: ignored, nothing loaded.
+    assert dev2.handle_bytes(encode(main.make(MsgType.GLOBAL_WEIGHTS, 0, {}, {}))) == []
+
+
+def test_device_splits_its_update_between_fed_and_main_server(small_synth: Any) -> None:
+    _, _, shards = client_shards(small_synth, 2, seed=0)
+    dev = ClientRuntime("client-00", RUN, *shards[0])
+    dev.fed_server = True
+    dev._on_round_start(
+        Message(
+            Sequencer("aggregator", RUN)
+            .make(MsgType.ROUND_START, 0, {**SFLV1(MODEL, TRAIN, 0).round_body("client-00")})
+            .env,
+            prefixed(state_to_numpy(build_split_model(MODEL, 0)[0]), CLIENT_PREFIX),
+        )
+    )
+    assert dev.round is not None
+    dev.round.batches = iter(())  # the round's batches are done: the update is next
+    to_main = dev._update_message("", {})
+    to_fed = dev._fed_outbox
+    assert not to_main.tensors and to_main.env.body["n_samples"] == len(shards[0][0])
+    assert len(to_fed) == 1 and to_fed[0].type is MsgType.CLIENT_UPDATE
+    assert set(to_fed[0].tensors) == set(prefixed(state_to_numpy(dev.client_net), CLIENT_PREFIX))
+    assert to_fed[0].env.seq < to_main.env.seq  # the half is sent first
+
+
+def _fed_round(seq: Sequencer, rnd: int, phase: str, version: int, **extra: Any) -> bytes:
+    body = {"phase": phase, "algo": "sflv1", "seed": 0, "model": MODEL.model_dump(mode="json"),
+            "train": TRAIN.model_dump(mode="json"),
+            "aggregation": AggregationConfig().model_dump(mode="json"),
+            "weights_version": version, **extra}  # fmt: skip
+    return encode(seq.make(MsgType.FED_ROUND, rnd, body))
+
+
+def _update(cid: str, seed: int, n: int, rnd: int = 0, seq: Sequencer | None = None) -> bytes:
+    client, _ = build_split_model(MODEL, seed)
+    body = {"n_samples": n, "steps": 1, "seen": n}
+    tensors = prefixed(state_to_numpy(client), CLIENT_PREFIX)
+    return encode((seq or Sequencer(cid, RUN)).make(MsgType.CLIENT_UPDATE, rnd, body, tensors))
+
+
+def test_fed_server_checks_counts_and_averages(tmp_path: Path) -> None:
+    server = FedServer(LinkSettings(port=9), "splitfed", RUN, tmp_path / "ckpt")  # never started
+    main = Sequencer("aggregator", RUN)
+    server.dispatch("client-00", "weights", _update("client-00", 1, 10))
+    assert server.rejects.counts["not_configured"] == 1  # before the main server's first word
+    server.dispatch("aggregator", "sync", b"\x00" * 3)
+    server.dispatch("aggregator", "sync", _fed_round(main, 0, "round", 1, clients=["a"]))
+    assert server.rejects.counts["short"] == 1 and server.rejects.counts["bad_body"] == 1
+    server.dispatch("aggregator", "sync", _fed_round(main, 0, "sync", 0))
+    assert server.algo is not None and server.algo.version == 0
+
+    server.dispatch("client-01", "weights", _update("client-00", 2, 10))  # on another's topic
+    assert server.rejects.counts["spoofed_sender"] == 1
+    junk = encode(Sequencer("client-01", RUN).make(MsgType.CLIENT_UPDATE, 0,
+                  {"n_samples": 5, "steps": 1, "seen": 5},
+                  {"w.nope": np.zeros(3, np.float32)}))  # fmt: skip
+    server.dispatch("client-01", "weights", junk)
+    assert server.rejects.counts["tensor_names"] == 1
+
+    seqs = {c: Sequencer(c, RUN) for c in ("client-00", "client-01")}
+    server.dispatch("client-00", "weights", _update("client-00", 1, 30, seq=seqs["client-00"]))
+    server.dispatch("client-01", "weights", _update("client-01", 2, 10, seq=seqs["client-01"]))
+    # The main server's weights (capped by what it saw) count, never above the device's claim.
+    server.dispatch("aggregator", "sync", _fed_round(main, 0, "round", 1,
+                    clients=["client-00", "client-01"], weights=[30, 50]))  # fmt: skip
+    assert server.algo.version == 1 and server.last_round == 0
+    a = state_to_numpy(build_split_model(MODEL, 1)[0])
+    b = state_to_numpy(build_split_model(MODEL, 2)[0])
+    got = state_to_numpy(server.algo.client_net)
+    name = next(k for k, v in a.items() if v.dtype == np.float32 and v.size > 1)
+    np.testing.assert_allclose(got[name], (30 * a[name] + 10 * b[name]) / 40, rtol=1e-5)
+    # An update for a round already averaged is stale.
+    server.dispatch("client-00", "weights", _update("client-00", 1, 30, seq=seqs["client-00"]))
+    assert server.rejects.counts["other_round"] == 1
+    assert (tmp_path / "ckpt" / "model.safetensors").exists()
