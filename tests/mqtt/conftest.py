@@ -73,15 +73,6 @@ class TlsMosquitto(Mosquitto):
 
 
 @pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A fresh Mosquitto on a free 127.0.0.1 port, stopped after the test."""
-    broker = Mosquitto(tmp_path / "mosquitto")
-    broker.start()
-    yield broker
-    broker.stop()
-
-
-@pytest.fixture
 def tls_mosquitto(tmp_path: Path) -> Iterator[TlsMosquitto]:
     """Mosquitto with mutual TLS, passwords and the shipped ACL on free loopback ports."""
     broker = TlsMosquitto(tmp_path / "mosquitto-tls")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,14 +57,6 @@ def test_report_on_a_simulated_u_checkpoint(u_run: Path, tmp_path: Path) -> None
     report = _report_says_no_labels(u_run, tmp_path, 8)
     metrics = json.loads((u_run / "metrics.json").read_text())
     assert report["settings"][0]["test_accuracy"] == metrics["final"]["test_accuracy"]
-
-
-@pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    broker = Mosquitto(tmp_path / "mosquitto")
-    broker.start()
-    yield broker
-    broker.stop()
 
 
 @pytest.mark.mqtt
