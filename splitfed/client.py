@@ -182,12 +182,6 @@ class ClientRuntime(DeviceRuntime):
             raise ValueError("gradients before any round started")
         return {"grad": (frozenset({"F32", "F16"}), (-1, *smashed_shape(self.model_cfg)))}
 
-    def _round_ok(self, env: Envelope) -> bool:
-        """Not older than the newest round of an accepted message. The newest moves on only in
-        `handle`, once a message has passed every check: a forged one of a far round that
-        fails them must not make the real rounds look stale."""
-        return env.round >= self._max_round
-
     def _features_spec(self, env: Envelope) -> ShapeSpec:
         if self.model_cfg is None or self.model_cfg.shape != "u":
             raise ValueError("features outside a U-shaped run")
@@ -207,7 +201,6 @@ class ClientRuntime(DeviceRuntime):
         return encode(self.seq.make(MsgType.JOIN, 0, body))
 
     def handle(self, msg: Message) -> list[Message]:
-        self._max_round = max(self._max_round, msg.env.round)  # it passed every check
         if msg.src == FED_SERVER_ID or self.fed_server or msg.env.body.get("fed_server"):
             return self._fed_handle(msg)
         return self._handle(msg)

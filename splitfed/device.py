@@ -37,11 +37,13 @@ class DeviceRuntime(abc.ABC):
     _max_round: int = 0
 
     def _round_ok(self, env: Envelope) -> bool:
-        """Messages of an older round than the newest seen are stale; a newer one moves on."""
-        if env.round < self._max_round:
-            return False
-        self._max_round = env.round
-        return True
+        """Not older than the newest round of an accepted message (the validator's round check).
+
+        It only looks: the newest round moves on in `handle_bytes`, once a message has passed
+        every check. The round is checked before the body, tensors and values are, so a forged
+        message of a far round that fails those must not make the real rounds look stale.
+        """
+        return env.round >= self._max_round
 
     @abc.abstractmethod
     def join(self) -> bytes:
@@ -73,13 +75,20 @@ class DeviceRuntime(abc.ABC):
         return []
 
     def handle_bytes(self, data: bytes) -> list[bytes]:
-        """Validate one message from the aggregator and answer it; bad input is logged."""
+        """Validate one message from the aggregator and answer it; bad input is logged.
+
+        A message that passed every check makes its round the newest (`_round_ok` refuses
+        older ones from then on): only then, as the validator commits its own sequence and
+        replay state, and before `handle`, whose semantic refusal of it does not unsay a round
+        the aggregator has moved on to.
+        """
         try:
             msg = self._validator.check(data)
         except WireError as e:
             return self._reject(e.reason, str(e))
         except Exception as e:  # noqa: BLE001 - the device's edge: nothing received may escape
             return self._reject("malformed", f"{type(e).__name__}: {e}")
+        self._max_round = max(self._max_round, msg.env.round)  # it passed every check
         try:
             return [encode(m) for m in self.handle(msg)]
         except (ValueError, KeyError, ValidationError) as e:
