@@ -105,3 +105,18 @@ def test_int8_per_crop_model_agrees(per_crop: PerCrop) -> None:
     ref = ref.argmax(1)
     assert len(np.unique(ref)) >= 2, "the model predicts one class: agreement means nothing"
     assert np.mean(pred == ref) >= MIN_AGREEMENT
+
+
+def test_int8_keeps_the_normalisation_and_the_first_convolution_in_float(
+    per_crop: PerCrop,
+) -> None:
+    """A standardised crop has no fixed range for a calibration on raw pixels to fit: the
+    normalisation and the convolution it feeds stay float, quantization starts after them."""
+    graph = onnx.load(str(per_crop.out / "client_int8.onnx")).graph
+    producer = {out: n for n in graph.node for out in n.output}
+    first = next(n for n in graph.node if n.op_type == "Conv")
+    data, weight = first.input[0], first.input[1]
+    assert data not in producer or producer[data].op_type == "Div", producer.get(data)
+    assert weight not in producer or producer[weight].op_type != "DequantizeLinear"
+    later = [n for n in graph.node if n.op_type == "Conv" and n is not first]
+    assert later and all(producer[n.input[1]].op_type == "DequantizeLinear" for n in later)
