@@ -11,6 +11,7 @@ from rich.console import Console
 
 from aggregator import evaluate as evaluate_commands
 from aggregator import privacy as privacy_commands
+from aggregator.jobs import run_tasks
 from aggregator.options import (
     COLUMNS,
     compare_defence_options,
@@ -24,7 +25,6 @@ from aggregator.options import (
     print_table,
     quiet_simulation,
     result_row,
-    round_progress,
     set_threads,
     setup_logging,
     verdict,
@@ -76,7 +76,8 @@ def simulate(
         defence=get_defence(kw["defence"] or default_defence(algo)),
         frames=kw["frames"], segments=kw["segments"],
     )  # fmt: skip
-    metrics = _run(ds, spec, folds, f"{algo} x{clients}")
+    label = f"{algo} x{clients}"
+    [metrics] = run_tasks(ds, [(spec, label)], folds, 1, kw["threads"], kw["verbose"])
     print_table([metrics])
     print_shift([metrics])
     where = "fold-*/" if folds else ""
@@ -96,6 +97,15 @@ def simulate(
     default=Path("runs/compare"),
     show_default=True,
 )
+@click.option(
+    "--jobs",
+    "parallel",
+    type=click.IntRange(1, 64, clamp=True),
+    default=1,
+    show_default=True,
+    help="runs at once, each in its own process with --threads torch threads; the numbers "
+    "are those of --jobs 1 (on 2 cores, --jobs 2 takes about half the time)",
+)
 @evaluation_options
 @compare_defence_options
 @data_options
@@ -107,6 +117,7 @@ def compare(
     out_dir: Path,
     folds: int | None,
     shift: bool,
+    parallel: int,
     **kw: Any,
 ) -> None:
     """Run several algorithms and client counts on one split; write a table and a plot."""
@@ -141,11 +152,11 @@ def compare(
         )
         console.print(f"{what}: for {', '.join(n for n in names if n not in plain)} only; "
                       f"{', '.join(plain)} send no smashed data and run without it")  # fmt: skip
-    results: list[dict[str, Any]] = []
-    jobs = [(a, n) for n in counts for a in names if not (a == "centralized" and n != counts[0])]
-    # With --init-from, each job runs from scratch and pretrained, side by side.
+    tasks = []
+    runs = [(a, n) for n in counts for a in names if not (a == "centralized" and n != counts[0])]
+    # With --init-from, each run goes from scratch and pretrained, side by side.
     starts = [None, kw["init_from"]] if kw["init_from"] is not None else [None]
-    for a, n in jobs:
+    for a, n in runs:
         for init in starts:
             sub = out_dir / (f"{a}-{n}" if a != "centralized" else "centralized")
             label = f"{a} x{n}" if a != "centralized" else a
@@ -157,7 +168,8 @@ def compare(
                            train, sub, aggregation=aggregation, report_shift=shift,
                            init_from=init, frames=kw["frames"], segments=kw["segments"],
                            defence=defence if smashed else None)  # fmt: skip
-            results.append(_run(ds, spec, folds, label))
+            tasks.append((spec, label))
+    results = run_tasks(ds, tasks, folds, parallel, kw["threads"], kw["verbose"])
     out_dir.mkdir(parents=True, exist_ok=True)
     write_results(results, out_dir)
     plot_comparison(results, out_dir / "comparison.png")
@@ -166,20 +178,6 @@ def compare(
     for line in verdict(results):
         console.print(line.replace("**", ""))
     console.print(f"wrote {out_dir}/results.md, results.csv, comparison.png")
-
-
-def _run(ds: Any, spec: Any, folds: int | None, label: str) -> dict[str, Any]:
-    """One simulated run, or `folds` of them combined, behind one progress bar."""
-    from splitfed.crossval import cross_validate
-    from splitfed.simulate import simulate as run_sim
-
-    if not folds:
-        progress, on_round = round_progress(spec.rounds, label)
-        with progress:
-            return run_sim(ds, spec, on_round)
-    progress, on_round = round_progress(spec.rounds * folds, f"{label}, {folds} folds")
-    with progress:
-        return cross_validate(ds, spec, folds, on_round)
 
 
 def print_shift(results: list[dict[str, Any]]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import click
 from pydantic import ValidationError
@@ -28,6 +28,8 @@ from splitfed.model import ModelConfig
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console(stderr=True)
 log = logging.getLogger("aggregator")
+# What --server-opt takes: AggregationConfig.server_opt's choices.
+SERVER_OPTS: tuple[str, ...] = get_args(AggregationConfig.model_fields["server_opt"].annotation)
 
 
 def setup_logging(verbose: bool) -> None:
@@ -37,6 +39,58 @@ def setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
         force=True,
     )
+
+
+class ServerLr(click.ParamType):
+    """`--server-lr`: a number, or `auto` (the number of copies combined that round)."""
+
+    name = "auto|FLOAT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither auto nor a number", param, ctx)
+
+
+def server_option_list(defaults: bool) -> list[Callable[[Any], Any]]:
+    """`--server-opt`, `--server-lr`, `--server-momentum`: one definition for simulate, compare
+    and serve. `defaults=False` (serve): an unset flag is None, so its YAML config's value (or
+    `AggregationConfig`'s default) stands; the help names the default instead."""
+    opt_default = {"default": "none", "show_default": True} if defaults else {"default": None}
+    momentum_default = {"default": 0.9, "show_default": True} if defaults else {"default": None}
+    return [
+        click.option(
+            "--server-opt",
+            type=click.Choice(list(SERVER_OPTS)),
+            help="server optimizer on each round's aggregate (FedAvg, SFLV1, SFLV2, FedSL): "
+            "sgd = FedAvg with a server lr, momentum = FedAvgM, adam = FedAdam"
+            + ("" if defaults else " [none]"),
+            **opt_default,
+        ),
+        click.option(
+            "--server-lr",
+            type=ServerLr(),
+            default=None,
+            help="server learning rate, or auto: the number of clients (the sum of their "
+            "updates) [auto for sgd, 1.0 for momentum, 0.01 for adam]",
+        ),
+        click.option(
+            "--server-momentum",
+            type=float,
+            help="FedAvgM's momentum, FedAdam's beta1" + ("" if defaults else " [0.9]"),
+            **momentum_default,
+        ),
+    ]
+
+
+def server_options(fn: F) -> F:
+    """The server-optimizer flags without defaults of their own (serve: flags over YAML)."""
+    for opt in reversed(server_option_list(defaults=False)):
+        fn = opt(fn)
+    return fn
 
 
 def data_options(fn: F) -> F:
@@ -106,27 +160,7 @@ def data_options(fn: F) -> F:
             help="SFLV2's server schedule: batches of all clients shuffled together, or the "
             "clients one after another in random order (the paper's)",
         ),
-        click.option(
-            "--server-opt",
-            type=click.Choice(["none", "sgd", "momentum", "adam"]),
-            default="none",
-            show_default=True,
-            help="server optimizer on each round's aggregate (FedAvg, SFLV1, SFLV2, FedSL): "
-            "sgd = FedAvg with a server lr, momentum = FedAvgM, adam = FedAdam",
-        ),
-        click.option(
-            "--server-lr",
-            default=None,
-            help="server learning rate, or auto: the number of clients (the sum of their "
-            "updates) [auto for sgd, 1.0 for momentum, 0.01 for adam]",
-        ),
-        click.option(
-            "--server-momentum",
-            type=float,
-            default=0.9,
-            show_default=True,
-            help="FedAvgM's momentum, FedAdam's beta1",
-        ),
+        *server_option_list(defaults=True),
         click.option(
             "--init-from",
             type=click.Path(path_type=Path, exists=True),
@@ -294,7 +328,10 @@ def make_aggregation(kw: dict[str, Any]) -> AggregationConfig:
         raise UserError(f"bad setting {where}: {first['msg']}") from None
 
 
-def round_progress(total: int, label: str) -> tuple[Progress, Callable[[dict[str, Any]], None]]:
+def round_progress(
+    runs: list[tuple[int, str]],
+) -> tuple[Progress, list[Callable[[dict[str, Any]], None]]]:
+    """One progress bar per run (its number of rounds, its label) and each run's callback."""
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -303,18 +340,17 @@ def round_progress(total: int, label: str) -> tuple[Progress, Callable[[dict[str
         console=console,
         transient=False,
     )
-    task = progress.add_task(label, total=total)
 
-    def on_round(row: dict[str, Any]) -> None:
-        progress.update(
-            task,
-            advance=1,
-            description=(
-                f"{label}  loss {row['train_loss']:.3f}  test acc {row['test_accuracy']:.1%}"
-            ),
-        )
+    def callback(total: int, label: str) -> Callable[[dict[str, Any]], None]:
+        task = progress.add_task(label, total=total)
 
-    return progress, on_round
+        def on_round(row: dict[str, Any]) -> None:
+            desc = f"{label}  loss {row['train_loss']:.3f}  test acc {row['test_accuracy']:.1%}"
+            progress.update(task, advance=1, description=desc)
+
+        return on_round
+
+    return progress, [callback(total, label) for total, label in runs]
 
 
 COLUMNS = ["algo", "clients", "train acc", "test acc", "macro-F1", "wall s", "MB/round"]

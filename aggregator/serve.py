@@ -28,6 +28,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
+from aggregator.options import server_options
 from splitfed.algorithm_io import AlgorithmIO
 from splitfed.checkpoint import checkpoint_file, read_model_config
 from splitfed.cliutil import user_errors
@@ -500,13 +501,7 @@ class Dashboard:
     is_flag=True,
     help="no training: publish --checkpoint's client weights and answer live predictions",
 )
-@click.option(
-    "--server-opt",
-    type=click.Choice(["none", "momentum", "adam"]),
-    help="server optimizer on each round's aggregate: FedAvgM, FedAdam [none]",
-)
-@click.option("--server-lr", type=float, help="server learning rate [1.0 momentum, 0.01 adam]")
-@click.option("--server-momentum", type=float, help="FedAvgM's momentum, FedAdam's beta1 [0.9]")
+@server_options  # as simulate's, unset = the config's (aggregator.options)
 @click.option(
     "--sflv2-order",
     type=click.Choice(["interleaved", "sequential"]),

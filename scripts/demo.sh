@@ -5,11 +5,12 @@
 # split), batch 16 and 20 epochs with the cosine schedule, so the curves are flat at the end.
 # results.md ends with which algorithm is best and by how much, and says if any still rises.
 # Leaves runs/demo/results.md, results.csv, comparison.png and per-run curves and confusion plots.
-# Every setting can be changed: ALGOS=... CLIENTS=2,5 ROUNDS=... IDENTITIES=... BATCH=...
+# The runs go in parallel, one process per core (JOBS=1 runs them one after another; the numbers
+# are the same). Every setting can be changed: ALGOS=... CLIENTS=2,5 ROUNDS=... IDENTITIES=...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 exec .venv/bin/aggregator compare \
     --algos "${ALGOS:-centralized,sl,sflv1,sflv2}" \
     --clients "${CLIENTS:-2}" --rounds "${ROUNDS:-20}" --synth-identities "${IDENTITIES:-40}" \
-    --batch-size "${BATCH:-16}" --out "${OUT:-runs/demo}" "$@"
+    --batch-size "${BATCH:-16}" --jobs "${JOBS:-$(nproc)}" --out "${OUT:-runs/demo}" "$@"

@@ -146,8 +146,3 @@ class AggregationConfig(BaseModel):
         if lr is None:
             lr = "auto" if self.server_opt == "sgd" else 0.01 if self.server_opt == "adam" else 1.0
         return float(copies) if lr == "auto" else lr
-
-    @property
-    def effective_server_lr(self) -> float:
-        """The server learning rate when it does not depend on the round (auto: 1.0)."""
-        return self.server_lr_for(1)

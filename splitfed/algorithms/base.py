@@ -335,7 +335,11 @@ class Strategy(abc.ABC):
         half: str = "model",
     ) -> None:
         """Load the aggregate of `states` into `net` (its current weights are the reference),
-        stepped by the server optimizer when one is configured (its state kept under `half`)."""
+        stepped by the server optimizer when one is configured (its state kept under `half`).
+
+        The server learning rate is this round's (`AggregationConfig.server_lr_for`): with
+        `auto` the number of copies combined, so the step is the sum of the devices' updates;
+        FedAvg and SFLV1 combine as many copies of each half, so they stay equal."""
         agg = self.aggregation
         stepped = agg.server_opt != "none"
         reference = state_to_numpy(net) if agg.clip_update_norm or stepped else None
@@ -345,7 +349,7 @@ class Strategy(abc.ABC):
             params = {name for name, _ in net.named_parameters()}
             combined = server_step(
                 reference, combined, params, self.server_opt_state, half,
-                agg.server_opt, agg.effective_server_lr, agg.server_momentum,
+                agg.server_opt, agg.server_lr_for(len(states)), agg.server_momentum,
             )  # fmt: skip
         load_numpy_state(net, combined)
 

@@ -12,7 +12,6 @@ averaged head (`server_net.fc`) for checkpoints and live predictions, but never 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,25 +90,6 @@ class SplitCNN(Strategy):
         if self.ushaped:
             nets[HEAD_PREFIX] = self.server_net.fc
         return nets
-
-    def average_into(
-        self,
-        net: nn.Module,
-        states: Sequence[Mapping[str, np.ndarray]],
-        weights: Sequence[float],
-        half: str = "model",
-    ) -> None:
-        """As the base, with the server learning rate of this round's number of copies (auto:
-        the sum of the devices' updates); FedAvg and SFLV1 combine as many, so stay equal."""
-        agg = self.aggregation
-        if agg.server_opt == "none" or agg.server_lr is not None and agg.server_lr != "auto":
-            super().average_into(net, states, weights, half)
-            return
-        self.aggregation = agg.model_copy(update={"server_lr": agg.server_lr_for(len(states))})
-        try:
-            super().average_into(net, states, weights, half)
-        finally:
-            self.aggregation = agg
 
     def load_update(self, update: ClientUpdate) -> None:
         """Take one device's parts as the global ones (SL relays them, nothing is averaged)."""
