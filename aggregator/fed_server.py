@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import signal
 import threading
 import time
@@ -35,11 +34,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import click
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from splitfed.algorithms.base import ClientUpdate, Strategy
 from splitfed.algorithms.cnn import SplitCNN
@@ -77,7 +76,6 @@ from splitfed.wire import (
     Sequencer,
     UpdateBody,
     Validator,
-    WireError,
     encode,
     weights_spec,
 )
@@ -90,6 +88,7 @@ log = logging.getLogger("aggregator.fed_server")
 FED_ALGOS = ("sflv1", "sflv2")
 MAX_CLIENTS = 10_000  # devices one round may name, and updates held at once
 MISSING_WAIT = 30.0  # seconds FED_ROUND waits for a named device's half that has not come
+ClientId = Annotated[str, Field(pattern=ID_PATTERN)]
 
 
 class FedRoundBody(BaseModel):
@@ -108,22 +107,30 @@ class FedRoundBody(BaseModel):
     weights_version: int = Field(
         ge=0, le=MAX_COUNT, description="the version the main server is at (sync) or expects"
     )
-    clients: list[str] = Field(
+    clients: list[ClientId] = Field(
         default_factory=list, max_length=MAX_CLIENTS, description="the round's clients, in order"
     )
-    weights: list[int] = Field(
+    weights: list[Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)]] = Field(
         default_factory=list, max_length=MAX_CLIENTS, description="their sample weights"
     )
+
+    @model_validator(mode="after")
+    def _pairs(self) -> FedRoundBody:
+        if len(self.clients) != len(self.weights) or len(set(self.clients)) != len(self.clients):
+            raise ValueError("clients and weights do not pair up")
+        if {AGGREGATOR_ID, FED_SERVER_ID} & set(self.clients):
+            raise ValueError("a server's id among the clients")
+        return self
 
 
 class FedPublishedBody(BaseModel):
     """FED_PUBLISHED: the fed server's answer; its global half is retained on its topic."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # as FED_ROUND: both ends ship together
 
     phase: Literal["sync", "round"]
     weights_version: int = Field(ge=0, le=MAX_COUNT)
-    clients: list[str] = Field(default_factory=list, max_length=MAX_CLIENTS)
+    clients: list[ClientId] = Field(default_factory=list, max_length=MAX_CLIENTS)
 
 
 # ---- the main server's side ------------------------------------------------------------------
@@ -193,17 +200,16 @@ class MainFedLink:
                 raw = self.answers.get(timeout=min(0.5, deadline - now))
             except queue.Empty:
                 continue
-            try:
-                got = self.validator.check(raw, sender=FED_SERVER_ID)
-                answer = FedPublishedBody.model_validate(got.env.body)
-            except WireError as e:
-                self.rejects.reject(e.reason, str(e), FED_SERVER_ID)
+            got = self.rejects.admit(self.validator, raw, FED_SERVER_ID, FedPublishedBody)
+            if got is None:
                 continue
-            except ValidationError as e:
-                self.rejects.reject("bad_body", str(e.errors()[0]["msg"]), FED_SERVER_ID)
-                continue
-            if got.env.round == rnd and answer.phase == body["phase"]:
+            msg, answer = got
+            if msg.env.round == rnd and answer.phase == body["phase"]:
                 return answer
+            # An answer to another question: a late copy of an earlier one (the fed server
+            # answers every time it is asked) or one that nobody asked for.
+            self.rejects.reject("unasked", f"{answer.phase} of round {msg.env.round}, not "
+                                f"{body['phase']} of round {rnd}", FED_SERVER_ID)  # fmt: skip
 
     def sync(self, algo: Strategy) -> None:
         if self.synced == algo.version:
@@ -431,15 +437,10 @@ class FedServer:
         if self.device_validator is None:
             self.rejects.reject("not_configured", "a client half before the first round", cid)
             return
-        try:
-            msg = self.device_validator.check(payload, sender=cid)
-            body = UpdateBody.model_validate(msg.env.body)
-        except WireError as e:
-            self.rejects.reject(e.reason, str(e), cid)
+        got = self.rejects.admit(self.device_validator, payload, cid, UpdateBody)
+        if got is None:
             return
-        except ValidationError as e:
-            self.rejects.reject("bad_body", str(e.errors()[0]["msg"]), cid)
-            return
+        msg, body = got
         if cid not in self.held and len(self.held) >= MAX_CLIENTS:
             self.rejects.reject("too_many_clients", f"over {MAX_CLIENTS} held", cid)
             return
@@ -447,25 +448,10 @@ class FedServer:
         self.held[cid] = _Held(msg.env.round, ClientUpdate(halves, body.n_samples, {}))
 
     def _on_sync(self, payload: bytes) -> None:
-        try:
-            msg = self.main_validator.check(payload, sender=AGGREGATOR_ID)
-            body = FedRoundBody.model_validate(msg.env.body)
-            if len(body.clients) != len(body.weights) or len(set(body.clients)) != len(
-                body.clients
-            ):
-                raise WireError("clients and weights do not pair up", "bad_body")
-            if not all(re.match(ID_PATTERN, c) for c in body.clients):
-                raise WireError("a bad client id", "bad_body")
-            if any(not 0 <= w <= MAX_COUNT for w in body.weights):
-                raise WireError("a sample weight out of range", "bad_body")
-        except WireError as e:
-            self.rejects.reject(e.reason, str(e), AGGREGATOR_ID)
+        got = self.rejects.admit(self.main_validator, payload, AGGREGATOR_ID, FedRoundBody)
+        if got is None:
             return
-        except ValidationError as e:
-            first = e.errors()[0]
-            detail = f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
-            self.rejects.reject("bad_body", detail, AGGREGATOR_ID)
-            return
+        msg, body = got
         if not self._configure(body):
             return
         assert self.algo is not None

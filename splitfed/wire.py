@@ -18,7 +18,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -44,6 +44,7 @@ FED_SERVER_ID = "fed-server"
 
 Compression = Literal["fp32", "fp16", "int8"]
 GradCompression = Literal["fp32", "fp16"]
+B = TypeVar("B", bound=BaseModel)  # a message body's model
 
 
 class MsgType(str, Enum):
@@ -162,6 +163,25 @@ class RejectLog:
             f" ({suppressed} more [{reason}] since the last line)" if suppressed else "",
         )
         return True
+
+    def admit(
+        self, validator: Validator, data: bytes, sender: str, body: type[B]
+    ) -> tuple[Message, B] | None:
+        """The message in `data` and its body as `body`, or None: refused and counted here.
+
+        A receiver's edge, as `ServerIO._accept` is the aggregator's: `validator` checks the
+        message as published on `sender`'s topic, then its body is validated (`check_body`'s
+        `bad_body`). A WireError counts under its reason and any other exception as
+        `internal_error`: nothing raised while checking a peer's message gets past.
+        """
+        try:
+            msg = validator.check(data, sender=sender)
+            return msg, validate_body(msg, body)
+        except WireError as e:
+            self.reject(e.reason, str(e), sender)
+        except Exception as e:  # noqa: BLE001 - the edge: a peer's message never ends the run
+            self.reject("internal_error", f"{type(e).__name__}: {e}", sender)
+        return None
 
     @property
     def total(self) -> int:
@@ -669,16 +689,21 @@ BODY_MODELS: dict[MsgType, type[_Body]] = {
 }
 
 
+def validate_body(msg: Message, model: type[B]) -> B:
+    """The JSON body of `msg` as `model`; a WireError `bad_body` naming the field if not."""
+    try:
+        return model.model_validate(msg.env.body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise WireError(
+            f"bad {msg.type.value} body: {where + ': ' if where else ''}{first['msg']}", "bad_body"
+        ) from None
+
+
 def check_body(msg: Message) -> _Body:
     """Validate the JSON body of a message the aggregator received."""
     model = BODY_MODELS.get(msg.type)
     if model is None:
         raise WireError(f"no body schema for {msg.type.value}", "unexpected_type")
-    try:
-        return model.model_validate(msg.env.body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise WireError(
-            f"bad {msg.type.value} body: {'.'.join(map(str, first['loc']))}: {first['msg']}",
-            "bad_body",
-        ) from None
+    return validate_body(msg, model)

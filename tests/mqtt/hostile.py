@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from splitfed.wire import MAX_TENSORS, MsgType, Sequencer, encode
+from splitfed.wire import FED_SERVER_ID, MAX_COUNT, MAX_TENSORS, MsgType, Sequencer, encode
 
 Pair = tuple[str, bytes]  # (topic, payload)
 AGGREGATOR = "aggregator"  # the aggregator's sender id (splitfed.server.AGGREGATOR_ID)
@@ -43,12 +43,24 @@ class Target:
     input_shape: tuple[int, ...]
     weights: dict[str, tuple[str, tuple[int, ...]]]  # client half: wire name -> dtype, shape
     features: int = 0  # U-shape: width of the server half's features (FEATURES, FEATURE_GRADS)
+    # With a fed server (FED_SERVER_CLASSES, MAIN_FED_CLASSES): the round the main server asks
+    # the fed server to average, and a valid FED_ROUND body of it (phase "round") to tamper with.
+    fed_round: int = 0
+    fed_body: dict[str, Any] = field(default_factory=dict)
 
     def up(self, cid: str) -> str:
         return f"{self.prefix}/{self.run_id}/{cid}/up"
 
     def down(self, cid: str) -> str:
         return f"{self.prefix}/{self.run_id}/{cid}/down"
+
+    def sync(self, cid: str) -> str:
+        """FED_ROUND comes on `aggregator/sync`, FED_PUBLISHED on `fed-server/sync`."""
+        return f"{self.prefix}/{self.run_id}/{cid}/sync"
+
+    def weights_topic(self, cid: str) -> str:
+        """A device's client half, for the fed server alone."""
+        return f"{self.prefix}/{self.run_id}/{cid}/weights"
 
     def zero_weights(self, dtype: type | None = None) -> dict[str, np.ndarray]:
         """The client half's tensors, zero, in their own dtype or all in `dtype`."""
@@ -78,6 +90,8 @@ def read_spec(path: Path) -> Target:
         tuple(d["input_shape"]),
         {k: (dt, tuple(shape)) for k, (dt, shape) in d["weights"].items()},
         int(d.get("features", 0)),
+        int(d.get("fed_round", 0)),
+        dict(d.get("fed_body", {})),
     )
 
 
@@ -784,6 +798,242 @@ def features_up(t: Target, rng: np.random.Generator, n: int) -> Batch:
     return b
 
 
+# ---- with a separate fed server (`serve --fed-server` + `aggregator fed-server`) --------------
+#
+# FED_ROUND (main server -> fed server, on `aggregator/sync`) and FED_PUBLISHED (fed server ->
+# main server, on `fed-server/sync`). The classes that sign as the main server or as the fed
+# server count from sequence number 1 (the real ones count from their start time in
+# microseconds): a genuine message after a class is new to the receiver.
+
+VICTIMS = ("client-00", "client-01")  # devices whose ids a forger borrows
+
+
+def _fed_main(t: Target) -> tuple[Sender, Batch]:
+    """The main server's id, and its valid sync FED_ROUND first (it configures the fed server)."""
+    s = Sender(t, AGGREGATOR)
+    version = max(int(t.fed_body["weights_version"]) - 1, 0)
+    sync = {**t.fed_body, "phase": "sync", "clients": [], "weights": [], "weights_version": version}
+    first = s.msg(MsgType.FED_ROUND, round=t.fed_round, **sync)
+    return s, Batch(setup=[(t.sync(AGGREGATOR), first)])
+
+
+def _fed_round(
+    s: Sender,
+    t: Target,
+    tensors: dict[str, np.ndarray] | None = None,
+    drop: str = "",
+    **changes: Any,
+) -> bytes:
+    """The round's FED_ROUND signed by `s`, with `changes` to its body and without `drop`."""
+    body = {k: v for k, v in {**t.fed_body, **changes}.items() if k != drop}
+    return encode(s.seq.make(MsgType.FED_ROUND, t.fed_round, body, tensors))
+
+
+def fed_round_clients(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """FED_ROUND whose clients cannot be the round's: lists that do not pair with the weights,
+    duplicates, the servers' own ids, ids that are no ids, no list, one over the limit."""
+    s, b = _fed_main(t)
+    a, c = VICTIMS
+    bad_ids: list[Any] = ["bad id!", "x" * 65, "", "a/b", "+", "#", 7, None, [a]]
+    not_lists: list[Any] = [a, {a: 10}, 5, None]
+    for i in range(n):
+        kind = i % 8
+        clients: Any
+        if kind == 0:
+            clients, weights = [a, c], [10]
+        elif kind == 1:
+            clients, weights = [a], [10, 20]
+        elif kind == 2:
+            clients, weights = [a, a], [10, 10]
+        elif kind == 3:
+            clients, weights = [a, (AGGREGATOR, FED_SERVER_ID)[i % 2]], [10, 10]
+        elif kind == 4:
+            clients, weights = [a, bad_ids[i % len(bad_ids)]], [10, 10]
+        elif kind == 5:
+            clients, weights = not_lists[i % len(not_lists)], [10]
+        elif kind == 6:
+            clients, weights = [], [10]
+        else:
+            clients = [f"c{j}" for j in range(10_001)]  # one over MAX_CLIENTS
+            weights = [1] * len(clients)
+        b.hostile.append((t.sync(AGGREGATOR), _fed_round(s, t, clients=clients, weights=weights)))
+    return b
+
+
+def fed_round_weights(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """FED_ROUND whose sample weights are negative, too large, beyond int64 or no integers."""
+    s, b = _fed_main(t)
+    values: list[Any] = [-1, -(2**40), MAX_COUNT + 1, 2**62, 1.5, 2.0, "3", True, None, [1], {}]
+    for i in range(n):
+        weights: list[Any] = [10] * len(t.fed_body["clients"])
+        weights[i % len(weights)] = _huge(rng) if i % 6 == 5 else values[i % len(values)]
+        b.hostile.append((t.sync(AGGREGATOR), _fed_round(s, t, weights=weights)))
+    return b
+
+
+def fed_round_fields(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """FED_ROUND with a field missing, one too many, or one of the wrong kind or value."""
+    s, b = _fed_main(t)
+    required = ["phase", "algo", "seed", "model", "train", "aggregation", "weights_version"]
+    wrong: list[tuple[str, Any]] = [
+        ("phase", "average"), ("phase", ""), ("phase", None), ("algo", "sl"), ("algo", "fedavg"),
+        ("algo", "SFLV1"), ("weights_version", -1), ("weights_version", MAX_COUNT + 1),
+        ("weights_version", 1.5), ("weights_version", [1]), ("seed", 2**62 + 1),
+        ("seed", None), ("model", "x"), ("model", [1]), ("train", "x"), ("aggregation", 5),
+    ]  # fmt: skip
+    extra: list[tuple[str, Any]] = [
+        ("client_half", [0.0] * 8), ("round", t.fed_round), ("unexpected", 1),
+    ]  # fmt: skip
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            msg = _fed_round(s, t, drop=required[i % len(required)])
+        else:
+            name, value = wrong[i % len(wrong)] if kind == 1 else extra[i % len(extra)]
+            msg = _fed_round(s, t, **{name: value})
+        b.hostile.append((t.sync(AGGREGATOR), msg))
+    return b
+
+
+def fed_round_envelope(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """FED_ROUND in a wrong envelope: a round out of range, expired, a run id that is no id,
+    a body that is no object."""
+    s, b = _fed_main(t)
+    for i in range(n):
+        env = s.env(MsgType.FED_ROUND, round=t.fed_round, **t.fed_body)
+        kind = i % 4
+        if kind == 0:
+            env["round"] = [-1, 1_000_001, -(2**40)][i % 3]
+        elif kind == 1:
+            env["created_at"], env["ttl"] = time.time() - 100, 1.0
+        elif kind == 2:
+            env["run_id"] = f"{t.run_id}/+"
+        else:
+            env["body"] = [list(t.fed_body), "phase=round"][i % 2]
+        b.hostile.append((t.sync(AGGREGATOR), raw(env)))
+    return b
+
+
+def fed_round_forged(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """FED_ROUND not from the main server: a device's id or the fed server's on the main
+    server's topic, a device's own on its `weights` topic, the main server's id on a device's
+    topic; a replay of the main server's, another run's, one carrying the client half, and
+    other message types on the main server's topic."""
+    s, b = _fed_main(t)
+    genuine = b.setup[0][1]
+    for i in range(n):
+        victim = VICTIMS[i % len(VICTIMS)]
+        kind = i % 8
+        if kind == 0:  # a device's id (far ahead: accepted, it would block the real one)
+            forger = Sender(t, victim)
+            forger.seq.seq = 2**62 + i
+            b.hostile.append((t.sync(AGGREGATOR), _fed_round(forger, t)))
+        elif kind == 1:
+            b.hostile.append((t.sync(AGGREGATOR), _fed_round(Sender(t, FED_SERVER_ID), t)))
+        elif kind == 2:
+            b.hostile.append((t.weights_topic(victim), _fed_round(Sender(t, victim), t)))
+        elif kind == 3:
+            b.hostile.append((t.weights_topic(victim), _fed_round(_forged_aggregator(t, i), t)))
+        elif kind == 4:
+            b.hostile.append((t.sync(AGGREGATOR), genuine))
+        elif kind == 5:
+            other = _forged_aggregator(_other_run(t), i)
+            b.hostile.append((t.sync(AGGREGATOR), _fed_round(other, t)))
+        elif kind == 6:  # a client half, as if the main server held one
+            b.hostile.append((t.sync(AGGREGATOR), _fed_round(s, t, t.zero_weights())))
+        else:
+            typ = [MsgType.ROUND_START, MsgType.GLOBAL_WEIGHTS, MsgType.FED_PUBLISHED][i % 3]
+            b.hostile.append((t.sync(AGGREGATOR), s.msg(typ, round=t.fed_round, **t.fed_body)))
+    return b
+
+
+def _fed_answer(t: Target, drop: str = "", **changes: Any) -> dict[str, Any]:
+    """The body of the FED_PUBLISHED the main server waits for, with `changes`, less `drop`."""
+    body = {"phase": "round", "weights_version": t.fed_body["weights_version"],
+            "clients": list(t.fed_body["clients"]), **changes}  # fmt: skip
+    return {k: v for k, v in body.items() if k != drop}
+
+
+def fed_published_version(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """FED_PUBLISHED of a version that is no version, or answering another question: an older
+    round (of an older version), a later one, this round's sync; and copies of them."""
+    s, b = Sender(t, FED_SERVER_ID), Batch()
+    version, r = int(t.fed_body["weights_version"]), t.fed_round
+    bad: list[Any] = [-1, MAX_COUNT + 1, 1.5, None, "x", [], {}]
+    for i in range(n):
+        kind = i % 6
+        if kind == 0:
+            value = bad[i % len(bad)]
+            msg = s.msg(MsgType.FED_PUBLISHED, round=r, **_fed_answer(t, weights_version=value))
+        elif kind == 1:
+            env = s.env(MsgType.FED_PUBLISHED, round=r, **_fed_answer(t))
+            env["body"]["weights_version"] = _huge(rng)
+            msg = raw(env)
+        elif kind == 2:  # an older round's answer, of an older version
+            k = int(rng.integers(1, 5))
+            body = _fed_answer(t, weights_version=max(version - k, 0))
+            if r - k < 0:  # no older round: the sync of this one
+                body["phase"] = "sync"
+            msg = s.msg(MsgType.FED_PUBLISHED, round=max(r - k, 0), **body)
+        elif kind == 3:  # this round's sync answer (the version before the round's)
+            body = _fed_answer(t, phase="sync", weights_version=max(version - 1, 0), clients=[])
+            msg = s.msg(MsgType.FED_PUBLISHED, round=r, **body)
+        elif kind == 4:  # a later round's
+            k = int(rng.integers(1, 1000))
+            body = _fed_answer(t, weights_version=version + k)
+            msg = s.msg(MsgType.FED_PUBLISHED, round=r + k, **body)
+        else:  # a copy of one of the above
+            msg = b.hostile[-int(rng.integers(1, 6))][1]
+        b.hostile.append((t.sync(FED_SERVER_ID), msg))
+    return b
+
+
+def fed_published_fields(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """FED_PUBLISHED with a field too many (a client half, a note), one missing, or one of the
+    wrong kind: a phase that is none, clients that are no ids or no list, too many of them."""
+    s, b = Sender(t, FED_SERVER_ID), Batch()
+    changes: list[dict[str, Any]] = [
+        {"client_half": [0.0] * 8}, {"note": "x"}, {"round": t.fed_round}, {"drop": "phase"},
+        {"drop": "weights_version"}, {"phase": "average"}, {"phase": 1}, {"phase": None},
+        {"clients": ["bad id!"]}, {"clients": "client-00"}, {"clients": [None]},
+        {"clients": [f"c{j}" for j in range(10_001)]}, {"clients": ["x" * 5000]},
+    ]  # fmt: skip
+    for i in range(n):
+        body = _fed_answer(t, **changes[i % len(changes)])  # (one has a "round" of its own)
+        msg = encode(s.seq.make(MsgType.FED_PUBLISHED, t.fed_round, body))
+        b.hostile.append((t.sync(FED_SERVER_ID), msg))
+    return b
+
+
+def fed_published_forged(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """FED_PUBLISHED not from the fed server: a device's or the main server's id on its topic,
+    another run's, one that hands the main server the client half, other message types from
+    the fed server's id, an expired one."""
+    s, b = Sender(t, FED_SERVER_ID), Batch()
+    body = _fed_answer(t)
+    for i in range(n):
+        kind = i % 5
+        if kind == 0:  # (far ahead: accepted, it would block the real one)
+            forger = Sender(t, (*VICTIMS, AGGREGATOR)[i % 3])
+            forger.seq.seq = 2**62 + i
+            msg = forger.msg(MsgType.FED_PUBLISHED, round=t.fed_round, **body)
+        elif kind == 1:
+            other = Sender(_other_run(t), FED_SERVER_ID)
+            other.seq.seq = 2**62 + i
+            msg = other.msg(MsgType.FED_PUBLISHED, round=t.fed_round, **body)
+        elif kind == 2:  # the client half, which the main server must never receive
+            msg = s.msg(MsgType.FED_PUBLISHED, t.zero_weights(), round=t.fed_round, **body)
+        elif kind == 3:
+            typ = [MsgType.GLOBAL_WEIGHTS, MsgType.FED_ROUND, MsgType.CLIENT_UPDATE][i % 3]
+            msg = s.msg(typ, round=t.fed_round, **body)
+        else:
+            late = s.seq.make(MsgType.FED_PUBLISHED, t.fed_round, body, ttl=1.0)
+            late.env.created_at -= 100
+            msg = encode(late)
+        b.hostile.append((t.sync(FED_SERVER_ID), msg))
+    return b
+
+
 @dataclass(frozen=True)
 class HostileClass:
     make: Callable[[Target, np.random.Generator, int], Batch]
@@ -834,6 +1084,37 @@ U_CLASSES: dict[str, HostileClass] = {
     "features_up": _c(features_up, "unexpected_type"),
 }
 ALL_CLASSES = {**CLASSES, **U_CLASSES}
+
+# With a separate fed server. Deliberately not in ALL_CLASSES: the fuzz and soak runs have no
+# fed server (their aggregator reads neither `aggregator/sync` nor `fed-server/sync`), and
+# these classes sign as the main server or the fed server from sequence 1, which only a
+# receiver that has heard neither yet takes in order. tests/mqtt/test_fed_fuzz.py feeds each
+# class to its receiver in-process and then checks that a genuine message still gets through.
+# Received by the fed server (counted in `FedServer.rejects`):
+FED_SERVER_CLASSES: dict[str, HostileClass] = {
+    "fed_round_clients": _c(fed_round_clients, "bad_body"),
+    "fed_round_weights": _c(fed_round_weights, "bad_body", "int_too_large"),
+    "fed_round_fields": _c(fed_round_fields, "bad_body"),
+    "fed_round_envelope": _c(fed_round_envelope, "bad_envelope", "expired"),
+    "fed_round_forged": _c(
+        fed_round_forged, "spoofed_sender", "unexpected_type", "replay", "other_run", "tensor_names"
+    ),
+}
+# Received by the main server (`aggregator serve --fed-server`, in `MainFedLink.rejects`):
+MAIN_FED_CLASSES: dict[str, HostileClass] = {
+    "fed_published_version": _c(
+        fed_published_version, "bad_body", "int_too_large", "unasked", "replay"
+    ),
+    "fed_published_fields": _c(fed_published_fields, "bad_body", "string_too_long"),
+    "fed_published_forged": _c(
+        fed_published_forged,
+        "spoofed_sender",
+        "other_run",
+        "tensor_names",
+        "unexpected_type",
+        "expired",
+    ),
+}
 
 
 # ---- the agent side ----------------------------------------------------------------------------
