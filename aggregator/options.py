@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from splitfed.checkpoint import checkpoint_file, read_model_config
-from splitfed.config import AggregationConfig, TrainConfig
+from splitfed.config import AggregationConfig, CameraConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset
 from splitfed.defences import DEFAULT_HELP, DEFENCES
 from splitfed.errors import UserError
@@ -93,6 +93,36 @@ def server_options(fn: F) -> F:
     return fn
 
 
+def recipe_option_list() -> list[Callable[[Any], Any]]:
+    """`--input-norm`, `--camera-jitter`: the input recipe, one definition for simulate, compare
+    and serve. Unset, they are None: the model's and training's own defaults stand (serve: the
+    YAML's), and a pretrained checkpoint (`--init-from`) keeps the norm it was trained with."""
+    return [
+        click.option(
+            "--input-norm",
+            type=click.Choice(list(get_args(ModelConfig.model_fields["input_norm"].annotation))),
+            default=None,
+            help="per-crop: the client half standardises each crop first, so exposure and "
+            f"contrast drop out (training, ONNX export and live inference alike) "
+            f"[default: {ModelConfig.model_fields['input_norm'].default}]",
+        ),
+        click.option(
+            "--camera-jitter",
+            type=click.FloatRange(0.0, 1.0),
+            default=None,
+            help="chance that each of another camera's changes (tone, side light, blur, lower "
+            "resolution, noise, JPEG) is applied to a training crop; 0 turns it off "
+            f"[default: {CameraConfig.model_fields['p'].default}]",
+        ),
+    ]
+
+
+def recipe_options(fn: F) -> F:
+    for opt in reversed(recipe_option_list()):
+        fn = opt(fn)
+    return fn
+
+
 def data_options(fn: F) -> F:
     options = [
         click.option(
@@ -122,6 +152,7 @@ def data_options(fn: F) -> F:
         click.option("--batch-size", type=int, default=32, show_default=True),
         click.option("--lr", type=float, default=2e-3, show_default=True),
         click.option("--local-epochs", type=int, default=1, show_default=True),
+        *recipe_option_list(),
         click.option(
             "--cut", type=int, default=2, show_default=True, help="conv blocks on the device"
         ),
@@ -289,21 +320,33 @@ def load_data(
 def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, TrainConfig]:
     """The network and training settings of the options; `--init-from` brings its network."""
     try:
+        norm = kw.get("input_norm")
         if kw.get("init_from") is not None:
             # The checkpoint's architecture (widths, bottleneck, input norm); the data's shape
             # and --cut stay this run's, so a mismatch is named when the weights are loaded.
             saved = read_model_config(checkpoint_file(kw["init_from"]))
+            if norm is not None and norm != saved.input_norm:
+                raise UserError(
+                    f"--input-norm {norm}: {kw['init_from']} was trained with "
+                    f"{saved.input_norm}; leave --input-norm out to keep it"
+                )
             model = saved.model_copy(update={"input_shape": ds.input_shape, "cut": kw["cut"]})
         else:
-            model = ModelConfig(input_shape=ds.input_shape, cut=kw["cut"])
+            extra = {} if norm is None else {"input_norm": norm}
+            model = ModelConfig(input_shape=ds.input_shape, cut=kw["cut"], **extra)
         if kw.get("shape"):
             model = model.model_copy(update={"shape": kw["shape"]})
+        jitter = TrainConfig().jitter
+        if kw.get("camera_jitter") is not None:
+            camera = jitter.camera.model_copy(update={"p": kw["camera_jitter"]})
+            jitter = jitter.model_copy(update={"camera": camera})
         train = TrainConfig(
             batch_size=kw["batch_size"],
             lr=kw["lr"],
             local_epochs=kw["local_epochs"],
             compression=kw["compression"],
             sflv2_order=kw.get("sflv2_order", "interleaved"),
+            jitter=jitter,
         )
     except ValidationError as e:
         first = e.errors()[0]

@@ -28,7 +28,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from aggregator.options import server_options
+from aggregator.options import recipe_options, server_options
 from splitfed.algorithm_io import AlgorithmIO
 from splitfed.checkpoint import checkpoint_file, read_model_config
 from splitfed.cliutil import user_errors
@@ -502,6 +502,7 @@ class Dashboard:
     help="no training: publish --checkpoint's client weights and answer live predictions",
 )
 @server_options  # as simulate's, unset = the config's (aggregator.options)
+@recipe_options  # --input-norm, --camera-jitter: as simulate's
 @click.option(
     "--sflv2-order",
     type=click.Choice(["interleaved", "sequential"]),
@@ -596,6 +597,8 @@ def serve(
         "train.lr": kw["lr"],
         "train.local_epochs": kw["local_epochs"],
         "model.cut": kw["cut"],
+        "model.input_norm": kw["input_norm"],
+        "train.jitter.camera.p": kw["camera_jitter"],
         "model.shape": kw["shape"],
         "defence": kw["defence"],
         "out": kw["out"],

@@ -95,3 +95,15 @@ def test_serve_flags_override_only_their_yaml_keys(parsed: list[Any], tmp_path: 
     assert code == 0, out
     agg = parsed[-1].aggregation
     assert (agg.server_opt, agg.server_lr, agg.server_momentum) == ("none", None, 0.9)
+
+
+def test_serve_takes_the_input_recipe(parsed: list[Any], tmp_path: Path) -> None:
+    yaml_path = tmp_path / "serve.yaml"
+    yaml_path.write_text("train:\n  batch_size: 8\n  jitter:\n    camera:\n      blur: 2.0\n")
+    code, out = invoke("serve", "--config", str(yaml_path), "--input-norm", "per-crop",
+                       "--camera-jitter", "0.25", "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, out
+    cfg = parsed[-1]
+    assert cfg.model.input_norm == "per-crop"
+    assert cfg.train.jitter.camera.p == 0.25 and cfg.train.jitter.camera.blur == 2.0
+    assert cfg.train.batch_size == 8  # the flags moved only their own keys
