@@ -24,6 +24,8 @@ want robust && .venv/bin/python -m pytest -q -m soak tests/mqtt/test_poison.py
 want soak && $PY scripts/soak.py --out runs/soak/soak.json
 # Aggregator workers: samples/s and round time by agents and workers, side by side.
 want scale && $PY scripts/bench_scale.py --agents 10,50,200 --workers 1,2,4 --rounds 2 --identities 250
+# SFLV1 server-half batching (torch.func.vmap over the copies) against the per-copy step.
+want scale && $PY scripts/bench_server_batching.py --out $B/batching.md
 # PyVertical on several cameras against one.
 want views && $PY scripts/bench_views.py --out $B/views
 # Cross-validated scratch against pretrained, in domain and on the domain-shift proxy.
@@ -50,6 +52,7 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "One malicious device against the aggregation rules (\`scripts/bench_robust.py\`)" $B/robust.md
     section "Chaos soak (\`scripts/soak.py\`)" runs/soak/soak.md
     [ -f $B/scale.md ] && { cat $B/scale.md; echo; }
+    [ -f $B/batching.md ] && { cat $B/batching.md; echo; }
     section "PyVertical on several cameras against one (\`scripts/bench_views.py\`)" $B/views/results.md
     section "Cross-validated accuracy: from scratch and pretrained (\`scripts/bench_recipe.py\`)" $B/recipe/results.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
