@@ -1,8 +1,8 @@
 """Reference oracles of the equivalence tests: the federated networks trained in one place.
 
-Each trains the same network as a federation does, with the same batches, augmentation, seeded
-forward passes and one optimizer per part, but without any message: a federated run must match
-it step for step. They are test code, not product: nothing deploys them.
+Each trains the same network as a federation does, with the same batches, augmentation (jitter
+included), seeded forward passes and one optimizer per part, but without any message: a
+federated run must match it step for step. They are test code, not product: nothing deploys them.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from torch import nn
 from splitfed.algorithms.fedsl.model import (
     EVAL_BATCH,
     SeqModelConfig,
-    as_frames,
     build_seq_model,
-    frames_proxy,
+    sequence_batches,
 )
+from splitfed.algorithms.pyvertical.augment import owner_batches
 from splitfed.algorithms.pyvertical.model import VerticalModelConfig, build_vertical_model
 from splitfed.config import TrainConfig, round_lr
-from splitfed.data.batches import iterate_batches, to_tensor
-from splitfed.data.vertical import batch_plan, part_batches
+from splitfed.data.batches import to_tensor
+from splitfed.data.vertical import batch_plan
 from splitfed.model import seeded
 from splitfed.training import make_optimizer, set_lr
 
@@ -46,11 +46,7 @@ class CentralVertical:
             set_lr(opt, round_lr(cfg, rnd, rounds))
         key = (self.seed, rnd, 0)
         plan = batch_plan(len(labels), cfg.batch_size, key, cfg.local_epochs)
-        mirror = self.cfg.mirrors()
-        iters = [
-            part_batches(p, cfg.batch_size, key, cfg.local_epochs, cfg.augment, mirror)
-            for p in parts
-        ]
+        iters = [owner_batches(p, self.cfg, cfg, key, k) for k, p in enumerate(parts)]
         loss_sum, correct, seen = 0.0, 0, 0
         for s, (_, idx) in enumerate(plan):
             acts = []
@@ -60,13 +56,12 @@ class CentralVertical:
                 with seeded(self.seed, rnd, k, s, 0):
                     acts.append(head(x))
             self.trunk.train()
-            with seeded(self.seed, rnd, 0, s, 1):
-                out = self.trunk(acts, flip)
             y = torch.from_numpy(labels[idx])
-            loss = self.loss_fn(out, y)
+            with seeded(self.seed, rnd, 0, s, 1):  # views: the trunk's objective has more terms
+                objective, loss, out = self.trunk.objective(acts, flip, y, self.loss_fn)
             for opt in (*self.head_opts, self.trunk_opt):
                 opt.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             for opt in (*self.head_opts, self.trunk_opt):
                 opt.step()
             loss_sum += loss.item() * len(y)
@@ -116,16 +111,9 @@ class CentralSequence:
             set_lr(opt, round_lr(cfg, rnd, rounds))
         loss_sum, correct, seen = 0.0, 0, 0
         self.segments.train()
-        batches = iterate_batches(
-            frames_proxy(clips, labels),
-            cfg.batch_size,
-            (self.seed, rnd, 0),
-            cfg.local_epochs,
-            train=True,
-            augment=cfg.augment,
-        )
+        batches = sequence_batches(clips, labels, self.cfg, cfg, (self.seed, rnd, 0))
         for step, (x, y) in enumerate(batches):
-            out = self.forward(as_frames(x, self.cfg.frame_shape[0]), rnd, step)
+            out = self.forward(x, rnd, step)
             loss = nn.functional.cross_entropy(out, y)
             for opt in self.opts:
                 opt.zero_grad(set_to_none=True)

@@ -116,7 +116,14 @@ def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out)).to(img.dtype)
 
 
-def camera_jitter(x: torch.Tensor, gen: torch.Generator, cam: CameraConfig) -> torch.Tensor:
+def camera_jitter(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    cam: CameraConfig,
+    *,
+    noise_gen: torch.Generator | None = None,
+    window: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
     """Another camera per crop, in the order a camera works: the tone curve and the light, the
     lens, the sensor's resolution and noise, the encoder.
 
@@ -124,6 +131,12 @@ def camera_jitter(x: torch.Tensor, gen: torch.Generator, cam: CameraConfig) -> t
     maximum. Every draw is made for every crop whether applied or not, so the draws depend
     only on the batch size and `gen`. Works in grey levels; a changed crop saturates at 0 and
     255 as a sensor does.
+
+    For pieces of pictures (a data owner's part of each crop, a row band, a clip's frame):
+    `noise_gen` gives the sensor noise instead of `gen`, whose draws then depend on the batch
+    size alone, not on the piece's size, so pieces of one picture draw the same camera from
+    generators seeded alike; `window` (y0, x0, height, width) says that `x` lies at (y0, x0)
+    in pictures of that size, so the light ramp runs across the whole picture, not the piece.
     """
     n, c, h, w = x.shape
     on = torch.rand(n, 6, generator=gen) < cam.p
@@ -134,7 +147,9 @@ def camera_jitter(x: torch.Tensor, gen: torch.Generator, cam: CameraConfig) -> t
     factor = _uniform(n, gen, 1.0, cam.lowres)
     noise_std = _uniform(n, gen, 0.0, cam.noise)
     quality = torch.randint(cam.jpeg, 96, (n,), generator=gen)
-    noise = torch.randn(n, c, h, w, generator=gen, dtype=x.dtype)
+    noise = torch.randn(
+        n, c, h, w, generator=gen if noise_gen is None else noise_gen, dtype=x.dtype
+    )
     changed = on.any(1)[:, None, None, None]
     g = (x * PIXEL_STD + PIXEL_MEAN) * 255.0
     g = torch.where(changed, g.clamp(0.0, 255.0), g)
@@ -143,8 +158,9 @@ def camera_jitter(x: torch.Tensor, gen: torch.Generator, cam: CameraConfig) -> t
         return torch.where(on[:, k, None, None, None], y, g)
 
     g = where(0, 255.0 * (g / 255.0).pow(gam.to(x.dtype)[:, None, None, None]))
-    yy = (torch.arange(h, dtype=x.dtype) / max(h - 1, 1) - 0.5)[None, :, None]
-    xx = (torch.arange(w, dtype=x.dtype) / max(w - 1, 1) - 0.5)[None, None, :]
+    y0, x0, full_h, full_w = window if window is not None else (0, 0, h, w)
+    yy = ((torch.arange(h, dtype=x.dtype) + y0) / max(full_h - 1, 1) - 0.5)[None, :, None]
+    xx = ((torch.arange(w, dtype=x.dtype) + x0) / max(full_w - 1, 1) - 0.5)[None, None, :]
     cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
     ramp = (xx * cos[:, None, None] + yy * sin[:, None, None]) / (cos.abs() + sin.abs())[
         :, None, None

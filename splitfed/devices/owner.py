@@ -1,7 +1,9 @@
 """A PyVertical data owner: answers PSI, aligns its records, trains its head.
 
 It holds one part (a rectangle) of every crop it has, under its own record ids, and the head
-that sees that part; neither the pixels nor the head's weights ever leave it.
+that sees that part; neither the pixels nor the head's weights ever leave it. Its training
+parts are augmented, jitter (`TrainConfig.jitter`) included, as every other owner's parts of
+the same records (`splitfed.algorithms.pyvertical.augment`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from splitfed.algorithm_io import byte_spec
+from splitfed.algorithms.pyvertical.augment import jitter_problem, owner_batches
 from splitfed.algorithms.pyvertical.model import (
     EVAL_BATCH,
     VerticalModelConfig,
@@ -23,7 +26,7 @@ from splitfed.algorithms.pyvertical.model import (
 )
 from splitfed.config import TrainConfig
 from splitfed.data.batches import to_tensor
-from splitfed.data.vertical import OwnerTable, batch_plan, part_batches
+from splitfed.data.vertical import OwnerTable, batch_plan
 from splitfed.device import DeviceRuntime
 from splitfed.emotions import NUM_CLASSES
 from splitfed.model import ClientNet, seeded
@@ -200,6 +203,9 @@ class OwnerRuntime(DeviceRuntime):
             raise ValueError(
                 f"the model's part {body.owner_index} is not this owner's part {self.table.box}"
             )
+        problem = jitter_problem(cfg, train_cfg)  # the label holder refuses it first
+        if problem:
+            raise ValueError(problem)
         if cfg != self.cfg or self.head is None or body.owner_index != self.index:
             heads, _ = build_vertical_model(cfg, body.seed)
             self.head = heads[body.owner_index]
@@ -217,10 +223,11 @@ class OwnerRuntime(DeviceRuntime):
         if not 0 <= lr <= 10:
             raise ValueError(f"learning rate {lr} out of range")
         set_lr(self.opt, lr)
+        assert self.cfg is not None
         key = (body.seed, msg.env.round, 0)
         steps = len(batch_plan(len(images), cfg.batch_size, key, cfg.local_epochs))
-        mirror = self.cfg is not None and self.cfg.mirrors()
-        batches = part_batches(images, cfg.batch_size, key, cfg.local_epochs, cfg.augment, mirror)
+        # Augmented and jittered (cfg.jitter) alike in every part of a record.
+        batches = owner_batches(images, self.cfg, cfg, key, self.index)
         self.round = _OwnerRound(msg.env.round, batches, steps)
         self._seed = body.seed
         return [self._next(msg)]

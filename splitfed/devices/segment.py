@@ -1,7 +1,9 @@
 """A FedSL device: one segment (in time) of the clips of one client group.
 
 It holds its frames of each clip (and the labels if it is the last segment) and its
-sub-network; only hidden states and their gradients leave it, through the aggregator.
+sub-network; only hidden states and their gradients leave it, through the aggregator. Its
+training frames are augmented, jitter (`TrainConfig.jitter`) included, with the draws of the
+un-split network for the same frames (`splitfed.algorithms.fedsl.model.sequence_batches`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from splitfed.algorithms.fedsl.model import (
     PREFIX,
     Segment,
     SeqModelConfig,
-    as_frames,
     build_seq_model,
-    frames_proxy,
+    jitter_problem,
+    sequence_batches,
 )
 from splitfed.config import TrainConfig
-from splitfed.data.batches import iterate_batches, num_batches, to_tensor
+from splitfed.data.batches import num_batches, to_tensor
 from splitfed.device import DeviceRuntime
 from splitfed.emotions import NUM_CLASSES
 from splitfed.errors import UserError
@@ -226,6 +228,9 @@ class SegmentRuntime(DeviceRuntime):
             )
         if (self.segment == cfg.segments - 1) != self.is_last:
             raise ValueError("only the last segment's device holds the labels")
+        problem = jitter_problem(cfg, train_cfg)  # the aggregator refuses it first (FedSL)
+        if problem:
+            raise ValueError(problem)
         if cfg != self.cfg or self.net is None:
             self.net = build_seq_model(cfg, body.seed)[self.segment]  # type: ignore[assignment]
             assert self.net is not None
@@ -261,13 +266,9 @@ class SegmentRuntime(DeviceRuntime):
             raise ValueError(f"learning rate {lr} out of range")
         set_lr(self.opt, lr)
         key = (body.seed, msg.env.round, self.group)
-        batches = iterate_batches(
-            frames_proxy(self.train, self.train_labels),
-            cfg.batch_size,
-            key,
-            cfg.local_epochs,
-            train=True,
-            augment=cfg.augment,
+        # Augmented and jittered (cfg.jitter) as the un-split network does these frames.
+        batches = sequence_batches(
+            self.train, self.train_labels, self.cfg, cfg, key, self.cfg.bounds(self.segment)[0]
         )
         steps = num_batches(len(self.train), cfg.batch_size) * cfg.local_epochs
         self.round = _SegRound(msg.env.round, batches, steps)
@@ -278,9 +279,8 @@ class SegmentRuntime(DeviceRuntime):
         return []
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.round is not None and self.cfg is not None
-        x, y = next(self.round.batches)
-        return as_frames(x, self.cfg.frame_shape[0]), y
+        assert self.round is not None
+        return next(self.round.batches)
 
     def _forward_first(self, msg: Message) -> Message:
         r = self.round

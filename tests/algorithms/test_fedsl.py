@@ -12,8 +12,10 @@ from click.testing import CliRunner
 
 from splitfed.algorithm_io import AlgorithmIO
 from splitfed.algorithms.fedsl import FedSL, SeqModelConfig
+from splitfed.algorithms.fedsl.model import frames_proxy, sequence_batches, sequence_camera
 from splitfed.algorithms.fedsl.simulate import build_federation, device_id
-from splitfed.config import TrainConfig
+from splitfed.config import CameraConfig, JitterConfig, TrainConfig
+from splitfed.data.batches import PIXEL_MEAN, PIXEL_STD, iterate_batches
 from splitfed.data.clips import (
     ClipConfig,
     ClipDataset,
@@ -32,6 +34,7 @@ from tests.oracles import CentralSequence
 
 SEED = 5
 SIZE = {"identities": 4, "per_emotion": 1, "height": 24, "width": 48}
+JITTER = JitterConfig(scale=0.1, camera=CameraConfig(p=0.5))
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +48,16 @@ def tiny(segments: int = 2) -> SeqModelConfig:
     )
 
 
-def start(clips: ClipDataset, groups: int, cfg: SeqModelConfig, seed: int = SEED):
+def start(
+    clips: ClipDataset,
+    groups: int,
+    cfg: SeqModelConfig,
+    seed: int = SEED,
+    tcfg: TrainConfig | None = None,
+):
     _, _, shards = shard_indices(clips.labels, clips.subjects, groups, None, None, seed)
-    algo, io, devices = build_federation(clips, shards, cfg, TrainConfig(batch_size=8), seed)
+    tcfg = tcfg or TrainConfig(batch_size=8)
+    algo, io, devices = build_federation(clips, shards, cfg, tcfg, seed)
     io.wait_for_clients(len(devices), 1.0)
     algo.enrol(io.online())
     return algo, io, devices, shards
@@ -111,6 +121,106 @@ def test_transport_equals_the_unsplit_network_step_for_step(clips: ClipDataset) 
     pred = central.predict(clips.clips[te])
     assert conf.sum() == len(te)
     assert int(np.trace(conf)) == int((pred == clips.labels[te]).sum())
+
+
+def test_jittered_transport_equals_the_unsplit_network_step_for_step(clips: ClipDataset) -> None:
+    """Geometric and camera jitter: each device changes its frames as the un-split network
+    changes those frames of the whole clip, so the split still changes no arithmetic."""
+    cfg, tcfg = tiny(segments=3), TrainConfig(batch_size=8, jitter=JITTER)
+    algo, io, devices, shards = start(clips, 1, cfg, tcfg=tcfg)
+    losses = train(algo, io, 2)
+    tr, _ = shards[0]
+    central = CentralSequence(cfg, tcfg, SEED)
+    ref = [central.train_round(rnd, clips.clips[tr], clips.labels[tr], 2)[0] for rnd in range(2)]
+    np.testing.assert_allclose(losses, ref, rtol=1e-6)
+    for k, seg in enumerate(central.segments):
+        assert devices[k].net is not None
+        for name, v in seg.state_dict().items():
+            torch.testing.assert_close(devices[k].net.state_dict()[name], v, rtol=1e-5, atol=1e-6)
+    plain = CentralSequence(cfg, TrainConfig(batch_size=8), SEED)
+    assert plain.train_round(0, clips.clips[tr], clips.labels[tr], 2)[0] != ref[0]
+
+
+def _frames_seen(clips: ClipDataset, tcfg: TrainConfig) -> list[list[torch.Tensor]]:
+    """The frames each device of one group runs its segment on in the second round."""
+    algo, io, devices, _ = start(clips, 1, tiny(segments=3), tcfg=tcfg)
+    train(algo, io, 1)
+    seen: list[list[torch.Tensor]] = [[] for _ in devices]
+    for d, out in zip(devices, seen, strict=True):
+        assert d.net is not None  # the same net trains on in the next round
+
+        def grab(_m: torch.nn.Module, args: tuple, out: list = out) -> None:
+            if torch.is_grad_enabled():  # training, not evaluation
+                out.append(args[0].detach().clone())
+
+        d.net.register_forward_pre_hook(grab)
+    io.round = 1
+    algo.start_round(1, 2)
+    assert not algo.run_round(io, 1, io.online(), 60.0).dropped
+    return seen
+
+
+def test_jitter_changes_the_frames_every_segment_trains_on(clips: ClipDataset) -> None:
+    plain = _frames_seen(clips, TrainConfig(batch_size=8))
+    jittered = _frames_seen(clips, TrainConfig(batch_size=8, jitter=JITTER))
+    for k, (a, b) in enumerate(zip(plain, jittered, strict=True)):
+        assert a and len(a) == len(b), k
+        assert all(x.shape == y.shape for x, y in zip(a, b, strict=True))
+        assert not all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), f"segment {k}"
+
+
+def test_sequence_batches_without_jitter_are_the_old_batches(clips: ClipDataset) -> None:
+    cfg, tcfg = tiny(), TrainConfig(batch_size=8, local_epochs=2)
+    key = (SEED, 1, 0)
+    new = list(sequence_batches(clips.clips, clips.labels, cfg, tcfg, key))
+    old = list(iterate_batches(frames_proxy(clips.clips, clips.labels), 8, key, 2))
+    assert len(new) == len(old)
+    for (x, y), (xo, yo) in zip(new, old, strict=True):
+        assert torch.equal(x.flatten(1, 2), xo) and torch.equal(y, yo)
+
+
+def test_one_camera_per_sequence_fresh_noise_per_frame() -> None:
+    cfg = tiny().model_copy(update={"frames": 4})
+    x = torch.zeros(6, 4, 1, 24, 48)  # mid grey
+    quiet = CameraConfig(p=1.0, noise=0.0)
+    out = sequence_camera(x, quiet, cfg, (SEED, 0, 0), 3)
+    for t in range(1, 4):  # every frame of a clip through the same camera
+        torch.testing.assert_close(out[:, t], out[:, 0], rtol=0, atol=0)
+    assert not torch.equal(out[0, 0], out[1, 0])  # another camera per clip
+    noisy = sequence_camera(x, CameraConfig(p=1.0), cfg, (SEED, 0, 0), 3)
+    assert not torch.equal(noisy[:, 1], noisy[:, 0])  # sensor noise drawn afresh per frame
+    # A device holding frames 2.. changes them exactly as the whole clip's frames are changed.
+    tail = sequence_camera(x[:, 2:], CameraConfig(p=1.0), cfg, (SEED, 0, 0), 3, first=2)
+    torch.testing.assert_close(tail, noisy[:, 2:], rtol=0, atol=0)
+
+
+def test_row_bands_take_the_camera_across_the_crop_but_no_geometry() -> None:
+    ds = generate_synth(SynthConfig(identities=2, per_emotion=1, height=24, width=48))
+    photos = EmotionDataset("photos", ds.images, ds.labels, ds.subjects)
+    geometric = TrainConfig(batch_size=4, jitter=JITTER)
+    with pytest.raises(UserError, match="row bands .* geometric jitter"):
+        simulate(photos, SimSpec("fedsl", 1, 1, seed=SEED, train=geometric))
+    # The camera's light ramp runs across the whole crop, not each band.
+    cfg = tiny().model_copy(update={"frame_shape": (1, 6, 48), "row_bands": True})
+    ramp = CameraConfig(p=1.0, gamma=0.0, gradient=80.0, blur=0.0, lowres=1.0, noise=0.0, jpeg=95)
+    out = sequence_camera(torch.zeros(8, 4, 1, 6, 48), ramp, cfg, (SEED, 0, 0), 0)
+    crop = ((out * PIXEL_STD + PIXEL_MEAN) * 255.0).flatten(1, 3).view(8, 24, 48).double()
+    yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(48.0), indexing="ij")
+    plane = torch.stack([torch.ones_like(yy), yy, xx], -1).view(-1, 3).double()
+    for g in crop:
+        fit = torch.linalg.lstsq(plane, g.reshape(-1, 1)).solution
+        assert (plane @ fit - g.reshape(-1, 1)).abs().max() < 4.0  # JPEG at 95 remains
+    assert float(crop.std(dim=(1, 2)).max()) > 10  # and there is a ramp
+    # Trained on row bands with the camera, the split still changes no arithmetic.
+    seq = row_sequences(ds, 4)
+    tcfg = TrainConfig(batch_size=8, jitter=JitterConfig(camera=CameraConfig(p=0.5)))
+    idx = np.arange(len(seq))
+    algo, io, devices = build_federation(seq, [(idx, idx[:0])], cfg, tcfg, SEED)
+    algo.enrol(io.wait_for_clients(len(devices), 1.0))
+    losses = train(algo, io, 1)
+    central = CentralSequence(cfg, tcfg, SEED)
+    ref = central.train_round(0, seq.clips, seq.labels, 1)[0]
+    np.testing.assert_allclose(losses, [ref], rtol=1e-6)
 
 
 def test_hidden_state_crosses_devices(clips: ClipDataset) -> None:

@@ -11,8 +11,10 @@ import torch
 from click.testing import CliRunner
 
 from splitfed.algorithms.pyvertical import VerticalModelConfig, build_vertical_model
+from splitfed.algorithms.pyvertical.augment import jitter_part, owner_batches
 from splitfed.algorithms.pyvertical.simulate import build_federation
-from splitfed.config import TrainConfig
+from splitfed.config import CameraConfig, JitterConfig, TrainConfig
+from splitfed.data.batches import PIXEL_MEAN, PIXEL_STD
 from splitfed.data.partition import client_shards
 from splitfed.data.synth import SynthConfig, generate_synth
 from splitfed.data.vertical import (
@@ -21,6 +23,7 @@ from splitfed.data.vertical import (
     VerticalConfig,
     VerticalData,
     check_overlap,
+    part_batches,
     part_boxes,
     vertical_partition,
 )
@@ -31,6 +34,8 @@ from tests.oracles import CentralVertical
 
 SEED = 3
 ALIGN = 8  # the scale of the device half: stride-2 stem, then two pools
+JITTER = JitterConfig(scale=0.1, camera=CameraConfig(p=0.5))
+CAMERA = JitterConfig(camera=CameraConfig(p=0.5))  # what parts of a crop can take
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +233,123 @@ def test_deterministic_under_a_seed(vdata: VerticalData) -> None:
     assert runs[0][0] == runs[1][0]
     for k, v in runs[0][1].items():
         assert torch.equal(v, runs[1][1][k])
+
+
+# ---- jitter -------------------------------------------------------------------------------------
+
+
+def views(ds) -> VerticalData:
+    """Two cameras of the same records, each owner holding whole crops (the second one sees
+    the scene from the other side), in orders of their own."""
+    one = vertical_partition(ds, VerticalConfig(owners=1, align=ALIGN, seed=SEED), seed=SEED)
+    a = one.owners[0]
+    order = np.random.default_rng(SEED).permutation(len(a))
+    b = OwnerTable("owner-1", a.ids[order], a.images[order][..., ::-1].copy(), a.box)
+    return VerticalData([a, b], one.labels, one.input_shape, views=["A", "B"])
+
+
+@pytest.mark.parametrize("layout", ["tiles", "views"])
+def test_jittered_training_equals_central_step_for_step(vdata, small_ds, layout: str) -> None:
+    """Every owner jitters its parts as the central network does: parts of a crop take the
+    camera (mirrored records too), whole crops (views) the geometry as well."""
+    v, jitter = (vdata, CAMERA) if layout == "tiles" else (views(small_ds), JITTER)
+    cfg, tcfg = tiny_model(v), TrainConfig(batch_size=8, jitter=jitter)
+    assert cfg.views == (layout == "views") and cfg.mirrors() == (layout == "tiles")
+    algo, io, owners = start(v, cfg, tcfg)
+    losses = train(algo, io, 2)
+    central = CentralVertical(cfg, tcfg, SEED)
+    assert algo.aligned is not None
+    parts = [o.table.images[o.aligned.train] for o in owners]
+    ref = [central.train_round(rnd, parts, algo.aligned.y_train, 2)[0] for rnd in range(2)]
+    np.testing.assert_allclose(losses, ref, rtol=1e-6)
+    for k, val in central.trunk.state_dict().items():
+        torch.testing.assert_close(algo.trunk.state_dict()[k], val, rtol=1e-5, atol=1e-6)
+    for o, head in zip(owners, central.heads, strict=True):
+        assert o.head is not None
+        for k, val in head.state_dict().items():
+            torch.testing.assert_close(o.head.state_dict()[k], val, rtol=1e-5, atol=1e-6)
+    plain = CentralVertical(cfg, TrainConfig(batch_size=8), SEED)
+    assert plain.train_round(0, parts, algo.aligned.y_train, 2)[0] != ref[0]
+
+
+def _parts_seen(v: VerticalData, tcfg: TrainConfig) -> list[list[torch.Tensor]]:
+    """The parts each owner runs its head on in the second round."""
+    algo, io, owners = start(v, tiny_model(v), tcfg)
+    train(algo, io, 1)
+    seen: list[list[torch.Tensor]] = [[] for _ in owners]
+    for o, out in zip(owners, seen, strict=True):
+        assert o.head is not None  # the same head trains on in the next round
+
+        def grab(_m: torch.nn.Module, args: tuple, out: list = out) -> None:
+            if torch.is_grad_enabled():  # training, not evaluation
+                out.append(args[0].detach().clone())
+
+        o.head.register_forward_pre_hook(grab)
+    io.round = 1
+    algo.start_round(1, 2)
+    assert not algo.run_round(io, 1, io.online(), 60.0).dropped
+    return seen
+
+
+def test_jitter_changes_the_parts_every_owner_trains_on(vdata: VerticalData) -> None:
+    plain = _parts_seen(vdata, TrainConfig(batch_size=8))
+    jittered = _parts_seen(vdata, TrainConfig(batch_size=8, jitter=CAMERA))
+    for k, (a, b) in enumerate(zip(plain, jittered, strict=True)):
+        assert a and len(a) == len(b), k
+        assert all(x.shape == y.shape for x, y in zip(a, b, strict=True))
+        assert not all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), f"owner {k}"
+
+
+def test_geometric_jitter_of_parts_is_refused(vdata: VerticalData) -> None:
+    cfg = tiny_model(vdata)
+    for jitter in (JitterConfig(scale=0.1), JitterConfig(rotation=5.0), JitterConfig(shift_y=0.1)):
+        with pytest.raises(UserError, match="cannot jitter the geometry .* of parts"):
+            build_federation(vdata, cfg, TrainConfig(batch_size=8, jitter=jitter), SEED)
+    # Without augmentation there is no jitter to refuse; the camera alone applies.
+    build_federation(vdata, cfg, TrainConfig(batch_size=8, augment=False, jitter=JITTER), SEED)
+    build_federation(vdata, cfg, TrainConfig(batch_size=8, jitter=CAMERA), SEED)
+
+
+def test_owner_batches_without_jitter_are_the_old_batches(vdata: VerticalData) -> None:
+    cfg, tcfg = tiny_model(vdata), TrainConfig(batch_size=8, local_epochs=2)
+    images, key = vdata.owners[1].images, (SEED, 1, 0)
+    new = list(owner_batches(images, cfg, tcfg, key, 1))
+    old = list(part_batches(images, 8, key, 2, True, cfg.mirrors()))
+    assert len(new) == len(old)
+    for (x, f), (xo, fo) in zip(new, old, strict=True):
+        assert torch.equal(x, xo) and torch.equal(f, fo)
+
+
+def test_parts_of_a_crop_take_one_camera_across_the_crop(vdata: VerticalData) -> None:
+    """The light ramp of a record runs across the stitched crop, mirrored records included;
+    each owner draws its own sensor noise."""
+    cfg = tiny_model(vdata)
+    _, h, w = cfg.input_shape
+    ramp = CameraConfig(p=1.0, gamma=0.0, gradient=80.0, blur=0.0, lowres=1.0, noise=0.0, jpeg=95)
+    n = 8
+    flip = torch.arange(n) % 2 == 1
+    mirror = cfg.mirror_map()
+    assert mirror is not None
+    crop = torch.zeros(n, h, w, dtype=torch.float64)
+    for k, (y0, y1, x0, x1) in enumerate(cfg.boxes):
+        part = torch.zeros(n, 1, y1 - y0, x1 - x0)  # mid grey
+        out = jitter_part(part, flip, JitterConfig(camera=ramp), cfg, k, (SEED, 0, 0), 0)
+        g = ((out * PIXEL_STD + PIXEL_MEAN) * 255.0)[:, 0].double()
+        my0, my1, mx0, mx1 = cfg.boxes[mirror[k]]  # where a mirrored record's part goes
+        crop[~flip, y0:y1, x0:x1] = g[~flip]
+        crop[flip, my0:my1, mx0:mx1] = g[flip]
+    yy, xx = torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")
+    plane = torch.stack([torch.ones_like(yy), yy, xx], -1).view(-1, 3).double()
+    for g in crop:
+        fit = torch.linalg.lstsq(plane, g.reshape(-1, 1)).solution
+        assert (plane @ fit - g.reshape(-1, 1)).abs().max() < 4.0  # JPEG at 95 remains
+    assert float(crop.std(dim=(1, 2)).max()) > 10  # and there is a ramp
+    noise = JitterConfig(camera=ramp.model_copy(update={"gradient": 0.0, "noise": 16.0}))
+    y0, y1, x0, x1 = cfg.boxes[1]
+    assert cfg.boxes[2][1] - cfg.boxes[2][0] == y1 - y0  # two parts of the same size
+    same = torch.zeros(n, 1, y1 - y0, x1 - x0)
+    a, b = (jitter_part(same, flip, noise, cfg, k, (SEED, 0, 0), 0) for k in (1, 2))
+    assert not torch.equal(a, b)
 
 
 # ---- the command line ---------------------------------------------------------------------------

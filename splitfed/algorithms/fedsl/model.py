@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from splitfed.config import CameraConfig, TrainConfig
+from splitfed.data.batches import camera_jitter, iterate_batches
 from splitfed.data.dataset import EmotionDataset
 from splitfed.emotions import NUM_CLASSES
 
@@ -20,6 +23,9 @@ EVAL_BATCH = 256
 DEFAULT_FRAMES = 4
 DEFAULT_SEGMENTS = 2
 FLOATS = frozenset({"F32", "F16"})
+# Seed streams of the camera jitter, apart from the batch order and the other augmentation.
+CAMERA_STREAM = 0xCA3E
+_DRAWS, _NOISE = 1, 2
 
 
 class SeqModelConfig(BaseModel):
@@ -42,6 +48,9 @@ class SeqModelConfig(BaseModel):
     hidden: int = Field(128, ge=1, description="GRU hidden size (what crosses between devices)")
     dropout: float = Field(0.3, ge=0.0, lt=1.0, description="dropout before the classifier")
     num_classes: int = Field(NUM_CLASSES, description="number of emotions")
+    row_bands: bool = Field(
+        False, description="the frames are row bands of one still crop (top to bottom), not a clip"
+    )
 
     def model_post_init(self, _context: object) -> None:
         if self.segments > self.frames:
@@ -146,3 +155,99 @@ def frames_proxy(frames: np.ndarray, labels: np.ndarray | None) -> EmotionDatase
 
 def as_frames(x: torch.Tensor, c: int) -> torch.Tensor:
     return x.view(x.shape[0], -1, c, *x.shape[2:])
+
+
+def jitter_problem(cfg: SeqModelConfig, train_cfg: TrainConfig) -> str | None:
+    """Why `train_cfg.jitter` cannot apply to these sequences, or None.
+
+    Geometric jitter (zoom, roll, offset about the picture's centre) moves pixels across the
+    whole picture. A clip's frames are whole pictures: one draw per clip moves every frame
+    alike, on each device as in the un-split network. A row band is a few rows of a still
+    crop, the other rows on other devices: zoomed or rolled about its own centre, each band
+    would tear the crop into strips, and no device holds the rows it would need, so that is
+    refused. The camera applies to both (`sequence_batches`).
+    """
+    if cfg.row_bands and train_cfg.augment and train_cfg.jitter.geometric:
+        return (
+            "fedsl on row bands of still crops cannot take geometric jitter (jitter scale, "
+            "rotation, shift_y): each device holds a few rows of a crop, and zoom, roll and "
+            "offset move pixels across the whole crop; the camera jitter applies"
+        )
+    return None
+
+
+def _generator(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.default_rng(list(parts)).integers(2**62)))
+
+
+def sequence_camera(
+    x: torch.Tensor,
+    cam: CameraConfig,
+    cfg: SeqModelConfig,
+    key: tuple[int, ...],
+    step: int,
+    first: int = 0,
+) -> torch.Tensor:
+    """Training batch `step`'s camera jitter of frames `first`.. of each sequence, x (B, T_k,
+    C, H, W): `camera_jitter` frame by frame.
+
+    One camera per sequence: every frame gets the same draws (tone curve, light, blur,
+    resolution, noise level, JPEG quality; a generator seeded alike for each), and fresh
+    sensor noise of its own, keyed by the frame's place in the whole sequence. So device k,
+    which holds frames t0..t1-1, changes them exactly as the un-split network changes those
+    frames of the whole clip. Row bands are pieces of one picture: the light ramp runs across
+    the whole crop (`window`). Seeded per (run, round, group, step), apart from the stream of
+    the other augmentation, which draws per sequence too and so stays the same on every device.
+    """
+    _, t, _, h, w = x.shape
+    out = torch.empty_like(x)
+    for i in range(t):
+        frame = first + i
+        window = (frame * h, 0, cfg.frames * h, w) if cfg.row_bands else None
+        out[:, i] = camera_jitter(
+            x[:, i].contiguous(),
+            _generator(*key, CAMERA_STREAM, _DRAWS, step),
+            cam,
+            noise_gen=_generator(*key, CAMERA_STREAM, _NOISE, step, frame),
+            window=window,
+        )
+    return out
+
+
+def sequence_batches(
+    frames: np.ndarray,
+    labels: np.ndarray | None,
+    cfg: SeqModelConfig,
+    train_cfg: TrainConfig,
+    key: tuple[int, ...],
+    first: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training batches (B, T_k, C, H, W) of frames `first`.. of sequences, and their labels.
+
+    The same on every device of a group and in the un-split network: the shared batcher draws
+    one mirror, shift, lighting change and geometric jitter (`TrainConfig.jitter`) per sequence,
+    from the generator of (run, round, group), as it does for the split CNN's crops; then one
+    camera per sequence (`sequence_camera`).
+    """
+    jitter = train_cfg.jitter
+    problem = jitter_problem(cfg, train_cfg)
+    if problem:
+        raise ValueError(problem)
+    # The camera is drawn per frame below: in the batcher it would take the sequence's frames
+    # for one picture's channels, and its noise would depend on how many frames a device holds.
+    geometry = jitter.model_copy(update={"camera": CameraConfig()})
+    batches = iterate_batches(
+        frames_proxy(frames, labels),
+        train_cfg.batch_size,
+        key,
+        train_cfg.local_epochs,
+        train=True,
+        augment=train_cfg.augment,
+        jitter=geometry,
+    )
+    camera = train_cfg.augment and jitter.camera.enabled
+    for step, (x, y) in enumerate(batches):
+        seq = as_frames(x, cfg.frame_shape[0])
+        if camera:
+            seq = sequence_camera(seq, jitter.camera, cfg, key, step, first)
+        yield seq, y

@@ -43,6 +43,11 @@ class SegmentSpec:
     split: SplitKind | None = None
 
 
+def is_row_bands(clips: ClipDataset) -> bool:
+    """True when the sequences are row bands of still images (`row_sequences`), not clips."""
+    return str(clips.meta.get("sequence", "")).endswith("rows")
+
+
 @dataclass
 class SequenceShards:
     """The run's sequences and the sample indices of each client group."""
@@ -57,7 +62,7 @@ class SequenceShards:
     @property
     def row_bands(self) -> bool:
         """True when the sequences are row bands of still images, not clips."""
-        return str(self.clips.meta.get("sequence", "")).endswith("rows")
+        return is_row_bands(self.clips)
 
     @property
     def sequence(self) -> str:
@@ -85,7 +90,10 @@ def sequence_shards(data: EmotionDataset, spec: SegmentSpec) -> SequenceShards:
 def seq_model_config(
     clips: ClipDataset, segments: int, base: ModelConfig | None = None
 ) -> SeqModelConfig:
-    """The segmented recurrent network for these sequences (dropout and classes from `base`)."""
+    """The segmented recurrent network for these sequences (dropout and classes from `base`).
+
+    It says whether they are row bands of stills: every device learns it with the model, and
+    the augmentation depends on it (`jitter_problem`, `sequence_camera`)."""
     base = base or ModelConfig()
     return SeqModelConfig(
         frame_shape=clips.frame_shape,
@@ -93,6 +101,7 @@ def seq_model_config(
         segments=segments,
         dropout=base.dropout,
         num_classes=base.num_classes,
+        row_bands=is_row_bands(clips),
     )
 
 

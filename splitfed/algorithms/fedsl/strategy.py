@@ -38,6 +38,7 @@ from splitfed.algorithms.fedsl.model import (
     PREFIX,
     SeqModelConfig,
     build_seq_model,
+    jitter_problem,
 )
 from splitfed.config import TrainConfig
 from splitfed.emotions import NUM_CLASSES
@@ -71,6 +72,9 @@ class FedSL(Strategy):
     mode = "local"  # the whole network lives on the devices; nothing to publish
 
     def __init__(self, model_cfg: SeqModelConfig, train_cfg: TrainConfig, seed: int) -> None:
+        problem = jitter_problem(model_cfg, train_cfg)
+        if problem:
+            raise UserError(problem)
         super().__init__(train_cfg, seed)
         # The model is the segmented recurrent network, all of it on the devices.
         self.model_cfg: SeqModelConfig = model_cfg

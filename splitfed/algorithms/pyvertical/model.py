@@ -79,6 +79,12 @@ class VerticalModelConfig(BaseModel):
         return len(self.boxes) > 1 and all(tuple(b) == (0, h, 0, w) for b in self.boxes)
 
     @property
+    def whole(self) -> bool:
+        """Every owner holds whole crops (one owner, or views), not parts of one crop."""
+        _, h, w = self.input_shape
+        return all(tuple(b) == (0, h, 0, w) for b in self.boxes)
+
+    @property
     def scale(self) -> int:
         return head_scale(self.split)
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from splitfed.algorithm_io import byte_spec
 from splitfed.algorithms.base import RoundState, RoundTrain, Strategy
+from splitfed.algorithms.pyvertical.augment import jitter_problem
 from splitfed.algorithms.pyvertical.model import (
     EVAL_BATCH,
     VerticalModelConfig,
@@ -97,6 +98,9 @@ class PyVertical(Strategy):
     def __init__(
         self, model_cfg: VerticalModelConfig, train_cfg: TrainConfig, seed: int, labels: LabelTable
     ) -> None:
+        problem = jitter_problem(model_cfg, train_cfg)
+        if problem:
+            raise UserError(problem)
         super().__init__(train_cfg, seed)
         # The model is the multi-head network: the trunk here, the heads with their owners.
         self.model_cfg: VerticalModelConfig = model_cfg
