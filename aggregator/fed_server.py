@@ -459,13 +459,23 @@ class FedServer:
             self._publish_global()
             self._answer(msg.env.round, "sync", [])
             return
-        if self.pending is not None and self.pending.env.round == msg.env.round:
-            return  # said again while we wait for its devices' halves
         if msg.env.round <= self.last_round:
             # Our answer was lost or late (the main server says it again): say it again too.
+            # (Before the version check: by now we are at the version it asked for.)
             if self.rounds and self.rounds[-1]["round"] == msg.env.round:
                 self._answer(msg.env.round, "round", self.rounds[-1]["clients"])
             return
+        if body.weights_version != self.algo.version + 1:
+            # The main server asks for the version after the one both are at (`round_done`;
+            # `sync` made sure they agree, and a resumed fed server is at its checkpoint's by
+            # now, as `_configure` ran first). Any other round is not one we can average into:
+            # taken in, a far round would move `last_round` past every genuine one.
+            self.rejects.reject("wrong_version", f"round {msg.env.round} asks for version "
+                                f"{body.weights_version}, the client half is at "
+                                f"{self.algo.version}", AGGREGATOR_ID)  # fmt: skip
+            return
+        if self.pending is not None and self.pending.env.round == msg.env.round:
+            return  # said again while we wait for its devices' halves
         self.pending = msg
         self.pending_deadline = time.monotonic() + self.missing_wait
         self._try_finish()
@@ -518,17 +528,29 @@ class FedServer:
             return
         if len(have) < len(body.clients):
             missing = sorted(set(body.clients) - set(have))
-            log.warning("round %d: no client half from %s; averaging without", rnd, missing)
+            log.warning("round %d: no client half from %s; %s", rnd, missing,
+                        "averaging without" if have else "nothing to average")  # fmt: skip
             self.rejects.counts["missing_update"] += len(missing)
         self.pending = None
         algo = self.algo
-        if have:
-            named = dict(zip(body.clients, body.weights, strict=True))
-            # The main server's weights (capped by what it saw trained), never above the claim.
-            weights = [min(named[c], self.held[c].update.n_samples) for c in have]
-            halves = [self.held[c].update.halves[CLIENT_PREFIX] for c in have]
-            algo.average_into(algo.client_net, halves, weights, CLIENT_PREFIX)
-            algo.version += 1
+        if not have:
+            # Not one named half came: nothing was averaged, so nothing moves on (neither
+            # `last_round` nor the checkpoint, and the halves held stay); a round that did
+            # nothing must not make every genuine round after it a "resend".
+            # It is still answered, naming nobody at the unchanged version: the main server
+            # asks only for rounds with a device in them and takes an answer only if it names
+            # them all at its version + 1 (`MainFedLink.round_done`), so a genuine one says
+            # so and stops, as it did when this moved `last_round`. Its restart reruns this
+            # round from its checkpoint, at this version: still open here, the round's halves
+            # are taken again (`round_ok`) and its FED_ROUND is averaged, not answered as done.
+            self._answer(rnd, "round", [])
+            return
+        named = dict(zip(body.clients, body.weights, strict=True))
+        # The main server's weights (capped by what it saw trained), never above the claim.
+        weights = [min(named[c], self.held[c].update.n_samples) for c in have]
+        halves = [self.held[c].update.halves[CLIENT_PREFIX] for c in have]
+        algo.average_into(algo.client_net, halves, weights, CLIENT_PREFIX)
+        algo.version += 1
         self.last_round = rnd
         self.held = {c: h for c, h in self.held.items() if h.round > rnd}
         self.rounds.append({"round": rnd, "clients": have, "weights_version": algo.version})
@@ -537,7 +559,7 @@ class FedServer:
         self._publish_global()
         self._answer(rnd, "round", have)
         log.info("round %d: averaged the client halves of %s into version %d", rnd + 1,
-                 ", ".join(have) or "nobody", algo.version)  # fmt: skip
+                 ", ".join(have), algo.version)  # fmt: skip
 
     def _publish_global(self) -> None:
         algo = self.algo

@@ -914,6 +914,32 @@ def fed_round_envelope(t: Target, rng: np.random.Generator, n: int) -> Batch:
     return b
 
 
+def fed_round_version(t: Target, rng: np.random.Generator, n: int) -> Batch:
+    """FED_ROUND of this round or a later one (up to the furthest an envelope may name) that
+    asks for another version than the one after the fed server's: its own (nothing to
+    average), an older one, one or many ahead. Taken in, a far round that averaged nobody
+    would have moved the fed server past every genuine round."""
+    s, b = _fed_main(t)
+    want = int(t.fed_body["weights_version"])  # the fed server is at want - 1
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            version = max(want - 1, 0)
+        elif kind == 1:
+            version = max(want - int(rng.integers(2, 1000)), 0)
+        elif kind == 2:
+            version = want + 1
+        else:
+            version = min(want + int(rng.integers(2, 2**31)), MAX_COUNT)
+        if version == want:  # (no older version to name)
+            version = want + 1
+        ahead = [0, 1, int(rng.integers(2, 1000)), 1_000_000 - t.fed_round][(i // 4) % 4]
+        rnd = t.fed_round + ahead
+        body = {**t.fed_body, "weights_version": version}
+        b.hostile.append((t.sync(AGGREGATOR), s.msg(MsgType.FED_ROUND, round=rnd, **body)))
+    return b
+
+
 def fed_round_forged(t: Target, rng: np.random.Generator, n: int) -> Batch:
     """FED_ROUND not from the main server: a device's id or the fed server's on the main
     server's topic, a device's own on its `weights` topic, the main server's id on a device's
@@ -1096,6 +1122,7 @@ FED_SERVER_CLASSES: dict[str, HostileClass] = {
     "fed_round_weights": _c(fed_round_weights, "bad_body", "int_too_large"),
     "fed_round_fields": _c(fed_round_fields, "bad_body"),
     "fed_round_envelope": _c(fed_round_envelope, "bad_envelope", "expired"),
+    "fed_round_version": _c(fed_round_version, "wrong_version"),
     "fed_round_forged": _c(
         fed_round_forged, "spoofed_sender", "unexpected_type", "replay", "other_run", "tensor_names"
     ),

@@ -22,6 +22,7 @@ from pydantic import BaseModel, model_validator
 
 from aggregator.fed_server import FedServer, MainFedLink, attach_fed_server
 from splitfed.algorithms.sflv1 import SFLV1
+from splitfed.checkpoint import load_state
 from splitfed.client import CLIENT_PREFIX
 from splitfed.config import TrainConfig
 from splitfed.model import ModelConfig, build_split_model
@@ -201,3 +202,99 @@ def test_admit_counts_every_way_a_message_fails() -> None:
     assert admit(13) is None  # anything else: internal_error, and nothing raised
     assert rejects.admit(validator, b"\0" * 3, FED_SERVER_ID, _Touchy) is None
     assert rejects.counts == {"spoofed_sender": 1, "bad_body": 1, "internal_error": 1, "short": 1}
+
+
+# ---- the round's version and a round that averaged nobody ------------------------------------
+
+FAR = 10**6  # the furthest round an envelope may name
+
+
+def _mid_run(tmp_path: Path, missing_wait: float) -> tuple[FedServer, list[Message], Sequencer]:
+    """A fed server configured by the main server's sync and put in the middle of a run (client
+    weights at VERSION - 1, round ROUND - 1 averaged); what it sends is kept in the list."""
+    server = FedServer(LinkSettings(port=9), PREFIX, RUN, tmp_path / "ckpt",
+                       missing_wait=missing_wait)  # fmt: skip
+    published: list[Message] = []
+    server.link = SimpleNamespace(publish=lambda _t, data, **_: published.append(decode(data)))
+    main = Sequencer(AGGREGATOR_ID, RUN)
+    main.seq = time.time_ns() // 1000
+    body = {**target().fed_body, "phase": "sync", "clients": [], "weights": []}
+    deliver(server, target().sync(AGGREGATOR_ID), encode(main.make(MsgType.FED_ROUND, 0, body)))
+    assert server.algo is not None and server.rejects.total == 0, server.rejects.counts
+    server.algo.version, server.last_round = VERSION - 1, ROUND - 1
+    published.clear()
+    return server, published, main
+
+
+def _answers(published: list[Message]) -> list[tuple[int, dict[str, Any]]]:
+    return [(m.env.round, m.env.body) for m in published if m.type is MsgType.FED_PUBLISHED]
+
+
+def test_a_far_round_that_averaged_nobody_does_not_silence_the_federation(
+    tmp_path: Path,
+) -> None:
+    """A FED_ROUND under the main server's id for a far round, of the right version and with
+    no half to average: once its wait is over it is answered (nobody averaged), but neither
+    moves the fed server on nor is checkpointed, and the genuine round after it goes through."""
+    t = target()
+    server, published, main = _mid_run(tmp_path, missing_wait=0.05)
+    assert server.algo is not None
+    sync = t.sync(AGGREGATOR_ID)
+    # One device's half comes before the forged round, the other's after it.
+    deliver(server, t.weights_topic(CLIENTS[0]), _update(CLIENTS[0], 1, SAMPLES[0]))
+    deliver(server, sync, encode(main.make(MsgType.FED_ROUND, FAR, t.fed_body)))
+    assert server.pending is not None and server.pending.env.round == FAR
+    time.sleep(0.1)
+    server._try_finish()  # what the loop does once the round's wait is over
+    assert server.pending is None and server.rejects.counts["missing_update"] == len(CLIENTS)
+    assert _answers(published) == [
+        (FAR, {"phase": "round", "weights_version": VERSION - 1, "clients": []})
+    ]
+    assert server.algo.version == VERSION - 1 and server.last_round == ROUND - 1
+    assert not (tmp_path / "ckpt" / "model.safetensors").exists()  # no round checkpointed
+    assert set(server.held) == {CLIENTS[0]}  # the genuine round's half is kept
+
+    deliver(server, t.weights_topic(CLIENTS[1]), _update(CLIENTS[1], 2, SAMPLES[1]))
+    deliver(server, sync, encode(main.make(MsgType.FED_ROUND, ROUND, t.fed_body)))
+    assert server.pending is None and server.rejects.counts.get("other_round", 0) == 0
+    assert server.algo.version == VERSION and server.last_round == ROUND
+    assert _answers(published)[-1] == (
+        ROUND, {"phase": "round", "weights_version": VERSION, "clients": CLIENTS}
+    )  # fmt: skip
+    saved = load_state(tmp_path / "ckpt")
+    assert saved is not None and saved[0]["last_round"] == ROUND
+    assert [r["round"] for r in saved[1]["rounds"]] == [ROUND]
+
+
+def test_a_round_of_the_wrong_version_is_refused(tmp_path: Path) -> None:
+    """In the round phase the main server asks for the version after the fed server's: any
+    other is refused and counted (wrong_version), but not a resend of a finished round, whose
+    version is the fed server's own by then, nor a sync, whose version the main server checks."""
+    t = target()
+    server, published, main = _mid_run(tmp_path, missing_wait=0.0)
+    assert server.algo is not None
+    sync = t.sync(AGGREGATOR_ID)
+    wrong = [VERSION - 1, VERSION + 1, 0, VERSION + 1000]
+    for i, version in enumerate(wrong):
+        rnd = (ROUND, ROUND + 1, FAR)[i % 3]
+        body = {**t.fed_body, "weights_version": version}
+        deliver(server, sync, encode(main.make(MsgType.FED_ROUND, rnd, body)))
+        assert server.pending is None
+    assert dict(server.rejects.counts) == {"wrong_version": len(wrong)}
+    assert not published and server.algo.version == VERSION - 1
+    assert server.last_round == ROUND - 1 and not (tmp_path / "ckpt").exists()
+
+    # The genuine round, then its resend (the answer was lost), then a sync of the new version.
+    for i, cid in enumerate(CLIENTS):
+        deliver(server, t.weights_topic(cid), _update(cid, i + 1, SAMPLES[i]))
+    for _ in range(2):
+        deliver(server, sync, encode(main.make(MsgType.FED_ROUND, ROUND, t.fed_body)))
+    body = {**t.fed_body, "phase": "sync", "clients": [], "weights": []}
+    deliver(server, sync, encode(main.make(MsgType.FED_ROUND, ROUND + 1, body)))
+    answer = {"phase": "round", "weights_version": VERSION, "clients": CLIENTS}
+    assert _answers(published) == [
+        (ROUND, answer), (ROUND, answer),
+        (ROUND + 1, {"phase": "sync", "weights_version": VERSION, "clients": []}),
+    ]  # fmt: skip
+    assert dict(server.rejects.counts) == {"wrong_version": len(wrong)}
+    assert server.algo.version == VERSION and server.last_round == ROUND

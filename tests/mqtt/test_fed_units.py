@@ -8,7 +8,9 @@ wrong, and averages the named devices' halves weighted by samples.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ import torch
 
 from aggregator.fed_server import FedServer
 from splitfed.algorithms.sflv1 import SFLV1
+from splitfed.checkpoint import load_state
 from splitfed.client import CLIENT_PREFIX, ClientRuntime
 from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.partition import client_shards
@@ -139,3 +142,72 @@ def test_fed_server_checks_counts_and_averages(tmp_path: Path) -> None:
     server.dispatch("client-00", "weights", _update("client-00", 1, 30, seq=seqs["client-00"]))
     assert server.rejects.counts["other_round"] == 1
     assert (tmp_path / "ckpt" / "model.safetensors").exists()
+
+
+def test_fed_server_restarts_resends_and_a_round_no_half_came_to(tmp_path: Path) -> None:
+    """The genuine flows around the round's version and a round that averaged nobody: a
+    restarted fed server answers the main server's resend of the round it had finished and
+    takes the next one; a round none of whose halves came is answered (nobody, the version
+    unchanged) but left open, so that the main server, stopped by that answer and resumed from
+    its checkpoint, runs it again, against the same process or a restarted one."""
+    clients = ["client-00", "client-01"]
+    main = Sequencer("aggregator", RUN)
+    devices = {c: Sequencer(c, RUN) for c in clients}
+    answers: list[tuple[int, dict[str, Any]]] = []
+
+    def publish(_topic: str, data: bytes, **_: Any) -> None:
+        msg = decode(data)
+        if msg.type is MsgType.FED_PUBLISHED:
+            answers.append((msg.env.round, msg.env.body))
+
+    def fed_server(ckpt: Path = tmp_path / "ckpt") -> FedServer:
+        server = FedServer(LinkSettings(port=9), "splitfed", RUN, ckpt, missing_wait=0.0)
+        server.link = SimpleNamespace(publish=publish)  # never started: its answers are kept
+        return server
+
+    def halves(server: FedServer, rnd: int) -> None:
+        for i, c in enumerate(clients):
+            server.dispatch(c, "weights", _update(c, rnd * 2 + i, 10 + i, rnd, devices[c]))
+
+    def round_(server: FedServer, rnd: int, version: int) -> None:
+        pairs = {"clients": clients, "weights": [10, 11]}
+        server.dispatch("aggregator", "sync", _fed_round(main, rnd, "round", version, **pairs))
+
+    def averaged(rnd: int, version: int) -> tuple[int, dict[str, Any]]:
+        return rnd, {"phase": "round", "weights_version": version, "clients": clients}
+
+    server = fed_server()
+    server.dispatch("aggregator", "sync", _fed_round(main, 0, "sync", 0))
+    halves(server, 0)
+    round_(server, 0, 1)
+    assert answers[-1] == averaged(0, 1)
+    # Restarted before its answer reached the main server, which says round 0 again: its
+    # first word configures the new process from the checkpoint, and is answered as a resend.
+    server = fed_server()
+    round_(server, 0, 1)
+    assert server.algo is not None and server.algo.version == 1 and server.last_round == 0
+    assert answers[-1] == averaged(0, 1) and server.rejects.total == 0
+    halves(server, 1)
+    round_(server, 1, 2)
+    assert answers[-1] == averaged(1, 2)
+    # Round 2: not one half comes. Answered, nobody averaged, nothing moved or checkpointed.
+    round_(server, 2, 3)
+    assert answers[-1] == (2, {"phase": "round", "weights_version": 2, "clients": []})
+    assert server.algo.version == 2 and server.last_round == 1
+    assert dict(server.rejects.counts) == {"missing_update": 2}
+    saved = load_state(tmp_path / "ckpt")
+    assert saved is not None and saved[0]["last_round"] == 1 and saved[0]["version"] == 2
+    assert [r["round"] for r in saved[1]["rounds"]] == [0, 1]
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "ckpt-2")
+    # The main server stops on that answer (`round_done`), resumes from its checkpoint at
+    # round 2 and version 2, syncs and runs round 2 again: against the same fed server, and
+    # against one restarted from its checkpoint.
+    for fed in (server, fed_server(tmp_path / "ckpt-2")):
+        fed.dispatch("aggregator", "sync", _fed_round(main, 2, "sync", 2))
+        assert answers[-1] == (2, {"phase": "sync", "weights_version": 2, "clients": []})
+        halves(fed, 2)
+        round_(fed, 2, 3)
+        assert answers[-1] == averaged(2, 3)
+        assert fed.algo is not None and fed.algo.version == 3 and fed.last_round == 2
+        assert fed.rejects.counts.get("other_round", 0) == 0, fed.rejects.counts
+        assert fed.rejects.counts.get("wrong_version", 0) == 0, fed.rejects.counts
