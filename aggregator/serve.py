@@ -973,7 +973,7 @@ def own_data_strategy(cfg: ServeConfig, synth_identities: int) -> tuple[Any, dic
         },
         "groups": cfg.min_clients // cfg.segments,
     }
-    return FedSL(model_cfg, cfg.train, cfg.seed), info
+    return FedSL(model_cfg, cfg.train, cfg.seed, cfg.aggregation), info
 
 
 def _views_label_holder(cfg: ServeConfig) -> tuple[Any, dict[str, Any]]:

@@ -138,3 +138,15 @@ def test_momentum_survives_a_checkpoint() -> None:
     assert resumed.server_opt_state.keys() == algo.server_opt_state.keys()
     for k, v in algo.server_opt_state.items():
         assert torch.equal(resumed.server_opt_state[k], v)
+
+
+def test_fedsl_runs_under_the_server_optimizer_it_is_given(small_synth: EmotionDataset) -> None:
+    """simulate hands FedSL the run's aggregation (it used to build FedSL without one, so
+    --server-opt and --aggregation were silently ignored for it)."""
+    plain = simulate(small_synth, SimSpec("fedsl", 2, 2, seed=7, train=TrainConfig(batch_size=16)))
+    stepped = simulate(small_synth, SimSpec(
+        "fedsl", 2, 2, seed=7, train=TrainConfig(batch_size=16),
+        aggregation=AggregationConfig(server_opt="sgd", server_lr=0.25),
+    ))  # fmt: skip
+    assert trajectory(plain)[0] == trajectory(stepped)[0]  # the first round trains from one start
+    assert trajectory(plain)[1:] != trajectory(stepped)[1:]

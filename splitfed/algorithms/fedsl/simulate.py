@@ -15,7 +15,7 @@ from splitfed.algorithms.fedsl.model import (
 )
 from splitfed.algorithms.fedsl.parties import SegmentSpec, seq_model_config, sequence_shards
 from splitfed.algorithms.fedsl.strategy import FedSL
-from splitfed.config import TrainConfig
+from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.clips import ClipDataset
 from splitfed.data.dataset import EmotionDataset
 from splitfed.devices.segment import SegmentRuntime
@@ -37,6 +37,7 @@ def build_federation(
     train_cfg: TrainConfig,
     seed: int,
     run_id: str = "sim",
+    aggregation: AggregationConfig | None = None,
 ) -> tuple[FedSL, AlgorithmIO, list[SegmentRuntime]]:
     """Devices (groups x segments), transport and aggregator for one in-process run."""
     if clips.frames != model_cfg.frames:
@@ -60,7 +61,7 @@ def build_federation(
                     clips.labels[te] if k == last else None,
                 )
             )
-    algo = FedSL(model_cfg, train_cfg, seed)
+    algo = FedSL(model_cfg, train_cfg, seed, aggregation)
     io = AlgorithmIO(InProcessTransport(runtimes), run_id, train_cfg, algo.specs())  # type: ignore[arg-type]
     return algo, io, runtimes
 
@@ -86,7 +87,9 @@ def simulate_fedsl(
     train_cfg = spec.train or TrainConfig()
     if train_cfg.compression == "int8":
         log.info("fedsl sends hidden states as fp16 (int8 is for conv feature maps)")
-    algo, io, _ = build_federation(clips, shards, model_cfg, train_cfg, spec.seed, spec.run_id)
+    algo, io, _ = build_federation(
+        clips, shards, model_cfg, train_cfg, spec.seed, spec.run_id, spec.aggregation
+    )
     data_info = {
         "name": data.name,
         "n_train": int(len(train_idx)),

@@ -40,7 +40,7 @@ from splitfed.algorithms.fedsl.model import (
     build_seq_model,
     jitter_problem,
 )
-from splitfed.config import TrainConfig
+from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.emotions import NUM_CLASSES
 from splitfed.errors import UserError
 from splitfed.server import ServerIO
@@ -71,11 +71,17 @@ class FedSL(Strategy):
     name = "fedsl"
     mode = "local"  # the whole network lives on the devices; nothing to publish
 
-    def __init__(self, model_cfg: SeqModelConfig, train_cfg: TrainConfig, seed: int) -> None:
+    def __init__(
+        self,
+        model_cfg: SeqModelConfig,
+        train_cfg: TrainConfig,
+        seed: int,
+        aggregation: AggregationConfig | None = None,
+    ) -> None:
         problem = jitter_problem(model_cfg, train_cfg)
         if problem:
             raise UserError(problem)
-        super().__init__(train_cfg, seed)
+        super().__init__(train_cfg, seed, aggregation)
         # The model is the segmented recurrent network, all of it on the devices.
         self.model_cfg: SeqModelConfig = model_cfg
         self.segments = build_seq_model(model_cfg, seed)
