@@ -31,6 +31,8 @@ want views && $PY scripts/bench_views.py --out $B/views
 # Cross-validated scratch against pretrained, in domain and on the domain-shift proxy.
 want recipe && $PY scripts/bench_recipe.py --clients 2,5,10 --out $B/recipe
 want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.md
+# The default input recipe (per-crop norm, camera jitter) against the old inputs, via compare.
+want shift && $PY scripts/bench_input_recipe.py --out $B/input_recipe.md
 want privacy && $PY scripts/bench_privacy.py --section $B/privacy.md
 want export && $PY scripts/bench_export.py --checkpoint $B/core/centralized-2/checkpoint --out $B/export.md
 
@@ -55,6 +57,7 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     [ -f $B/batching.md ] && { cat $B/batching.md; echo; }
     section "PyVertical on several cameras against one (\`scripts/bench_views.py\`)" $B/views/results.md
     section "Cross-validated accuracy: from scratch and pretrained (\`scripts/bench_recipe.py\`)" $B/recipe/results.md
+    section "Input recipe: the default against the old inputs (\`scripts/bench_input_recipe.py\`)" $B/input_recipe.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
     section "Privacy: leakage of the smashed data by defence (\`scripts/bench_privacy.py\`)" $B/privacy.md
     [ -f $B/export.md ] && cat $B/export.md

@@ -59,8 +59,13 @@ def read_model_config(path: Path) -> ModelConfig:
     if "model" not in meta:
         raise UserError(f"{path}: no model configuration in the checkpoint metadata")
     try:
-        return ModelConfig.model_validate_json(meta["model"])
-    except ValidationError:
+        saved = json.loads(meta["model"])
+        if isinstance(saved, dict):
+            # Written before ModelConfig had an input norm, when every network used the global
+            # one: the default has since become per-crop, which these weights never saw.
+            saved.setdefault("input_norm", "global")
+        return ModelConfig.model_validate(saved)
+    except (ValidationError, ValueError):
         algo = meta.get("algo", "?")
         raise UserError(
             f"{path}: a {algo} checkpoint, not a split-CNN one; sfl-export reads checkpoints of "

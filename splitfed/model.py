@@ -24,10 +24,10 @@ class ModelConfig(BaseModel):
 
     input_shape: tuple[int, int, int] = Field((1, 48, 96), description="C, H, W of an eye crop")
     input_norm: Literal["global", "per-crop"] = Field(
-        "global",
+        "per-crop",
         description="'global': the fixed pixel mean/std only; 'per-crop': the client half's first "
         "layer also standardises each crop, so exposure and contrast drop out (in training, the "
-        "ONNX export and live inference alike)",
+        "ONNX export and live inference alike). A checkpoint keeps the norm it was trained with",
     )
     widths: tuple[int, ...] = Field((16, 32, 64, 96), description="channels of each conv block")
     stem_stride: int = Field(2, ge=1, le=4, description="stride of the first convolution")

@@ -188,6 +188,11 @@ def num_batches(n: int, batch_size: int) -> int:
     return full + (1 if rest >= 2 else 0)
 
 
+def keyed_generator(*key: int) -> torch.Generator:
+    """A torch generator seeded from `key` alone, so every party that knows the key draws alike."""
+    return torch.Generator().manual_seed(int(np.random.default_rng(list(key)).integers(2**62)))
+
+
 def iterate_batches(
     ds: EmotionDataset,
     batch_size: int,
@@ -205,9 +210,7 @@ def iterate_batches(
     for epoch in range(epochs):
         if train:
             order = np.random.default_rng([*key, epoch]).permutation(n)
-            gen = torch.Generator().manual_seed(
-                int(np.random.default_rng([*key, epoch, 7]).integers(2**62))
-            )
+            gen = keyed_generator(*key, epoch, 7)
         else:
             order = np.arange(n)
         nb = num_batches(n, batch_size) if train else -(-n // batch_size)

@@ -35,6 +35,7 @@ from tests.oracles import CentralSequence
 SEED = 5
 SIZE = {"identities": 4, "per_emotion": 1, "height": 24, "width": 48}
 JITTER = JitterConfig(scale=0.1, camera=CameraConfig(p=0.5))
+PLAIN = JitterConfig(camera=CameraConfig(p=0.0))  # no jitter: the camera is on by default
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def _frames_seen(clips: ClipDataset, tcfg: TrainConfig) -> list[list[torch.Tenso
 
 
 def test_jitter_changes_the_frames_every_segment_trains_on(clips: ClipDataset) -> None:
-    plain = _frames_seen(clips, TrainConfig(batch_size=8))
+    plain = _frames_seen(clips, TrainConfig(batch_size=8, jitter=PLAIN))
     jittered = _frames_seen(clips, TrainConfig(batch_size=8, jitter=JITTER))
     for k, (a, b) in enumerate(zip(plain, jittered, strict=True)):
         assert a and len(a) == len(b), k
@@ -170,7 +171,7 @@ def test_jitter_changes_the_frames_every_segment_trains_on(clips: ClipDataset) -
 
 
 def test_sequence_batches_without_jitter_are_the_old_batches(clips: ClipDataset) -> None:
-    cfg, tcfg = tiny(), TrainConfig(batch_size=8, local_epochs=2)
+    cfg, tcfg = tiny(), TrainConfig(batch_size=8, local_epochs=2, jitter=PLAIN)
     key = (SEED, 1, 0)
     new = list(sequence_batches(clips.clips, clips.labels, cfg, tcfg, key))
     old = list(iterate_batches(frames_proxy(clips.clips, clips.labels), 8, key, 2))

@@ -35,6 +35,7 @@ from tests.oracles import CentralVertical
 SEED = 3
 ALIGN = 8  # the scale of the device half: stride-2 stem, then two pools
 JITTER = JitterConfig(scale=0.1, camera=CameraConfig(p=0.5))
+PLAIN = JitterConfig(camera=CameraConfig(p=0.0))  # no jitter: the camera is on by default
 CAMERA = JitterConfig(camera=CameraConfig(p=0.5))  # what parts of a crop can take
 
 
@@ -268,7 +269,7 @@ def test_jittered_training_equals_central_step_for_step(vdata, small_ds, layout:
         assert o.head is not None
         for k, val in head.state_dict().items():
             torch.testing.assert_close(o.head.state_dict()[k], val, rtol=1e-5, atol=1e-6)
-    plain = CentralVertical(cfg, TrainConfig(batch_size=8), SEED)
+    plain = CentralVertical(cfg, TrainConfig(batch_size=8, jitter=PLAIN), SEED)
     assert plain.train_round(0, parts, algo.aligned.y_train, 2)[0] != ref[0]
 
 
@@ -292,7 +293,7 @@ def _parts_seen(v: VerticalData, tcfg: TrainConfig) -> list[list[torch.Tensor]]:
 
 
 def test_jitter_changes_the_parts_every_owner_trains_on(vdata: VerticalData) -> None:
-    plain = _parts_seen(vdata, TrainConfig(batch_size=8))
+    plain = _parts_seen(vdata, TrainConfig(batch_size=8, jitter=PLAIN))
     jittered = _parts_seen(vdata, TrainConfig(batch_size=8, jitter=CAMERA))
     for k, (a, b) in enumerate(zip(plain, jittered, strict=True)):
         assert a and len(a) == len(b), k
@@ -311,7 +312,7 @@ def test_geometric_jitter_of_parts_is_refused(vdata: VerticalData) -> None:
 
 
 def test_owner_batches_without_jitter_are_the_old_batches(vdata: VerticalData) -> None:
-    cfg, tcfg = tiny_model(vdata), TrainConfig(batch_size=8, local_epochs=2)
+    cfg, tcfg = tiny_model(vdata), TrainConfig(batch_size=8, local_epochs=2, jitter=PLAIN)
     images, key = vdata.owners[1].images, (SEED, 1, 0)
     new = list(owner_batches(images, cfg, tcfg, key, 1))
     old = list(part_batches(images, 8, key, 2, True, cfg.mirrors()))

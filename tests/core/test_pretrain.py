@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -95,3 +97,18 @@ def test_compare_shows_scratch_and_pretrained_side_by_side(
          "--init-from", str(pretrained), "--out", str(tmp_path / "bad")],
     )  # fmt: skip
     assert bad.exit_code != 0 and "cut is 2, this run's is 3" in bad.output
+
+
+def test_a_checkpoint_from_before_the_input_norm_keeps_the_global_norm(tmp_path: Path) -> None:
+    """The default norm became per-crop; weights saved without the field never saw it."""
+    from safetensors.numpy import load_file, save_file
+
+    from splitfed.checkpoint import read_model_config
+
+    old = ModelConfig().model_dump(mode="json")
+    del old["input_norm"]
+    path = tmp_path / "model.safetensors"
+    save_file({"x": np.zeros(1, np.float32)}, str(path), metadata={"model": json.dumps(old)})
+    assert load_file(str(path))["x"].shape == (1,)
+    assert read_model_config(path).input_norm == "global"
+    assert ModelConfig().input_norm == "per-crop"

@@ -195,7 +195,7 @@ def test_per_crop_norm_ignores_brightness_and_contrast() -> None:
 
 
 def test_global_norm_is_the_plain_network() -> None:
-    client, _ = build_split_model(ModelConfig(), seed=0)
+    client, _ = build_split_model(ModelConfig(input_norm="global"), seed=0)
     x = to_tensor(crops())
     client.eval()
     with torch.no_grad():
@@ -223,11 +223,13 @@ def test_shift_metrics_of_a_model() -> None:
 # ---- geometric jitter ------------------------------------------------------------------------
 
 
-def test_jitter_is_seeded_and_off_by_default() -> None:
+def test_jitter_is_seeded_and_only_the_camera_is_on_by_default() -> None:
     x = to_tensor(crops())
     off = JitterConfig(camera=CameraConfig(p=0.0))
     jit = off.model_copy(update={"scale": 0.2, "rotation": 8.0, "shift_y": 0.12})
-    assert off == TrainConfig().jitter and not off.enabled  # off by default
+    default = TrainConfig().jitter  # the input recipe: camera on, geometry off
+    assert default.camera.enabled and not default.geometric and not off.enabled
+    assert default == off.model_copy(update={"camera": CameraConfig()})
 
     def aug(j: JitterConfig | None, seed: int = 5) -> torch.Tensor:
         return augment_batch(x.clone(), torch.Generator().manual_seed(seed), jitter=j)

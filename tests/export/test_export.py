@@ -79,8 +79,18 @@ def test_fp32_matches_torch_with_any_batch_size(exported: Exported, trained: Tra
 def test_int8_is_quantized_and_agrees(exported: Exported, trained: Trained) -> None:
     graph = onnx.load(str(exported.out / "client_int8.onnx")).graph
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}  # QDQ
-    # The convolution on the one-channel input stays float (QuantConfig.float_first_conv).
-    assert [n.op_type for n in graph.node if "input" in n.input] == ["Conv"]
+    # The convolution on the one-channel input stays float (QuantConfig.float_first_conv), and
+    # so does the per-crop standardisation before it: nothing is quantized before that conv.
+    producer = {out: n for n in graph.node for out in n.output}
+    first = next(n for n in graph.node if n.op_type == "Conv")
+    assert all(producer[i].op_type != "DequantizeLinear" for i in first.input if i in producer)
+    seen = set()
+    for n in graph.node:  # the nodes between the input and the first conv
+        if n is first:
+            break
+        if n.op_type != "DequantizeLinear":
+            seen.add(n.op_type)
+    assert "QuantizeLinear" not in seen, seen
     x = to_tensor(trained.data.images).numpy()
     ref = _torch(trained.server, _torch(trained.client, x)).argmax(1)
     assert len(np.unique(ref)) >= 2, "fixture model predicts one class: agreement means nothing"

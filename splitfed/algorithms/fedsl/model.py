@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from splitfed.config import CameraConfig, TrainConfig
-from splitfed.data.batches import camera_jitter, iterate_batches
+from splitfed.data.batches import camera_jitter, iterate_batches, keyed_generator
 from splitfed.data.dataset import EmotionDataset
 from splitfed.emotions import NUM_CLASSES
 
@@ -176,10 +176,6 @@ def jitter_problem(cfg: SeqModelConfig, train_cfg: TrainConfig) -> str | None:
     return None
 
 
-def _generator(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.default_rng(list(parts)).integers(2**62)))
-
-
 def sequence_camera(
     x: torch.Tensor,
     cam: CameraConfig,
@@ -206,9 +202,9 @@ def sequence_camera(
         window = (frame * h, 0, cfg.frames * h, w) if cfg.row_bands else None
         out[:, i] = camera_jitter(
             x[:, i].contiguous(),
-            _generator(*key, CAMERA_STREAM, _DRAWS, step),
+            keyed_generator(*key, CAMERA_STREAM, _DRAWS, step),
             cam,
-            noise_gen=_generator(*key, CAMERA_STREAM, _NOISE, step, frame),
+            noise_gen=keyed_generator(*key, CAMERA_STREAM, _NOISE, step, frame),
             window=window,
         )
     return out
@@ -235,7 +231,7 @@ def sequence_batches(
         raise ValueError(problem)
     # The camera is drawn per frame below: in the batcher it would take the sequence's frames
     # for one picture's channels, and its noise would depend on how many frames a device holds.
-    geometry = jitter.model_copy(update={"camera": CameraConfig()})
+    geometry = jitter.model_copy(update={"camera": CameraConfig(p=0.0)})
     batches = iterate_batches(
         frames_proxy(frames, labels),
         train_cfg.batch_size,

@@ -21,7 +21,7 @@ import torch
 
 from splitfed.algorithms.pyvertical.model import VerticalModelConfig
 from splitfed.config import JitterConfig, TrainConfig
-from splitfed.data.batches import camera_jitter, geometric_jitter
+from splitfed.data.batches import camera_jitter, geometric_jitter, keyed_generator
 from splitfed.data.vertical import part_batches
 
 # Seed streams of the jitter, apart from the batch order and the other augmentation.
@@ -48,10 +48,6 @@ def jitter_problem(cfg: VerticalModelConfig, train_cfg: TrainConfig) -> str | No
     return None
 
 
-def _generator(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.default_rng(list(parts)).integers(2**62)))
-
-
 def jitter_part(
     x: torch.Tensor,
     flip: torch.Tensor,
@@ -67,7 +63,7 @@ def jitter_part(
     its place in the un-mirrored crop (`camera_jitter`'s window), so the light ramp of a
     mirrored record is mirrored with the record, as in a crop changed whole.
     """
-    gen = _generator(*key, JITTER_STREAM, _DRAWS, step, index if cfg.views else 0)
+    gen = keyed_generator(*key, JITTER_STREAM, _DRAWS, step, index if cfg.views else 0)
     if jitter.geometric:  # whole crops only (jitter_problem)
         x = geometric_jitter(x, gen, jitter)
     if jitter.camera.enabled:
@@ -75,7 +71,7 @@ def jitter_part(
         _, h, w = cfg.input_shape
         mirrored = flip[:, None, None, None]
         x = torch.where(mirrored, x.flip(-1), x)
-        noise = _generator(*key, JITTER_STREAM, _NOISE, step, index)
+        noise = keyed_generator(*key, JITTER_STREAM, _NOISE, step, index)
         x = camera_jitter(x, gen, jitter.camera, noise_gen=noise, window=(y0, x0, h, w))
         x = torch.where(mirrored, x.flip(-1), x)
     return x
