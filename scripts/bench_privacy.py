@@ -151,6 +151,21 @@ def _attack(args: argparse.Namespace) -> AttackConfig:
     )
 
 
+def _model(args: argparse.Namespace, shape: tuple[int, int, int]) -> ModelConfig:
+    """The network of the base run: the defaults, or the input norm asked for."""
+    extra = {} if args.input_norm is None else {"input_norm": args.input_norm}
+    return ModelConfig(input_shape=shape, **extra)
+
+
+def _train(args: argparse.Namespace) -> TrainConfig:
+    """Training of the base run (every setting trains as it did): defaults, or another camera p."""
+    train = TrainConfig()
+    if args.camera_jitter is None:
+        return train
+    camera = train.jitter.camera.model_copy(update={"p": args.camera_jitter})
+    return train.model_copy(update={"jitter": train.jitter.model_copy(update={"camera": camera})})
+
+
 def _measure(args: argparse.Namespace, name: str, defence: DefenceConfig) -> dict[str, Any]:
     """One setting, in its own process under `--jobs`: the data is regenerated from its seed."""
     torch.set_num_threads(1)
@@ -186,6 +201,12 @@ def main() -> None:
     ap.add_argument("--attack-width", type=int, default=16)
     ap.add_argument("--inversion-steps", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--input-norm", choices=["global", "per-crop"], default=None, help="[the model's default]"
+    )
+    ap.add_argument(
+        "--camera-jitter", type=float, default=None, help="camera jitter p [the default]"
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/bench_privacy"))
     ap.add_argument("--section", type=Path, default=None, help="markdown file to write")
     ap.add_argument("--jobs", type=int, default=1, help="settings measured at a time")
@@ -219,8 +240,8 @@ def main() -> None:
             args.seed,
             None,
             "subject",
-            ModelConfig(input_shape=ds.input_shape),
-            TrainConfig(),
+            _model(args, ds.input_shape),
+            _train(args),
             base_dir,
         ),
     )
@@ -270,7 +291,10 @@ def report(
         f"Produced by `scripts/bench_privacy.py --identities {args.identities} --per-emotion "
         f"{args.per_emotion} --rounds {args.rounds} --attack-epochs {args.attack_epochs} "
         f"--attack-width {args.attack_width} --inversion-steps {args.inversion_steps} "
-        f"--jobs {args.jobs} --settings {args.settings}` on "
+        f"--jobs {args.jobs} --settings {args.settings} --seed {args.seed}"
+        + (f" --input-norm {args.input_norm}" if args.input_norm else "")
+        + (f" --camera-jitter {args.camera_jitter}" if args.camera_jitter is not None else "")
+        + "` on "
         f"{platform.machine()} (1 torch thread per job)"
         + ("" if seconds is None else f", {seconds:.0f} s in all")
         + ". "
