@@ -86,11 +86,16 @@ def server_option_list(defaults: bool) -> list[Callable[[Any], Any]]:
     ]
 
 
-def server_options(fn: F) -> F:
-    """The server-optimizer flags without defaults of their own (serve: flags over YAML)."""
-    for opt in reversed(server_option_list(defaults=False)):
+def _apply(fn: F, options: list[Callable[[Any], Any]]) -> F:
+    """Decorate `fn` with `options`, the first one listed first in `--help`."""
+    for opt in reversed(options):
         fn = opt(fn)
     return fn
+
+
+def server_options(fn: F) -> F:
+    """The server-optimizer flags without defaults of their own (serve: flags over YAML)."""
+    return _apply(fn, server_option_list(defaults=False))
 
 
 def recipe_option_list() -> list[Callable[[Any], Any]]:
@@ -118,9 +123,7 @@ def recipe_option_list() -> list[Callable[[Any], Any]]:
 
 
 def recipe_options(fn: F) -> F:
-    for opt in reversed(recipe_option_list()):
-        fn = opt(fn)
-    return fn
+    return _apply(fn, recipe_option_list())
 
 
 def data_options(fn: F) -> F:
@@ -233,9 +236,7 @@ def data_options(fn: F) -> F:
         ),
         click.option("-v", "--verbose", is_flag=True),
     ]
-    for opt in reversed(options):
-        fn = opt(fn)
-    return fn
+    return _apply(fn, options)
 
 
 def defence_options(fn: F) -> F:
@@ -336,18 +337,15 @@ def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, T
             model = ModelConfig(input_shape=ds.input_shape, cut=kw["cut"], **extra)
         if kw.get("shape"):
             model = model.model_copy(update={"shape": kw["shape"]})
-        jitter = TrainConfig().jitter
-        if kw.get("camera_jitter") is not None:
-            camera = jitter.camera.model_copy(update={"p": kw["camera_jitter"]})
-            jitter = jitter.model_copy(update={"camera": camera})
         train = TrainConfig(
             batch_size=kw["batch_size"],
             lr=kw["lr"],
             local_epochs=kw["local_epochs"],
             compression=kw["compression"],
             sflv2_order=kw.get("sflv2_order", "interleaved"),
-            jitter=jitter,
         )
+        if kw.get("camera_jitter") is not None:
+            train = train.with_camera(kw["camera_jitter"])
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "--cut"

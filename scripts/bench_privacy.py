@@ -160,10 +160,7 @@ def _model(args: argparse.Namespace, shape: tuple[int, int, int]) -> ModelConfig
 def _train(args: argparse.Namespace) -> TrainConfig:
     """Training of the base run (every setting trains as it did): defaults, or another camera p."""
     train = TrainConfig()
-    if args.camera_jitter is None:
-        return train
-    camera = train.jitter.camera.model_copy(update={"p": args.camera_jitter})
-    return train.model_copy(update={"jitter": train.jitter.model_copy(update={"camera": camera})})
+    return train if args.camera_jitter is None else train.with_camera(args.camera_jitter)
 
 
 def _measure(args: argparse.Namespace, name: str, defence: DefenceConfig) -> dict[str, Any]:

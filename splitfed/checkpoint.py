@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 from safetensors.numpy import load_file, save_file
 
 from splitfed.errors import UserError
@@ -65,7 +64,7 @@ def read_model_config(path: Path) -> ModelConfig:
             # one: the default has since become per-crop, which these weights never saw.
             saved.setdefault("input_norm", "global")
         return ModelConfig.model_validate(saved)
-    except (ValidationError, ValueError):
+    except ValueError:  # bad JSON or a ValidationError (a ValueError too)
         algo = meta.get("algo", "?")
         raise UserError(
             f"{path}: a {algo} checkpoint, not a split-CNN one; sfl-export reads checkpoints of "

@@ -106,6 +106,11 @@ class TrainConfig(BaseModel):
         default_factory=JitterConfig, description="geometric jitter when augmenting"
     )
 
+    def with_camera(self, p: float) -> TrainConfig:
+        """These settings with the camera jitter applied at chance `p` (0: off)."""
+        camera = self.jitter.camera.model_copy(update={"p": p})
+        return self.model_copy(update={"jitter": self.jitter.model_copy(update={"camera": camera})})
+
 
 class AggregationConfig(BaseModel):
     """How the aggregator combines the copies of a model half that devices send back.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -195,25 +196,36 @@ def test_bad_tables_and_layouts_are_user_errors(vdata: VerticalData) -> None:
 # ---- the split changes no arithmetic ------------------------------------------------------------
 
 
-def test_transport_training_equals_central_multihead_step_for_step(vdata: VerticalData) -> None:
-    cfg, tcfg = tiny_model(vdata), TrainConfig(batch_size=8)
-    algo, io, owners = start(vdata, cfg, tcfg)
-    initial = [
-        {k: v.clone() for k, v in h.state_dict().items()}
-        for h in build_vertical_model(cfg, SEED)[0]
-    ]
+def _equals_central(
+    v: VerticalData, cfg: VerticalModelConfig, tcfg: TrainConfig
+) -> tuple[Any, ...]:
+    """Train two rounds over the transport and in the central network; assert that losses,
+    trunk and heads are equal. Returns (algo, io, owners, central, parts, reference losses)."""
+    algo, io, owners = start(v, cfg, tcfg)
     losses = train(algo, io, 2)
     central = CentralVertical(cfg, tcfg, SEED)
     assert algo.aligned is not None
     parts = [o.table.images[o.aligned.train] for o in owners]
     ref = [central.train_round(rnd, parts, algo.aligned.y_train, 2)[0] for rnd in range(2)]
     np.testing.assert_allclose(losses, ref, rtol=1e-6)
-    for k, v in central.trunk.state_dict().items():
-        torch.testing.assert_close(algo.trunk.state_dict()[k], v, rtol=1e-5, atol=1e-6)
-    for o, head, init in zip(owners, central.heads, initial, strict=True):
+    for k, val in central.trunk.state_dict().items():
+        torch.testing.assert_close(algo.trunk.state_dict()[k], val, rtol=1e-5, atol=1e-6)
+    for o, head in zip(owners, central.heads, strict=True):
         assert o.head is not None
-        for k, v in head.state_dict().items():
-            torch.testing.assert_close(o.head.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+        for k, val in head.state_dict().items():
+            torch.testing.assert_close(o.head.state_dict()[k], val, rtol=1e-5, atol=1e-6)
+    return algo, io, owners, central, parts, ref
+
+
+def test_transport_training_equals_central_multihead_step_for_step(vdata: VerticalData) -> None:
+    cfg, tcfg = tiny_model(vdata), TrainConfig(batch_size=8)
+    initial = [
+        {k: v.clone() for k, v in h.state_dict().items()}
+        for h in build_vertical_model(cfg, SEED)[0]
+    ]
+    algo, io, owners, central, _, _ = _equals_central(vdata, cfg, tcfg)
+    for o, init in zip(owners, initial, strict=True):
+        assert o.head is not None
         # Gradients reached every head: each of its parameters moved.
         for name, p in o.head.named_parameters():
             assert not torch.equal(p.detach(), init[name]), f"{o.client_id} {name} never trained"
@@ -256,19 +268,7 @@ def test_jittered_training_equals_central_step_for_step(vdata, small_ds, layout:
     v, jitter = (vdata, CAMERA) if layout == "tiles" else (views(small_ds), JITTER)
     cfg, tcfg = tiny_model(v), TrainConfig(batch_size=8, jitter=jitter)
     assert cfg.views == (layout == "views") and cfg.mirrors() == (layout == "tiles")
-    algo, io, owners = start(v, cfg, tcfg)
-    losses = train(algo, io, 2)
-    central = CentralVertical(cfg, tcfg, SEED)
-    assert algo.aligned is not None
-    parts = [o.table.images[o.aligned.train] for o in owners]
-    ref = [central.train_round(rnd, parts, algo.aligned.y_train, 2)[0] for rnd in range(2)]
-    np.testing.assert_allclose(losses, ref, rtol=1e-6)
-    for k, val in central.trunk.state_dict().items():
-        torch.testing.assert_close(algo.trunk.state_dict()[k], val, rtol=1e-5, atol=1e-6)
-    for o, head in zip(owners, central.heads, strict=True):
-        assert o.head is not None
-        for k, val in head.state_dict().items():
-            torch.testing.assert_close(o.head.state_dict()[k], val, rtol=1e-5, atol=1e-6)
+    algo, _, _, _, parts, ref = _equals_central(v, cfg, tcfg)
     plain = CentralVertical(cfg, TrainConfig(batch_size=8, jitter=PLAIN), SEED)
     assert plain.train_round(0, parts, algo.aligned.y_train, 2)[0] != ref[0]
 

@@ -226,9 +226,7 @@ def sequence_batches(
     camera per sequence (`sequence_camera`).
     """
     jitter = train_cfg.jitter
-    problem = jitter_problem(cfg, train_cfg)
-    if problem:
-        raise ValueError(problem)
+    # (`jitter_problem` is checked where the run is configured: FedSL and the segment device.)
     # The camera is drawn per frame below: in the batcher it would take the sequence's frames
     # for one picture's channels, and its noise would depend on how many frames a device holds.
     geometry = jitter.model_copy(update={"camera": CameraConfig(p=0.0)})

@@ -84,10 +84,9 @@ def owner_batches(
     key: tuple[int, ...],
     index: int,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(parts, mirror flags) of each training batch of owner `index`, in the shared plan."""
-    problem = jitter_problem(cfg, train_cfg)
-    if problem:
-        raise ValueError(problem)
+    """(parts, mirror flags) of each training batch of owner `index`, in the shared plan.
+
+    `jitter_problem` is checked where the run is configured (PyVertical and the owner)."""
     batches = part_batches(
         images,
         train_cfg.batch_size,

@@ -75,8 +75,7 @@ class VerticalModelConfig(BaseModel):
     @property
     def views(self) -> bool:
         """One whole crop per owner (views of a record), not tiles of one crop."""
-        _, h, w = self.input_shape
-        return len(self.boxes) > 1 and all(tuple(b) == (0, h, 0, w) for b in self.boxes)
+        return len(self.boxes) > 1 and self.whole
 
     @property
     def whole(self) -> bool:
