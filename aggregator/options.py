@@ -99,9 +99,10 @@ def server_options(fn: F) -> F:
 
 
 def recipe_option_list() -> list[Callable[[Any], Any]]:
-    """`--input-norm`, `--camera-jitter`: the input recipe, one definition for simulate, compare
-    and serve. Unset, they are None: the model's and training's own defaults stand (serve: the
-    YAML's), and a pretrained checkpoint (`--init-from`) keeps the norm it was trained with."""
+    """`--input-norm`, `--camera-jitter`, `--syncs-per-round`: the input recipe and how often
+    halves are averaged, one definition for simulate, compare and serve. Unset, they are None:
+    the model's and training's own defaults stand (serve: the YAML's), and a pretrained
+    checkpoint (`--init-from`) keeps the norm it was trained with."""
     return [
         click.option(
             "--input-norm",
@@ -118,6 +119,14 @@ def recipe_option_list() -> list[Callable[[Any], Any]]:
             help="chance that each of another camera's changes (tone, side light, blur, lower "
             "resolution, noise, JPEG) is applied to a training crop; 0 turns it off "
             f"[default: {CameraConfig.model_fields['p'].default}]",
+        ),
+        click.option(
+            "--syncs-per-round",
+            type=click.IntRange(1, 64),
+            default=None,
+            help="average the devices' halves this many times per round, each device training "
+            "1/N of its round in between (SL, SFLV1, SFLV2, FedAvg; others average once) "
+            f"[default: {TrainConfig.model_fields['syncs_per_round'].default}]",
         ),
     ]
 
@@ -344,6 +353,8 @@ def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, T
             compression=kw["compression"],
             sflv2_order=kw.get("sflv2_order", "interleaved"),
         )
+        if kw.get("syncs_per_round") is not None:
+            train = train.model_copy(update={"syncs_per_round": kw["syncs_per_round"]})
         if kw.get("camera_jitter") is not None:
             train = train.with_camera(kw["camera_jitter"])
     except ValidationError as e:

@@ -502,7 +502,7 @@ class Dashboard:
     help="no training: publish --checkpoint's client weights and answer live predictions",
 )
 @server_options  # as simulate's, unset = the config's (aggregator.options)
-@recipe_options  # --input-norm, --camera-jitter: as simulate's
+@recipe_options  # --input-norm, --camera-jitter, --syncs-per-round: as simulate's
 @click.option(
     "--sflv2-order",
     type=click.Choice(["interleaved", "sequential"]),
@@ -596,6 +596,7 @@ def serve(
         "train.batch_size": kw["batch_size"],
         "train.lr": kw["lr"],
         "train.local_epochs": kw["local_epochs"],
+        "train.syncs_per_round": kw["syncs_per_round"],
         "model.cut": kw["cut"],
         "model.input_norm": kw["input_norm"],
         "train.jitter.camera.p": kw["camera_jitter"],

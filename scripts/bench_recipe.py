@@ -6,15 +6,19 @@ Every cell is `aggregator compare --folds K` (splitfed.crossval.cross_validate o
 simulator), so the numbers are those a user gets. The data are SYNTHETIC: a private population
 (the federation's people) and, for pretraining, a larger public population drawn another way
 (other people, a noisier camera, other resting faces), trained centrally first: the synthetic
-proxy of "pretrain on a public set, fine-tune on the devices". Recipes:
+proxy of "pretrain on a public set, fine-tune on the devices". Recipes (the inputs):
 
-    baseline   global pixel normalisation
-    per-crop   per-crop standardisation in the client half (ModelConfig.input_norm)
+    old        global pixel normalisation, no camera jitter (the defaults before the recipe)
+    recipe     per-crop standardisation in the client half and camera jitter at chance 0.5
+               (ModelConfig.input_norm, CameraConfig.p: today's defaults)
+
+The pretraining run uses the same recipe as the federated runs it starts. Cells run in parallel
+through the product's own job pool (`compare --jobs`), which gives the numbers of one job.
 
 "rounds to 95 %" is the first round whose cross-validated test accuracy reaches 95 % of the
 final one.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_recipe.py --folds 5 --clients 2,5,10
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_recipe.py --folds 5 --clients 2,5,10 --jobs 2
 """
 
 from __future__ import annotations
@@ -28,14 +32,15 @@ from typing import Any
 
 import torch
 
+from aggregator.jobs import run_tasks
 from splitfed.config import AggregationConfig, TrainConfig
-from splitfed.crossval import cross_validate
 from splitfed.data.dataset import EmotionDataset
 from splitfed.data.synth import SynthConfig, generate_synth
 from splitfed.model import ModelConfig
 from splitfed.simulate import SimSpec, simulate
 
-RECIPES: dict[str, str] = {"baseline": "global", "per-crop": "per-crop"}
+# recipe -> (ModelConfig.input_norm, CameraConfig.p)
+RECIPES: dict[str, tuple[str, float]] = {"old": ("global", 0.0), "recipe": ("per-crop", 0.5)}
 
 
 def public_population(identities: int, per_emotion: int) -> EmotionDataset:
@@ -46,10 +51,13 @@ def public_population(identities: int, per_emotion: int) -> EmotionDataset:
     return generate_synth(cfg)
 
 
-def pretrain(public: EmotionDataset, model: ModelConfig, epochs: int, out: Path) -> Path:
+def pretrain(
+    public: EmotionDataset, model: ModelConfig, train: TrainConfig, epochs: int, out: Path
+) -> Path:
     """Centralized training on the public set; returns its checkpoint directory."""
     if not (out / "checkpoint" / "model.safetensors").exists():
-        simulate(public, SimSpec("centralized", 1, epochs, seed=0, model=model, out_dir=out))
+        spec = SimSpec("centralized", 1, epochs, seed=0, model=model, train=train, out_dir=out)
+        simulate(public, spec)
     return out / "checkpoint"
 
 
@@ -92,50 +100,53 @@ def table(rows: list[dict[str, Any]], folds: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--identities", type=int, default=40, help="people in the private set")
-    ap.add_argument("--per-emotion", type=int, default=3)
+    ap.add_argument("--per-emotion", type=int, default=6)
     ap.add_argument("--public-identities", type=int, default=120)
     ap.add_argument("--pretrain-epochs", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--clients", default="2,5,10")
     ap.add_argument("--algos", default="centralized,sl,sflv1,sflv2")
-    ap.add_argument("--recipes", default="baseline,per-crop")
+    ap.add_argument("--recipes", default="old,recipe")
     ap.add_argument("--starts", default="scratch,pretrained")
-    ap.add_argument("--batch-size", type=int, default=None, help="[TrainConfig's]")
+    ap.add_argument("--old-clients", default=None, help="client counts for the old recipe [all]")
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--server-opt", default="none", help="none, sgd, momentum or adam")
     ap.add_argument("--server-lr", default=None, help="a number or auto (the client count)")
+    ap.add_argument("--jobs", type=int, default=1, help="cells at once, one process each")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/recipe"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = generate_synth(SynthConfig(identities=args.identities, per_emotion=args.per_emotion))
     public = public_population(args.public_identities, args.per_emotion)
-    counts = [int(c) for c in args.clients.split(",")]
     algos = args.algos.split(",")
-    train = TrainConfig(**({"batch_size": args.batch_size} if args.batch_size else {}))
     server_lr = args.server_lr if args.server_lr in (None, "auto") else float(args.server_lr)
     aggregation = AggregationConfig(server_opt=args.server_opt, server_lr=server_lr)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for recipe in args.recipes.split(","):
-        model = ModelConfig(input_shape=data.input_shape, input_norm=RECIPES[recipe])  # type: ignore[arg-type]
+        norm, camera = RECIPES[recipe]
+        model = ModelConfig(input_shape=data.input_shape, input_norm=norm)  # type: ignore[arg-type]
+        train = TrainConfig(batch_size=args.batch_size).with_camera(camera)
+        clients = args.old_clients if recipe == "old" and args.old_clients else args.clients
+        counts = [int(c) for c in clients.split(",")]
         for start in args.starts.split(","):
             init = None
             if start == "pretrained":
-                init = pretrain(public, model, args.pretrain_epochs, args.out / f"public-{recipe}")
-            for algo in algos:
-                for n in counts if algo != "centralized" else [1]:
-                    spec = SimSpec(
-                        algo, n, args.rounds, seed=0, model=model, train=train,
-                        aggregation=aggregation, report_shift=True, init_from=init,
-                    )  # fmt: skip
-                    m = cross_validate(data, spec, args.folds)
-                    row = {"recipe": recipe, "start": start, "algo": algo, "clients": n, **cell(m)}
-                    rows.append(row)
-                    print(
-                        f"{recipe} {start} {algo} x{n}: {100 * row['test_mean']:.1f} ± "
-                        f"{100 * row['test_std']:.1f} % ({time.perf_counter() - t0:.0f} s)",
-                        file=sys.stderr,
-                    )
+                out = args.out / f"public-{recipe}"
+                init = pretrain(public, model, train, args.pretrain_epochs, out)
+            cells = [(a, n) for a in algos for n in (counts if a != "centralized" else [1])]
+            tasks = [
+                (SimSpec(
+                    a, n, args.rounds, seed=0, model=model, train=train, aggregation=aggregation,
+                    report_shift=True, init_from=init,
+                ), f"{recipe} {start} {a} x{n}")
+                for a, n in cells
+            ]  # fmt: skip
+            for (a, n), m in zip(cells, run_tasks(data, tasks, args.folds, args.jobs, 1, False)):
+                row = {"recipe": recipe, "start": start, "algo": a, "clients": n, **cell(m)}
+                rows.append(row)
+            print(f"{recipe} {start}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(
         json.dumps({"args": vars(args), "rows": rows}, default=str, indent=2)

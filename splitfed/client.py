@@ -22,13 +22,14 @@ import logging
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 import torch
 from torch import nn
 
 from splitfed.config import TrainConfig
-from splitfed.data.batches import iterate_batches
+from splitfed.data.batches import iterate_batches, num_batches, part_bounds
 from splitfed.data.dataset import EmotionDataset
 from splitfed.defences import DefenceConfig, WireBatch, nopeek_backward, to_wire
 from splitfed.device import DeviceRuntime
@@ -76,11 +77,12 @@ LIVE_NOISE_STREAM = 2_000_000  # noise keys of live frames (PREDICT), apart from
 
 @dataclass
 class _Round:
-    round: int
+    round: int  # on the wire: counts the parts of cut rounds (Strategy.wire_round)
     seed: int
     index: int
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
-    step: int = 0
+    step: int = 0  # within the whole round, so a part's steps keep the uncut round's seeds
+    epoch: int = 0  # the round itself, which keys the batches and every seed
     samples: int = 0
     pending: tuple[int, torch.Tensor] | None = None  # (step, activations with graph)
     # What the backward step of the batch in flight needs: its crops (NoPeek), what went on
@@ -91,6 +93,15 @@ class _Round:
     head_done: bool = False  # U-shape: the head stepped, the client half's gradient is due
     loss_sum: float = 0.0  # U-shape: the device computes the loss, so it counts it
     correct: int = 0
+
+
+@dataclass
+class _Stream:
+    """The round's batches, drawn once across its parts (`TrainConfig.syncs_per_round`)."""
+
+    key: tuple[int, int, int]
+    next: int
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -118,6 +129,7 @@ class ClientRuntime(DeviceRuntime):
         is what a device wants: it never leaves the device, so nobody can replay the noise."""
         self.client_id = client_id
         self.train = train
+        self._stream: _Stream | None = None  # a cut round's batches, across its parts
         self.test = test
         self.aggregator_id = aggregator_id
         self.seq = Sequencer(client_id, run_id)
@@ -268,20 +280,50 @@ class ClientRuntime(DeviceRuntime):
         set_lr(self.opt, lr)
         set_lr(self.full_opt, lr)
         set_lr(self.head_opt, lr)
-        key = (int(body["seed"]), msg.env.round, int(body["client_index"]))
-        batches = iterate_batches(
-            self.train,
-            cfg.batch_size,
-            key,
-            cfg.local_epochs,
-            train=True,
-            augment=cfg.augment,
-            jitter=cfg.jitter,
-        )
-        self.round = _Round(msg.env.round, key[0], key[2], batches)
+        rnd, part = divmod(msg.env.round, cfg.syncs_per_round)
+        key = (int(body["seed"]), rnd, int(body["client_index"]))
+        batches, first = self._part_batches(key, part)
+        self.round = _Round(msg.env.round, key[0], key[2], batches, step=first, epoch=rnd)
         if body["mode"] == "local":
             return [self._train_locally(msg)]
         return [self._next_smashed(msg.env.message_id)]
+
+    def _part_batches(
+        self, key: tuple[int, int, int], part: int
+    ) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int]:
+        """This part's batches of the round keyed `key`, and the round step of the first.
+
+        A cut round's parts continue one stream, so each batch is drawn and augmented once; a
+        device that lost it (it restarted mid-round) draws the round again and skips to its
+        part, with the same pixels.
+        """
+        cfg = self.train_cfg
+        assert cfg is not None
+
+        def draw() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return iterate_batches(
+                self.train, cfg.batch_size, key, cfg.local_epochs,
+                train=True, augment=cfg.augment, jitter=cfg.jitter,
+            )  # fmt: skip
+
+        parts = cfg.syncs_per_round
+        if parts == 1:
+            self._stream = None
+            return draw(), 0
+        total = num_batches(len(self.train), cfg.batch_size) * cfg.local_epochs
+        lo, hi = part_bounds(total, part, parts)
+        stream = self._stream
+        if stream is None or stream.key != key or stream.next != lo:
+            stream = _Stream(key, lo, islice(draw(), lo, None))
+        self._stream = stream
+
+        def take() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            assert stream is not None
+            for batch in islice(stream.batches, hi - lo):
+                stream.next += 1
+                yield batch
+
+        return take(), lo
 
     def _next_smashed(self, reply_to: str) -> Message:
         r = self.round
@@ -291,13 +333,13 @@ class ClientRuntime(DeviceRuntime):
         except StopIteration:
             return self._update_message(reply_to, {})
         self.client_net.train()
-        with seeded(r.seed, r.round, r.index, r.step, 0):
+        with seeded(r.seed, r.epoch, r.index, r.step, 0):
             wire = to_wire(
                 self.client_net,
                 x,
                 self.defence,
                 self.train_cfg.compression,
-                (r.seed, r.round, r.index, r.step, self.secret),
+                (r.seed, r.epoch, r.index, r.step, self.secret),
             )
         r.pending = (r.step, wire.activations)
         r.x, r.wire, r.y, r.head_done = x, wire, y, False
@@ -351,7 +393,7 @@ class ClientRuntime(DeviceRuntime):
         self.server_net.train()
         # The same seed as the server half's forward in a plain split: the head's dropout is the
         # half's only random draw, so the U-shape changes no arithmetic.
-        with seeded(r.seed, r.round, r.index, step, 1):
+        with seeded(r.seed, r.epoch, r.index, step, 1):
             out = self.server_net.head(feat)
         loss = nn.functional.cross_entropy(out, r.y)
         self.head_opt.zero_grad(set_to_none=True)
@@ -450,9 +492,9 @@ class ClientRuntime(DeviceRuntime):
         self.server_net.train()
         loss_sum, correct = 0.0, 0
         for x, y in r.batches:
-            with seeded(r.seed, r.round, r.index, r.step, 0):
+            with seeded(r.seed, r.epoch, r.index, r.step, 0):
                 h = self.client_net(x)
-            with seeded(r.seed, r.round, r.index, r.step, 1):
+            with seeded(r.seed, r.epoch, r.index, r.step, 1):
                 out = self.server_net(h)
             loss = loss_fn(out, y)
             self.opt.zero_grad(set_to_none=True)

@@ -94,6 +94,14 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay")
     local_epochs: int = Field(1, ge=1, le=100, description="passes over local data per round")
+    syncs_per_round: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="times per round the devices' halves are averaged (SL, SFLV1, SFLV2, "
+        "FedAvg): each device trains 1/N of its round between two averages; other algorithms "
+        "average once",
+    )
     compression: Compression = Field("fp32", description="activations on the wire")
     grad_compression: GradCompression = Field("fp32", description="gradients on the wire")
     augment: bool = Field(True, description="augment training batches on the device")

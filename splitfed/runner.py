@@ -93,7 +93,7 @@ def run(algo: Strategy, io: ServerIO | None, opts: RunOptions) -> dict[str, Any]
         t0 = time.perf_counter()
         up0, down0 = _bytes(io, group)
         if io is not None:
-            io.round = rnd
+            io.round = algo.wire_round(rnd)
             participants = _online(io, group) if algo.uses_clients else []
         if algo.uses_clients and not participants:
             raise RuntimeError(f"round {rnd}: no client online")

@@ -53,6 +53,13 @@ class RoundTrain:
         self.correct += other.correct
         self.seen += other.seen
 
+    def merge_part(self, part: RoundTrain) -> None:
+        """Add one part of a round (`TrainConfig.syncs_per_round`): its counts and drops; the
+        devices that completed the round are those that completed its last part."""
+        self.merge(part)
+        self.dropped.extend(c for c in part.dropped if c not in self.dropped)
+        self.completed = list(part.completed)
+
 
 @dataclass
 class ClientUpdate:
@@ -99,6 +106,9 @@ class Strategy(abc.ABC):
     name: ClassVar[str]
     mode: ClassVar[Literal["split", "local"]] = "split"
     uses_clients: ClassVar[bool] = True
+    # Whether the round can be cut into parts with an average after each
+    # (`TrainConfig.syncs_per_round`): the one-crop split algorithms and FedAvg.
+    partable: ClassVar[bool] = False
     model_cfg: BaseModel
 
     def __init__(
@@ -122,6 +132,21 @@ class Strategy(abc.ABC):
         # A separate fed server (SplitFed's): it alone receives and averages the client halves
         # (CLIENT_UPDATEs here carry counts only); this process never holds a trained one.
         self.fed: FedPeer | None = None
+        # The part of the round in flight (0 unless the round is cut, see `parts`).
+        self.part = 0
+
+    @property
+    def parts(self) -> int:
+        """Averages per round: each device trains 1/parts of its round between two of them.
+
+        The wire's round number counts parts (`wire_round`), so a device derives its part from
+        it; the seeds of every step stay the round's, so the cut changes no step's arithmetic.
+        """
+        return self.train_cfg.syncs_per_round if self.partable else 1
+
+    def wire_round(self, rnd: int, part: int = 0) -> int:
+        """The round number that part `part` of round `rnd` carries on the wire."""
+        return rnd * self.parts + part
 
     # ---- the three hooks --------------------------------------------------------------------
 
@@ -146,21 +171,36 @@ class Strategy(abc.ABC):
     def run_round(
         self, io: ServerIO, rnd: int, participants: list[str], timeout: float
     ) -> RoundTrain:
-        """Train one round with these devices: configure, feed messages to `handle`, aggregate."""
-        state = self.configure_round(io, rnd, participants)
-        dropped = self.collect(
-            io,
-            state.active,
-            time.monotonic() + timeout,
-            lambda msg: self.handle(io, state, msg),
-            f"round {rnd}",
-            lambda cid: self.on_drop(io, state, cid),
-            waiting_on=lambda: state.waiting_on,
-        )
-        state.result.dropped.extend(dropped)
-        if self.merge_round is not None:
-            self.merge_round(self, state)
-        return self.aggregate(io, state)
+        """Train one round with these devices: configure, feed messages to `handle`, aggregate;
+        once per part of the round (`parts`), each part with the devices that finished the last.
+        The timeout applies to each part."""
+        total = RoundTrain()
+        for part in range(self.parts):
+            self.part = part
+            io.round = self.wire_round(rnd, part)
+            if part and self.fed is not None:
+                self.fed.sync(self)
+            state = self.configure_round(io, rnd, participants)
+            what = f"round {rnd}" if self.parts == 1 else f"round {rnd} part {part + 1}"
+            dropped = self.collect(
+                io,
+                state.active,
+                time.monotonic() + timeout,
+                lambda msg: self.handle(io, state, msg),  # noqa: B023 - called in this part
+                what,
+                lambda cid: self.on_drop(io, state, cid),  # noqa: B023
+                waiting_on=lambda: state.waiting_on,  # noqa: B023
+            )
+            state.result.dropped.extend(dropped)
+            if self.merge_round is not None:
+                self.merge_round(self, state)
+            result = self.aggregate(io, state)
+            total.merge_part(result)
+            participants = [c for c in participants if c in result.completed]
+            if not participants:
+                break
+        self.part = 0
+        return total
 
     def start_round(self, rnd: int, total_rounds: int) -> None:
         """Set this round's learning rate on every optimizer the aggregator holds."""
@@ -305,10 +345,19 @@ class Strategy(abc.ABC):
         return update
 
     def sample_cap(self, io: ServerIO, state: RoundState, client_id: str) -> int:
-        """The most samples `client_id` can have trained this round (split: smashed rows)."""
-        return max_samples(
-            state.trained[client_id], self.train_cfg.local_epochs, self.train_cfg.batch_size
-        )
+        """The most samples `client_id` can have trained this round (split: smashed rows).
+
+        A part of a cut round shows 1/parts of the round's batches, give or take one, the last
+        maybe short: the cap is then that share scaled up, two batches of slack per part, and
+        never above the training set the device declared when it joined.
+        """
+        cfg = self.train_cfg
+        trained = state.trained[client_id]
+        if self.parts == 1:
+            return max_samples(trained, cfg.local_epochs, cfg.batch_size)
+        info = io.clients.get(client_id)
+        share = self.parts * (trained + 2 * cfg.batch_size) // cfg.local_epochs
+        return min(share, info.n_train) if info is not None else 0
 
     def combine(
         self,
@@ -360,7 +409,8 @@ class Strategy(abc.ABC):
             weights = [state.updates[c].n_samples for c in done]
             for prefix, net in nets.items():
                 if prefix == CLIENT_PREFIX and self.fed is not None:
-                    self.fed.round_done(self, state.rnd, done, weights)  # it averages them
+                    # it averages them; its rounds are the wire's, one per part
+                    self.fed.round_done(self, self.wire_round(state.rnd, self.part), done, weights)
                     continue
                 halves = [state.updates[c].halves[prefix] for c in done]
                 self.average_into(net, halves, weights, prefix)

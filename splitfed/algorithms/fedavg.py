@@ -15,6 +15,7 @@ from splitfed.wire import Message, MsgType
 
 class FedAvg(SplitCNN):
     name = "fedavg"
+    partable = True
     mode = "local"
 
     def configure_round(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:

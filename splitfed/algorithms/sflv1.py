@@ -32,6 +32,7 @@ class _Round(RoundState):
 
 class SFLV1(SplitCNN):
     name = "sflv1"
+    partable = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -20,7 +20,7 @@ import numpy as np
 from splitfed.algorithms.aggregate import interleaved_order, sequential_order
 from splitfed.algorithms.base import RoundState, RoundTrain
 from splitfed.algorithms.cnn import SplitCNN
-from splitfed.data.batches import num_batches
+from splitfed.data.batches import num_batches, part_bounds
 from splitfed.server import ServerIO
 from splitfed.wire import Message, MsgType
 
@@ -34,17 +34,18 @@ class _Round(RoundState):
 
 class SFLV2(SplitCNN):
     name = "sflv2"
+    partable = True
 
     def configure_round(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:
-        counts = [
-            num_batches(io.clients[c].n_train, self.train_cfg.batch_size)
-            * self.train_cfg.local_epochs
-            for c in participants
-        ]
-        schedule = (
-            sequential_order if self.train_cfg.sflv2_order == "sequential" else interleaved_order
-        )
-        order = deque(schedule(counts, np.random.default_rng([self.seed, rnd, 0x5F12])))
+        cfg = self.train_cfg
+        counts = []
+        for c in participants:
+            total = num_batches(io.clients[c].n_train, cfg.batch_size) * cfg.local_epochs
+            lo, hi = part_bounds(total, self.part, self.parts)
+            counts.append(hi - lo)
+        schedule = sequential_order if cfg.sflv2_order == "sequential" else interleaved_order
+        key = [self.seed, rnd, 0x5F12, *([self.part] if self.parts > 1 else [])]
+        order = deque(schedule(counts, np.random.default_rng(key)))
         base = self.start_clients(io, rnd, participants)
         state = _Round(base.rnd, base.participants, base.active, order=order)
         self._advance(io, state)

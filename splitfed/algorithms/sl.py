@@ -24,6 +24,7 @@ class _Round(RoundState):
 
 class SplitLearning(SplitCNN):
     name = "sl"
+    partable = True
 
     def configure_round(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:
         state = _Round(rnd, list(participants), set(), queue=deque(participants))

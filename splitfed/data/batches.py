@@ -188,6 +188,15 @@ def num_batches(n: int, batch_size: int) -> int:
     return full + (1 if rest >= 2 else 0)
 
 
+def part_bounds(n_batches: int, part: int, parts: int) -> tuple[int, int]:
+    """The batches [lo, hi) of a round's `n_batches` that part `part` of `parts` trains.
+
+    `TrainConfig.syncs_per_round`: the device and the aggregator both cut a round this way, so
+    the parts cover every batch once, in order, and differ in length by one batch at most.
+    """
+    return part * n_batches // parts, (part + 1) * n_batches // parts
+
+
 def keyed_generator(*key: int) -> torch.Generator:
     """A torch generator seeded from `key` alone, so every party that knows the key draws alike."""
     return torch.Generator().manual_seed(int(np.random.default_rng(list(key)).integers(2**62)))

@@ -43,16 +43,35 @@ def test_one_client_equals_centralized(small_synth, algo: str) -> None:
     assert central["rounds"][-1]["train_loss"] < central["rounds"][0]["train_loss"]
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_sflv1_equals_fedavg(small_synth, optimizer: str) -> None:
-    fedavg = run(
-        small_synth, "fedavg", 3, optimizer=optimizer, lr=0.01 if optimizer == "sgd" else 2e-3
-    )
-    sflv1 = run(
-        small_synth, "sflv1", 3, optimizer=optimizer, lr=0.01 if optimizer == "sgd" else 2e-3
-    )
+@pytest.mark.parametrize("algo", ["sl", "sflv2", "sflv1", "fedavg"])
+def test_one_client_equals_centralized_with_cut_rounds(small_synth, algo: str) -> None:
+    """Averaging three times a round (`syncs_per_round`) cuts each device's round into parts
+    with the uncut round's batches and seeds: with one device, still centralized training."""
+    central = run(small_synth, "centralized", 1)
+    split = run(small_synth, algo, 1, syncs_per_round=3)
+    np.testing.assert_allclose(trajectory(split), trajectory(central), rtol=0, atol=1e-6)
+    assert split["final"]["test_confusion"] == central["final"]["test_confusion"]
+    assert [r["samples"] for r in split["rounds"]] == [r["samples"] for r in central["rounds"]]
+
+
+@pytest.mark.parametrize(("optimizer", "syncs"), [("adam", 1), ("sgd", 1), ("adam", 3)])
+def test_sflv1_equals_fedavg(small_synth, optimizer: str, syncs: int) -> None:
+    lr = 0.01 if optimizer == "sgd" else 2e-3
+    fedavg = run(small_synth, "fedavg", 3, optimizer=optimizer, lr=lr, syncs_per_round=syncs)
+    sflv1 = run(small_synth, "sflv1", 3, optimizer=optimizer, lr=lr, syncs_per_round=syncs)
     np.testing.assert_allclose(trajectory(sflv1), trajectory(fedavg), rtol=0, atol=1e-6)
     assert sflv1["final"]["test_confusion"] == fedavg["final"]["test_confusion"]
+
+
+@pytest.mark.parametrize("algo", ["sflv1", "sflv2"])
+def test_cut_rounds_train_every_batch_once_and_average_more(small_synth, algo: str) -> None:
+    """Several devices: the cut trains the same samples per round, and its averages between
+    the parts change the trajectory (the test above would pass if the cut were ignored)."""
+    whole = run(small_synth, algo, 3)
+    cut = run(small_synth, algo, 3, syncs_per_round=2)
+    assert [r["samples"] for r in cut["rounds"]] == [r["samples"] for r in whole["rounds"]]
+    assert [r["clients"] for r in cut["rounds"]] == [r["clients"] for r in whole["rounds"]]
+    assert trajectory(cut) != trajectory(whole)
 
 
 def test_algorithms_differ_with_several_clients(small_synth) -> None:

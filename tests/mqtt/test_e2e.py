@@ -156,6 +156,34 @@ def test_pretrained_start_over_mosquitto_equals_simulate(
     assert got["rounds"][0]["train_loss"] != reference("sflv1")["rounds"][0]["train_loss"]
 
 
+@pytest.mark.parametrize("algo", ["sflv1", "sflv2"])
+def test_cut_rounds_over_mosquitto_equal_simulate(
+    algo: str, mosquitto: Mosquitto, procs: Procs, reference: Any, tmp_path: Path
+) -> None:
+    """`--syncs-per-round 2`: each round is two parts with an average after each; the wire's
+    round numbers count the parts, and the run is the simulator's, number for number."""
+    import torch
+
+    from splitfed.config import TrainConfig
+    from splitfed.data.synth import SynthConfig, generate_synth
+    from splitfed.simulate import SimSpec, simulate
+
+    from .conftest import IDENTITIES, THREADS
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        ds = generate_synth(SynthConfig(identities=IDENTITIES))
+        ref = simulate(ds, SimSpec(algo, 3, 2, seed=0, train=TrainConfig(syncs_per_round=2)))
+    finally:
+        torch.set_num_threads(old)
+    got = federate(procs, tmp_path / "out", mosquitto.url, algo, f"e2e-cut-{algo}",
+                   serve_args=("--syncs-per-round", "2"))  # fmt: skip
+    assert_equal_metrics(got, ref)
+    assert got["comm"]["rejected_messages"] == 0
+    assert got["rounds"][0]["train_loss"] != reference(algo)["rounds"][0]["train_loss"]
+
+
 def test_int8_activations_over_mosquitto(
     mosquitto: Mosquitto, procs: Procs, reference: Any, tmp_path: Path
 ) -> None:
