@@ -54,11 +54,9 @@ class RoundTrain:
         self.seen += other.seen
 
     def merge_part(self, part: RoundTrain) -> None:
-        """Add one part of a round (`TrainConfig.syncs_per_round`): its counts and drops; the
-        devices that completed the round are those that completed its last part."""
+        """Add one part of a cut round (`TrainConfig.syncs_per_round`): its counts and drops."""
         self.merge(part)
         self.dropped.extend(c for c in part.dropped if c not in self.dropped)
-        self.completed = list(part.completed)
 
 
 @dataclass
@@ -195,11 +193,14 @@ class Strategy(abc.ABC):
             if self.merge_round is not None:
                 self.merge_round(self, state)
             result = self.aggregate(io, state)
+            if self.parts == 1:
+                return result
             total.merge_part(result)
-            participants = [c for c in participants if c in result.completed]
+            participants = [c for c in participants if c not in result.dropped]
             if not participants:
                 break
         self.part = 0
+        total.completed = participants
         return total
 
     def start_round(self, rnd: int, total_rounds: int) -> None:
@@ -328,7 +329,11 @@ class Strategy(abc.ABC):
             raise ValueError(f"negative sample count {claimed}")
         cap = self.sample_cap(io, state, msg.src)
         n = claimed
-        if claimed > cap:
+        if self.parts > 1:
+            # A part averages what the devices trained in it: a device whose share of the round
+            # is short (or empty: fewer batches than parts) weighs that much less (or nothing).
+            n = min(self.part_samples(io, state, msg), cap)
+        elif claimed > cap:
             log.warning(
                 "%s claims %d samples, the aggregator saw it train %d; capped",
                 msg.src,
@@ -345,19 +350,15 @@ class Strategy(abc.ABC):
         return update
 
     def sample_cap(self, io: ServerIO, state: RoundState, client_id: str) -> int:
-        """The most samples `client_id` can have trained this round (split: smashed rows).
+        """The most samples `client_id` can have trained this round (split: smashed rows)."""
+        return max_samples(
+            state.trained[client_id], self.train_cfg.local_epochs, self.train_cfg.batch_size
+        )
 
-        A part of a cut round shows 1/parts of the round's batches, give or take one, the last
-        maybe short: the cap is then that share scaled up, two batches of slack per part, and
-        never above the training set the device declared when it joined.
-        """
-        cfg = self.train_cfg
-        trained = state.trained[client_id]
-        if self.parts == 1:
-            return max_samples(trained, cfg.local_epochs, cfg.batch_size)
-        info = io.clients.get(client_id)
-        share = self.parts * (trained + 2 * cfg.batch_size) // cfg.local_epochs
-        return min(share, info.n_train) if info is not None else 0
+    def part_samples(self, io: ServerIO, state: RoundState, msg: Message) -> int:
+        """What a device trained in this part of a cut round (split: the smashed rows the
+        aggregator itself trained on), which weighs its copy in the part's average."""
+        return state.trained[msg.src]
 
     def combine(
         self,
@@ -403,8 +404,13 @@ class Strategy(abc.ABC):
         load_numpy_state(net, combined)
 
     def average_updates(self, state: RoundState, nets: Mapping[str, torch.nn.Module]) -> list[str]:
-        """Average the round's updates into `nets` (prefix -> half), weighted by samples."""
+        """Average the round's updates into `nets` (prefix -> half), weighted by samples.
+
+        In a part of a cut round, a device that trained nothing in it is left out: its copy is
+        the global half unchanged, and robust rules (median) ignore the weights."""
         done = state.done()
+        if self.parts > 1:
+            done = [c for c in done if state.updates[c].n_samples > 0]
         if done:
             weights = [state.updates[c].n_samples for c in done]
             for prefix, net in nets.items():

@@ -35,6 +35,10 @@ class FedAvg(SplitCNN):
         info = io.clients.get(client_id)
         return info.n_train if info is not None else 0
 
+    def part_samples(self, io: ServerIO, state: RoundState, msg: Message) -> int:
+        # Whole models train on the device, unseen: what it says it trained (the cap follows).
+        return int(msg.env.body["seen"])
+
     def aggregate(self, io: ServerIO, state: RoundState) -> RoundTrain:
         done = self.average_updates(
             state, {CLIENT_PREFIX: self.client_net, SERVER_PREFIX: self.server_net}
