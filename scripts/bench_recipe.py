@@ -8,9 +8,11 @@ simulator), so the numbers are those a user gets. The data are SYNTHETIC: a priv
 (other people, a noisier camera, other resting faces), trained centrally first: the synthetic
 proxy of "pretrain on a public set, fine-tune on the devices". Recipes (the inputs):
 
-    old        global pixel normalisation, no camera jitter (the defaults before the recipe)
-    recipe     per-crop standardisation in the client half and camera jitter at chance 0.5
-               (ModelConfig.input_norm, CameraConfig.p: today's defaults)
+    old        global pixel normalisation, no camera jitter, one average a round (the
+               defaults before the recipe)
+    recipe     today's defaults: per-crop standardisation in the client half, camera jitter
+               at chance 0.5 (ModelConfig.input_norm, CameraConfig.p) and the devices' halves
+               averaged TrainConfig.syncs_per_round times a round
 
 The pretraining run uses the same recipe as the federated runs it starts. Cells run in parallel
 through the product's own job pool (`compare --jobs`), which gives the numbers of one job.
@@ -39,8 +41,11 @@ from splitfed.data.synth import SynthConfig, generate_synth
 from splitfed.model import ModelConfig
 from splitfed.simulate import SimSpec, simulate
 
-# recipe -> (ModelConfig.input_norm, CameraConfig.p)
-RECIPES: dict[str, tuple[str, float]] = {"old": ("global", 0.0), "recipe": ("per-crop", 0.5)}
+# recipe -> (ModelConfig.input_norm, CameraConfig.p, TrainConfig.syncs_per_round)
+RECIPES: dict[str, tuple[str, float, int]] = {
+    "old": ("global", 0.0, 1),
+    "recipe": ("per-crop", 0.5, TrainConfig.model_fields["syncs_per_round"].default),
+}
 
 
 def public_population(identities: int, per_emotion: int) -> EmotionDataset:
@@ -125,9 +130,9 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for recipe in args.recipes.split(","):
-        norm, camera = RECIPES[recipe]
+        norm, camera, syncs = RECIPES[recipe]
         model = ModelConfig(input_shape=data.input_shape, input_norm=norm)  # type: ignore[arg-type]
-        train = TrainConfig(batch_size=args.batch_size).with_camera(camera)
+        train = TrainConfig(batch_size=args.batch_size, syncs_per_round=syncs).with_camera(camera)
         clients = args.old_clients if recipe == "old" and args.old_clients else args.clients
         counts = [int(c) for c in clients.split(",")]
         for start in args.starts.split(","):

@@ -332,7 +332,13 @@ class Strategy(abc.ABC):
         if self.parts > 1:
             # A part averages what the devices trained in it: a device whose share of the round
             # is short (or empty: fewer batches than parts) weighs that much less (or nothing).
+            # Its claim weighs nothing, but a claim above the set it declared is still a lie.
             n = min(self.part_samples(io, state, msg), cap)
+            info = io.clients.get(msg.src)
+            declared = info.n_train if info is not None else 0
+            if claimed > declared:
+                log.warning("%s claims %d samples, it declared %d", msg.src, claimed, declared)
+                io.rejected["n_samples above what was trained"] += 1
         elif claimed > cap:
             log.warning(
                 "%s claims %d samples, the aggregator saw it train %d; capped",

@@ -108,13 +108,14 @@ def test_max_samples_is_the_largest_count_those_batches_allow(batch: int, epochs
 SMALL = {"batch_size": 16}
 
 
-def sim(ds, algo: str, clients: int = 3, rounds: int = 2, factory=None, **kw):  # type: ignore[no-untyped-def]
+def sim(ds, algo: str, clients: int = 3, rounds: int = 2, factory=None, syncs=None, **kw):  # type: ignore[no-untyped-def]
+    extra = {} if syncs is None else {"syncs_per_round": syncs}
     spec = SimSpec(
         algo,
         clients,
         rounds,
         seed=7,
-        train=TrainConfig(**SMALL),
+        train=TrainConfig(**SMALL, **extra),
         model=ModelConfig(widths=(8, 16, 16), cut=1),
         runtime_factory=factory,
         **kw,
@@ -135,51 +136,75 @@ def trajectory(m: dict[str, Any]) -> list[tuple[float, float, float]]:
     return [(r["train_loss"], r["train_accuracy"], r["test_accuracy"]) for r in m["rounds"]]
 
 
+@pytest.mark.parametrize("syncs", [1, 4])
 @pytest.mark.parametrize("algo", ["sflv1", "sflv2", "fedavg"])
-def test_an_inflated_sample_count_is_capped(small_synth, algo: str) -> None:  # type: ignore[no-untyped-def]
-    honest = sim(small_synth, algo)
+def test_an_inflated_sample_count_is_capped(small_synth, algo: str, syncs: int) -> None:  # type: ignore[no-untyped-def]
+    """One average a round: the claim is capped at what the device was seen to train. Cut
+    rounds weigh each part by what the device trained in it, so the claim weighs nothing; a
+    claim above the declared set is still counted, once per part."""
+    honest = sim(small_synth, algo, syncs=syncs)
     sizes = honest["data"]["clients_samples"]
     # With no shard a whole number of batches, the cap is exactly the honest count, so a capped
     # liar changes nothing; uncapped, its x1000 weight would own the average.
     assert all(n % SMALL["batch_size"] for n in sizes), sizes
-    liar = sim(small_synth, algo, factory=one_of(InflatedCountRuntime, "client-01"))
+    liar = sim(small_synth, algo, factory=one_of(InflatedCountRuntime, "client-01"), syncs=syncs)
     assert trajectory(liar) == trajectory(honest)
     assert liar["final"]["test_confusion"] == honest["final"]["test_confusion"]
-    assert liar["comm"]["rejected_messages"] == len(liar["rounds"])  # one capped update a round
+    # one capped update a round, or a part
+    assert liar["comm"]["rejected_messages"] == len(liar["rounds"]) * syncs
 
 
 @pytest.mark.parametrize("algo", ["sl", "sflv2"])
 def test_a_silent_device_is_skipped_and_the_round_goes_on(small_synth, algo: str) -> None:  # type: ignore[no-untyped-def]
     factory = one_of(SilentRuntime, "client-01", round=0, answers=1)
-    m = sim(small_synth, algo, factory=factory, step_timeout=5.0)
+    m = sim(small_synth, algo, factory=factory, step_timeout=5.0, syncs=1)
     first, second = m["rounds"]
     assert first["dropped"] == ["client-01"]
     assert first["clients"] == ["client-00", "client-02"]  # what the others trained is kept
     assert second["clients"] == ["client-00", "client-01", "client-02"]  # back next round
     assert first["samples"] > 0 and m["comm"]["rejected_messages"] == 1  # "step timeout"
     # Without a step timeout the silent device stalls the round: nobody completes it.
-    stalled = sim(small_synth, algo, factory=factory)
+    stalled = sim(small_synth, algo, factory=factory, syncs=1)
     assert stalled["rounds"][0]["clients"] == ([] if algo == "sflv2" else ["client-00"])
 
 
+@pytest.mark.parametrize("algo", ["sl", "sflv2"])
+def test_a_device_silent_in_a_part_sits_out_the_rest_of_the_round(small_synth, algo: str) -> None:  # type: ignore[no-untyped-def]
+    """Cut rounds: a device dropped in a part skips the round's later parts, the others finish
+    it, and the device is back the next round. Wire round 3 is round 0's last part, which
+    holds at least one of every device's batches."""
+    factory = one_of(SilentRuntime, "client-01", round=3, answers=0)
+    m = sim(small_synth, algo, factory=factory, step_timeout=5.0, syncs=4)
+    honest = sim(small_synth, algo, syncs=4)
+    first, second = m["rounds"]
+    assert first["dropped"] == ["client-01"]
+    assert first["clients"] == ["client-00", "client-02"]
+    assert second["clients"] == ["client-00", "client-01", "client-02"]
+    assert honest["rounds"][0]["dropped"] == [] and len(honest["rounds"][0]["clients"]) == 3
+    # It trained in the earlier parts: the round saw as many samples as the honest one, its
+    # last batch included (the aggregator stepped on it; its gradient went unanswered).
+    assert first["samples"] == honest["rounds"][0]["samples"]
+
+
 def test_the_norm_probe_records_what_clipping_bounds_and_changes_nothing(small_synth) -> None:  # type: ignore[no-untyped-def]
+    # One average a round: one client update per device and round for the probes to see.
     probes: list[NormProbeRuntime] = []
 
     def make(cid: str, run: str, tr: Any, te: Any) -> ClientRuntime:
         probes.append(NormProbeRuntime(cid, run, tr, te))
         return probes[-1]
 
-    honest = sim(small_synth, "sflv1")
-    probed = sim(small_synth, "sflv1", factory=make)
+    honest = sim(small_synth, "sflv1", syncs=1)
+    probed = sim(small_synth, "sflv1", factory=make, syncs=1)
     assert trajectory(probed) == trajectory(honest)  # recording is all it does
     norms = [n["w"] for p in probes for n in p.norms]
     assert len(norms) == 3 * 2 and all(0 < n < np.inf for n in norms)
     # A bound no update reaches changes nothing; one under every honest client update does.
     # (SFLV1 clips the server copies too, whose updates these probes do not see.)
     above = AggregationConfig(clip_update_norm=1e6)
-    assert trajectory(sim(small_synth, "sflv1", aggregation=above)) == trajectory(honest)
+    assert trajectory(sim(small_synth, "sflv1", aggregation=above, syncs=1)) == trajectory(honest)
     below = AggregationConfig(clip_update_norm=min(norms) / 2)
-    assert trajectory(sim(small_synth, "sflv1", aggregation=below)) != trajectory(honest)
+    assert trajectory(sim(small_synth, "sflv1", aggregation=below, syncs=1)) != trajectory(honest)
 
 
 def global_model(out: Path) -> dict[str, np.ndarray]:

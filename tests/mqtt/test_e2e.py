@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from splitfed.config import TrainConfig
+
 from .fed import (
     Mosquitto,
     Procs,
@@ -100,7 +102,8 @@ def assert_clean_wire(
     """Only the declared messages crossed; with `local` (FedAvg) only weights travelled."""
     problems, seen = check_payloads(tap.snapshot(), "splitfed", run_id, compression, full=local)
     assert not problems, "\n".join(problems[:20])
-    assert seen["round_start"] == 3 * 2 and seen["client_update"] == 3 * 2, seen
+    starts = 3 * 2 * TrainConfig().syncs_per_round  # 3 devices, 2 rounds, every part
+    assert seen["round_start"] == starts and seen["client_update"] == starts, seen
     retained = retained_topics(url)
     assert all(t.endswith(("/status", "/global")) for t in retained), sorted(retained)
     if local:  # whole models train on the devices: no activation, no gradient, nothing published

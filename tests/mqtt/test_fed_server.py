@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from safetensors.numpy import load_file
 
+from splitfed.config import TrainConfig
 from splitfed.mqtt import parse_topic
 from splitfed.wire import decode
 
@@ -71,8 +72,9 @@ def check_halves(out: Path, rounds: int = 2) -> None:
     assert main and all(k.startswith("server.") for k in main), sorted(main)[:5]
     assert fed and all(k.startswith("client.") for k in fed), sorted(fed)[:5]
     report = read_metrics_file(out / "fed" / "fed-server.json")
-    assert report["weights_version"] == rounds
-    assert [r["clients"] for r in report["rounds"]] == [CLIENTS] * rounds
+    averages = rounds * TrainConfig().syncs_per_round  # one per part of each round
+    assert report["weights_version"] == averages
+    assert [r["clients"] for r in report["rounds"]] == [CLIENTS] * averages
     assert report["rejected_messages"] == 0, report["rejected_by_reason"]
 
 
