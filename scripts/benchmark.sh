@@ -28,8 +28,9 @@ want scale && $PY scripts/bench_scale.py --agents 10,50,200 --workers 1,2,4 --ro
 want scale && $PY scripts/bench_server_batching.py --out $B/batching.md
 # PyVertical on several cameras against one.
 want views && $PY scripts/bench_views.py --out $B/views
-# Cross-validated scratch against pretrained, in domain and on the domain-shift proxy.
-want recipe && $PY scripts/bench_recipe.py --clients 2,5,10 --out $B/recipe
+# 5-fold cross-validated: old inputs against the recipe, scratch against pretrained, 2/5/10 clients.
+want recipe && $PY scripts/bench_recipe.py --identities 40 --per-emotion 3 --rounds 20 --folds 5 \
+    --clients 2,5,10 --old-clients 2 --batch-size 16 --jobs "$(nproc)" --out $B/recipe
 want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.md
 # The default input recipe (per-crop norm, camera jitter) against the old inputs, via compare.
 want shift && $PY scripts/bench_input_recipe.py --out $B/input_recipe.md

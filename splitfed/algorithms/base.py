@@ -170,9 +170,10 @@ class Strategy(abc.ABC):
         self, io: ServerIO, rnd: int, participants: list[str], timeout: float
     ) -> RoundTrain:
         """Train one round with these devices: configure, feed messages to `handle`, aggregate;
-        once per part of the round (`parts`), each part with the devices that finished the last.
-        The timeout applies to each part."""
+        once per part of the round (`parts`), each part with the devices not dropped in an
+        earlier one. The timeout applies to each part."""
         total = RoundTrain()
+        completed: list[str] = []
         for part in range(self.parts):
             self.part = part
             io.round = self.wire_round(rnd, part)
@@ -196,11 +197,12 @@ class Strategy(abc.ABC):
             if self.parts == 1:
                 return result
             total.merge_part(result)
+            # Every part runs even with nobody left here: other workers' parts still merge.
             participants = [c for c in participants if c not in result.dropped]
-            if not participants:
-                break
+            # (after merge_round: every worker's devices)
+            completed = [c for c in state.participants if c not in total.dropped]
         self.part = 0
-        total.completed = participants
+        total.completed = completed
         return total
 
     def start_round(self, rnd: int, total_rounds: int) -> None:

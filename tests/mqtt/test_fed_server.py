@@ -124,9 +124,10 @@ def test_fed_server_over_tls_acl_equals_simulate(
     assert metrics["comm"]["rejected_messages"] == 0, metrics["comm"]["rejected_by_reason"]
     check_halves(tmp_path)
 
-    # The fed server's user got both devices' halves of both rounds ...
+    # The fed server's user got both devices' halves of every part of both rounds ...
     halves = [(t, p) for t, p in seen_fed if t.endswith("/weights")]
-    assert sorted(parse_topic(PREFIX, run_id, t)[0] for t, _ in halves) == sorted(CLIENTS * 2)
+    every = CLIENTS * 2 * TrainConfig().syncs_per_round
+    assert sorted(parse_topic(PREFIX, run_id, t)[0] for t, _ in halves) == sorted(every)
     assert all(decode(p).tensors for _, p in halves)
     assert any(t.endswith("/fed-server/global") for t, _ in seen_fed)  # and their average
     # The main server's user saw the rest of the run ...
