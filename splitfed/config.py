@@ -58,8 +58,10 @@ class JitterConfig(BaseModel):
     model from relying on one detector's geometry and one camera's look. The geometric jitter
     is off by default (all zero): it left short trainings stuck near chance. The camera is on
     (`camera.p` 0.5): with ModelConfig.input_norm="per-crop", also the default, it raised the
-    domain-shift proxy's accuracy without costing in-domain accuracy. `camera.p` 0 turns it
-    off; the plain flips, pixel shifts and brightness changes of `augment` remain either way.
+    domain-shift proxy's accuracy, and in-domain accuracy too from scratch; from pretrained
+    weights it cost in-domain accuracy (BENCHMARKS.md, "Cross-validated matrix"). `camera.p` 0
+    turns it off; the plain flips, pixel shifts and brightness changes of `augment` remain
+    either way.
     """
 
     model_config = ConfigDict(extra="forbid")

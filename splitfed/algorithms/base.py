@@ -336,8 +336,7 @@ class Strategy(abc.ABC):
             # is short (or empty: fewer batches than parts) weighs that much less (or nothing).
             # Its claim weighs nothing, but a claim above the set it declared is still a lie.
             n = min(self.part_samples(io, state, msg), cap)
-            info = io.clients.get(msg.src)
-            declared = info.n_train if info is not None else 0
+            declared = self.declared_samples(io, msg.src)
             if claimed > declared:
                 log.warning("%s claims %d samples, it declared %d", msg.src, claimed, declared)
                 io.rejected["n_samples above what was trained"] += 1
@@ -362,6 +361,12 @@ class Strategy(abc.ABC):
         return max_samples(
             state.trained[client_id], self.train_cfg.local_epochs, self.train_cfg.batch_size
         )
+
+    @staticmethod
+    def declared_samples(io: ServerIO, client_id: str) -> int:
+        """The training set a device declared when it joined (0 for one that never did)."""
+        info = io.clients.get(client_id)
+        return info.n_train if info is not None else 0
 
     def part_samples(self, io: ServerIO, state: RoundState, msg: Message) -> int:
         """What a device trained in this part of a cut round (split: the smashed rows the

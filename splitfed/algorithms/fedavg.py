@@ -32,8 +32,7 @@ class FedAvg(SplitCNN):
 
     def sample_cap(self, io: ServerIO, state: RoundState, client_id: str) -> int:
         # No smashed data to count: a device trains at most the set it declared at JOIN.
-        info = io.clients.get(client_id)
-        return info.n_train if info is not None else 0
+        return self.declared_samples(io, client_id)
 
     def part_samples(self, io: ServerIO, state: RoundState, msg: Message) -> int:
         # Whole models train on the device, unseen: what it says it trained (the cap follows).

@@ -117,3 +117,23 @@ def test_cut_round_parts_cover_the_round_and_survive_a_restart(small_synth) -> N
     assert first == len(parts[0]) + len(parts[1])
     for (x, _), (px, _) in zip(list(batches), parts[2], strict=True):
         assert torch.equal(x, px)
+
+
+def test_a_round_start_with_an_impossible_cut_is_refused(small_synth) -> None:
+    """`syncs_per_round` arrives in ROUND_START's training settings: out of its bounds the
+    round is refused and counted, and the device starts nothing."""
+    import copy
+
+    algo = SFLV1(ModelConfig(widths=(8, 16, 16), cut=1), TrainConfig(batch_size=16), 0)
+    body = algo.round_body("client-00")
+    agg = Sequencer("aggregator", "r")
+    client = ClientRuntime("client-00", "r", small_synth)
+    for rnd, bad in enumerate((0, 65, 10**12, -1, 4.5, None)):
+        hostile = copy.deepcopy(body)
+        hostile["train"]["syncs_per_round"] = bad
+        msg = agg.make(MsgType.ROUND_START, rnd, hostile, algo.global_tensors())
+        assert client.handle_bytes(encode(msg)) == []
+        assert client.rejected == rnd + 1 and client.round is None
+    # The same body within bounds starts a round: the refusals were the field's.
+    ok = agg.make(MsgType.ROUND_START, 5, body, algo.global_tensors())
+    assert [m.type for m in client.handle(ok)] == [MsgType.SMASHED]
