@@ -29,6 +29,12 @@ want scale && $PY scripts/bench_server_batching.py --out $B/batching.md
 # PyVertical on several cameras against one.
 want views && $PY scripts/bench_views.py --out $B/views
 # 5-fold cross-validated: old inputs against the recipe, scratch against pretrained, 2/5/10 clients.
+# Averages per round (--syncs-per-round): one against four, 5-fold, at the demo's size.
+want recipe && for syncs in 1 4; do
+    .venv/bin/aggregator compare --algos centralized,sflv1,sflv2 --clients "$([ $syncs = 1 ] && echo 2 || echo 2,5,10)" \
+        --rounds 20 --synth-identities 40 --batch-size 16 --folds 5 --no-shift --jobs "$(nproc)" \
+        --syncs-per-round $syncs --out $B/syncs-$syncs >/dev/null
+done
 want recipe && $PY scripts/bench_recipe.py --identities 40 --per-emotion 3 --rounds 20 --folds 5 \
     --clients 2,5,10 --old-clients 2 --batch-size 16 --jobs "$(nproc)" --out $B/recipe
 want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.md
@@ -57,6 +63,8 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     [ -f $B/scale.md ] && { cat $B/scale.md; echo; }
     [ -f $B/batching.md ] && { cat $B/batching.md; echo; }
     section "PyVertical on several cameras against one (\`scripts/bench_views.py\`)" $B/views/results.md
+    section "Averages per round: one (\`aggregator compare --syncs-per-round 1 --folds 5\`)" $B/syncs-1/results.md
+    section "Averages per round: four (\`aggregator compare --syncs-per-round 4 --folds 5\`)" $B/syncs-4/results.md
     section "Cross-validated accuracy: from scratch and pretrained (\`scripts/bench_recipe.py\`)" $B/recipe/results.md
     section "Input recipe: the default against the old inputs (\`scripts/bench_input_recipe.py\`)" $B/input_recipe.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
