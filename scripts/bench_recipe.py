@@ -116,6 +116,8 @@ def main() -> int:
     ap.add_argument("--starts", default="scratch,pretrained")
     ap.add_argument("--old-clients", default=None, help="client counts for the old recipe [all]")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--syncs", type=int, default=None, help="averages a round [the recipe's]")
+    ap.add_argument("--sflv2-order", default="interleaved", help="interleaved or sequential")
     ap.add_argument("--server-opt", default="none", help="none, sgd, momentum or adam")
     ap.add_argument("--server-lr", default=None, help="a number or auto (the client count)")
     ap.add_argument("--jobs", type=int, default=1, help="cells at once, one process each")
@@ -132,7 +134,11 @@ def main() -> int:
     for recipe in args.recipes.split(","):
         norm, camera, syncs = RECIPES[recipe]
         model = ModelConfig(input_shape=data.input_shape, input_norm=norm)  # type: ignore[arg-type]
-        train = TrainConfig(batch_size=args.batch_size, syncs_per_round=syncs).with_camera(camera)
+        train = TrainConfig(
+            batch_size=args.batch_size,
+            syncs_per_round=args.syncs or syncs,
+            sflv2_order=args.sflv2_order,
+        ).with_camera(camera)
         clients = args.old_clients if recipe == "old" and args.old_clients else args.clients
         counts = [int(c) for c in clients.split(",")]
         for start in args.starts.split(","):

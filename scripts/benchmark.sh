@@ -29,18 +29,25 @@ want scale && $PY scripts/bench_server_batching.py --out $B/batching.md
 # PyVertical on several cameras against one.
 want views && $PY scripts/bench_views.py --out $B/views
 # 5-fold cross-validated: old inputs against the recipe, scratch against pretrained, 2/5/10 clients.
-# Averages per round (--syncs-per-round): one against four, 5-fold, at the demo's size.
-want recipe && for syncs in 1 4; do
+# Averages per round (--syncs-per-round): one, four and sixteen, 5-fold, at the demo's size.
+want recipe && for syncs in 1 4 16; do
     .venv/bin/aggregator compare --algos centralized,sflv1,sflv2 --clients "$([ $syncs = 1 ] && echo 2 || echo 2,5,10)" \
         --rounds 20 --synth-identities 40 --batch-size 16 --folds 5 --no-shift --jobs "$(nproc)" \
         --syncs-per-round $syncs --out $B/syncs-$syncs >/dev/null
 done
 want recipe && $PY scripts/bench_recipe.py --identities 40 --per-emotion 3 --rounds 20 --folds 5 \
     --clients 2,5,10 --old-clients 2 --batch-size 16 --jobs "$(nproc)" --out $B/recipe
+# The same matrix's federated cells from scratch with four averages a round (the earlier default).
+want recipe && $PY scripts/bench_recipe.py --identities 40 --per-emotion 3 --rounds 20 --folds 5 \
+    --clients 2,5,10 --recipes recipe --starts scratch --algos sflv1,sflv2 --syncs 4 \
+    --batch-size 16 --jobs "$(nproc)" --out $B/recipe-syncs-4
 want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.md
 # The default input recipe (per-crop norm, camera jitter) against the old inputs, via compare.
 want shift && $PY scripts/bench_input_recipe.py --out $B/input_recipe.md
 want privacy && $PY scripts/bench_privacy.py --section $B/privacy.md
+# What the client half's change between two averages adds to the smashed data, by part size.
+want privacy && $PY scripts/bench_update_privacy.py --settings cut-3-bottleneck-8-noise-1-int8 \
+    --parts 1x1,1x8,1x32 --samples 1024 --epochs 20 --out $B/update_privacy
 want export && $PY scripts/bench_export.py --checkpoint $B/core/centralized-2/checkpoint --out $B/export.md
 
 section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the file's own first heading
@@ -65,10 +72,13 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "PyVertical on several cameras against one (\`scripts/bench_views.py\`)" $B/views/results.md
     section "Averages per round: one (\`aggregator compare --syncs-per-round 1 --folds 5\`)" $B/syncs-1/results.md
     section "Averages per round: four (\`aggregator compare --syncs-per-round 4 --folds 5\`)" $B/syncs-4/results.md
+    section "Averages per round: sixteen (\`aggregator compare --syncs-per-round 16 --folds 5\`)" $B/syncs-16/results.md
+    section "Cross-validated, four averages a round (\`scripts/bench_recipe.py --syncs 4\`)" $B/recipe-syncs-4/results.md
     section "Cross-validated accuracy: from scratch and pretrained (\`scripts/bench_recipe.py\`)" $B/recipe/results.md
     section "Input recipe: the default against the old inputs (\`scripts/bench_input_recipe.py\`)" $B/input_recipe.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
     section "Privacy: leakage of the smashed data by defence (\`scripts/bench_privacy.py\`)" $B/privacy.md
+    section "Privacy: the client half's change between averages (\`scripts/bench_update_privacy.py\`)" $B/update_privacy/results.md
     [ -f $B/export.md ] && cat $B/export.md
 } > BENCHMARKS.md
 echo "wrote BENCHMARKS.md"

@@ -72,7 +72,7 @@ def test_cut_rounds_train_every_batch_once_and_average_more(small_synth, algo: s
     the parts change the trajectory (the test above would pass if the cut were ignored). With
     more parts than a device has batches, its empty parts leave it out of those averages and
     the round still completes with every device."""
-    whole = run(small_synth, algo, 3)
+    whole = run(small_synth, algo, 3, syncs_per_round=1)
     for syncs in (2, 12):
         cut = run(small_synth, algo, 3, syncs_per_round=syncs)
         assert [r["samples"] for r in cut["rounds"]] == [r["samples"] for r in whole["rounds"]]

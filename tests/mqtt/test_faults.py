@@ -60,7 +60,12 @@ def test_agent_crash_aggregator_restart_and_broker_restart(
 ) -> None:
     run_id, n, rounds = "faults", 3, 4
     out = tmp_path / "out"
-    cmd = serve_cmd(out, mosquitto.url, "sflv1", n, rounds, run_id, "--round-timeout", "90")
+    # One average a round: the steps below read rounds off the wire, where a round's parts
+    # would each have a number of their own.
+    cmd = serve_cmd(
+        out, mosquitto.url, "sflv1", n, rounds, run_id, "--round-timeout", "90",
+        "--syncs-per-round", "1",
+    )  # fmt: skip
     tap = Tap(mosquitto.url)
     try:
         procs.start("aggregator", cmd)

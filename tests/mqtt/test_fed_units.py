@@ -29,7 +29,7 @@ from splitfed.wire import FED_SERVER_ID, Message, MsgType, Sequencer, decode, en
 
 RUN = "u"
 MODEL = ModelConfig(widths=(8, 16, 16), cut=1)
-TRAIN = TrainConfig(batch_size=16)
+TRAIN = TrainConfig(batch_size=16, syncs_per_round=1)  # once-a-round mechanics
 
 
 def fed_global(seq: Sequencer, version: int, seed: int = 0) -> bytes:

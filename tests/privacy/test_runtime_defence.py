@@ -41,7 +41,7 @@ def round_start(defence: DefenceConfig, model: ModelConfig = MODEL) -> bytes:
         "seed": 0,
         "client_index": 0,
         "model": model.model_dump(mode="json"),
-        "train": TrainConfig(batch_size=8).model_dump(mode="json"),
+        "train": TrainConfig(batch_size=8, syncs_per_round=1).model_dump(mode="json"),
         "weights_version": 0,
         "lr": 1e-3,
         "defence": defence.model_dump(mode="json", include={"noise", "nopeek"}),
