@@ -19,9 +19,10 @@ crop's brightness and contrast. Matching it for 300 to 1,000 steps, from the pop
 crop, with or without the running-statistics and activation terms, ended *below* the mean crop's
 SSIM even with an exact one-picture SGD gradient. So the attacker instead plays parts of its own
 auxiliary people through the known half, with its own copy of the device's optimizer, and
-trains `UpdateDecoder` on (change, per-sample server gradient, wire activations) -> crop. The
-same decoder without the change is the ablation: the difference is what the weights add to
-what the activations already give away.
+trains the activation attack's decoder (`splitfed.privacy.attack.train_decoder`) on (the
+change's principal components, per-sample server gradient, wire activations) -> crop, stacked
+as channels. The same decoder without the change is the ablation: the difference is what the
+weights add to what the activations already give away.
 """
 
 from __future__ import annotations
