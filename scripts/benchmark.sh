@@ -47,7 +47,7 @@ want shift && $PY scripts/bench_input_recipe.py --out $B/input_recipe.md
 want privacy && $PY scripts/bench_privacy.py --section $B/privacy.md
 # What the client half's change between two averages adds to the smashed data, by part size.
 want privacy && $PY scripts/bench_update_privacy.py --settings cut-3-bottleneck-8-noise-1-int8 \
-    --parts 1x1,1x2,1x8,1x32 --samples 1024 --epochs 20 --out $B/update_privacy
+    --parts 1x1,1x2,1x4,1x8,1x32 --samples 1024 --epochs 20 --out $B/update_privacy
 want export && $PY scripts/bench_export.py --checkpoint $B/core/centralized-2/checkpoint --out $B/export.md
 
 section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the file's own first heading
