@@ -101,7 +101,7 @@ def observe_part(
         opt.step()
         grads.append(grad.detach())
         wires.append(act.detach())
-        crops.append(torch.from_numpy(np.ascontiguousarray(images)).float().div(255.0))
+        crops.append(pixels(images))
     after = {k: v.detach().clone() for k, v in client_net.state_dict().items()}
     return ObservedPart(before, after, grads, wires, crops)
 
