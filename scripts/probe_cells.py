@@ -3,19 +3,29 @@
 
 The script that printed BENCHMARKS.md's "Sixteen averages a round" table and its probes: the
 matrix's set (40 synthetic people x 3 pictures an emotion), recipe inputs (per-crop, camera
-0.5), 20 epochs, seed 0, 5 folds by person, two cells at a time through the product's job pool.
+0.5), 20 epochs, 5 folds by person, two cells at a time through the product's job pool.
 Each cell is ALGO:CLIENTS:BATCH:SYNCS[:ORDER[:SERVER_LR]] (ORDER "-" keeps interleaving; a
-SERVER_LR runs `--server-opt sgd` at that lr), for example
+SERVER_LR, a number or `auto` (the number of copies averaged), runs `--server-opt sgd` at that
+lr), for example
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/probe_cells.py \
         sflv1:2:16:16,sflv2:2:16:16:sequential,sflv1:10:16:16:-:1.5
+
+`--seeds 0,1,2` repeats every cell with each seed (a seed draws its own folds, initial weights
+and batch order; every cell of one seed tests the same people). After the cells it prints each
+cell's paired difference from the FIRST cell (put centralized first): the mean over every
+(seed, fold) run of the cell's accuracy minus the first cell's on the same test people, with
+its standard error, because on a few hundred test pictures a fold's own noise is several points
+and only paired differences over many runs can tell one point from zero.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
+import numpy as np
 import torch
 
 from aggregator.jobs import run_tasks
@@ -28,31 +38,60 @@ sys.path.insert(0, "scripts")
 from bench_recipe import cell  # noqa: E402
 
 
-def spec(text: str, model: ModelConfig) -> tuple[SimSpec, str]:
+def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     algo, clients, batch, syncs, *rest = text.split(":")
     order = {"sflv2_order": rest[0]} if rest and rest[0] != "-" else {}
-    server = {"server_opt": "sgd", "server_lr": float(rest[1])} if len(rest) > 1 else {}
+    server: dict[str, object] = {}
+    if len(rest) > 1:
+        server = {"server_opt": "sgd", "server_lr": "auto" if rest[1] == "auto" else float(rest[1])}
     train = TrainConfig(batch_size=int(batch), syncs_per_round=int(syncs), **order)
     return SimSpec(
-        algo, int(clients), 20, seed=0, model=model, train=train.with_camera(0.5),
+        algo, int(clients), 20, seed=seed, model=model, train=train.with_camera(0.5),
         aggregation=AggregationConfig(**server), report_shift=True,
-    ), text  # fmt: skip
+    ), f"{text} seed {seed}"  # fmt: skip
+
+
+def paired(runs: dict[str, list[float]], reference: str) -> str:
+    """Each cell's mean accuracy difference from `reference` over the same runs, ± its SE."""
+    ref = np.array(runs[reference])
+    out = [f"paired against {reference} ({len(ref)} runs, points):"]
+    for text, accs in runs.items():
+        if text == reference:
+            continue
+        d = 100 * (np.array(accs) - ref)
+        se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+        out.append(
+            f"  {text}: {100 * np.mean(accs):.1f} % against {100 * ref.mean():.1f} %, "
+            f"difference {d.mean():+.1f} ± {se:.1f} (SE; spread of one run {d.std(ddof=1):.1f})"
+        )
+    return "\n".join(out)
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cells", help="comma-separated ALGO:CLIENTS:BATCH:SYNCS[:ORDER[:SERVER_LR]]")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
     torch.set_num_threads(1)
     data = generate_synth(SynthConfig(identities=40, per_emotion=3))
     model = ModelConfig(input_shape=data.input_shape, input_norm="per-crop")
-    texts = sys.argv[1].split(",")
+    texts = args.cells.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    tasks = [spec(t, model, seed) for seed in seeds for t in texts]
+    runs: dict[str, list[float]] = {t: [] for t in texts}
     t0 = time.perf_counter()
-    for text, m in zip(texts, run_tasks(data, [spec(t, model) for t in texts], 5, 2, 1, False)):
+    for (_, label), m in zip(tasks, run_tasks(data, tasks, 5, args.jobs, 1, False)):
         r = cell(m)
-        folds = [round(100 * f["final"]["test_accuracy"], 1) for f in m["folds"]]
+        folds = [f["final"]["test_accuracy"] for f in m["folds"]]
+        runs[label.rsplit(" seed ", 1)[0]] += folds
         print(
-            f"{text}: test {100 * r['test_mean']:.1f} ± {100 * r['test_std']:.1f} % "
-            f"shift {100 * r['shift']:.1f} % folds {folds}",
+            f"{label}: test {100 * r['test_mean']:.1f} ± {100 * r['test_std']:.1f} % "
+            f"shift {100 * r['shift']:.1f} % folds {[round(100 * f, 1) for f in folds]}",
             flush=True,
         )
+    if len(texts) > 1:
+        print(paired(runs, texts[0]))
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 
