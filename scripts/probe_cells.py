@@ -6,8 +6,8 @@ matrix's set (40 synthetic people x 3 pictures an emotion), recipe inputs (per-c
 0.5), 20 epochs, 5 folds by person, two cells at a time through the product's job pool.
 Each cell is ALGO:CLIENTS:BATCH:SYNCS[:ORDER[:SERVER_LR]] (ORDER "-" keeps interleaving; a
 SERVER_LR, a number or `auto` (the number of copies averaged), runs `--server-opt sgd` at that
-lr), optionally followed by `norm=group` (ModelConfig.norm) or `partition=iid` (devices
-holding pictures of everyone instead of their own people), for example
+lr), optionally followed by `partition=iid` (devices holding pictures of everyone instead of
+their own people), for example
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/probe_cells.py \
         sflv1:2:16:16,sflv2:2:16:16:sequential,sflv1:10:16:16:-:1.5
@@ -48,8 +48,6 @@ def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     if len(rest) > 1:
         server = {"server_opt": "sgd", "server_lr": "auto" if rest[1] == "auto" else float(rest[1])}
     train = TrainConfig(batch_size=int(batch), syncs_per_round=int(syncs), **order)
-    if "norm" in options:
-        model = model.model_copy(update={"norm": options["norm"]})
     return SimSpec(
         algo, int(clients), 20, seed=seed, model=model, train=train.with_camera(0.5),
         aggregation=AggregationConfig(**server), report_shift=True,

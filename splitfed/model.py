@@ -7,7 +7,6 @@ built from one seeded full model, so a split run and a centralized run start fro
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import Literal
 
@@ -41,12 +40,6 @@ class ModelConfig(BaseModel):
     head_pool: tuple[int, int] = Field(
         (3, 6), description="pooled grid before the classifier; keeps where brows and lids are"
     )
-    norm: Literal["batch", "group"] = Field(
-        "batch",
-        description="normalisation after each convolution: 'batch' (BatchNorm, statistics of the "
-        "batch, running averages at inference) or 'group' (GroupNorm, 8 groups: statistics of "
-        "each picture alone, the same in training and inference, nothing to average but weights)",
-    )
     dropout: float = Field(0.3, ge=0.0, lt=1.0, description="dropout before the classifier")
     num_classes: int = Field(NUM_CLASSES, description="number of emotions")
     shape: Literal["standard", "u"] = Field(
@@ -60,24 +53,13 @@ class ModelConfig(BaseModel):
             raise ValueError(f"cut must be between 1 and {len(self.widths)}, got {self.cut}")
 
 
-GROUPS = 8  # GroupNorm's groups (fewer when a layer has fewer channels than a multiple of 8)
-
-
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "group":
-        return nn.GroupNorm(math.gcd(GROUPS, channels), channels)
-    return nn.BatchNorm2d(channels)
-
-
-def _block(
-    c_in: int, c_out: int, pool: bool, stride: int = 1, norm: str = "batch"
-) -> nn.Sequential:
+def _block(c_in: int, c_out: int, pool: bool, stride: int = 1) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-        _norm(norm, c_out),
+        nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
         nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-        _norm(norm, c_out),
+        nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
     ]
     if pool:
@@ -85,9 +67,9 @@ def _block(
     return nn.Sequential(*layers)
 
 
-def _bottleneck(c_in: int, c_out: int, norm: str = "batch") -> list[nn.Module]:
+def _bottleneck(c_in: int, c_out: int) -> list[nn.Module]:
     """1x1 conv at the cut, part of the device's last block so the cut stays a block boundary."""
-    return [nn.Conv2d(c_in, c_out, 1, bias=False), _norm(norm, c_out), nn.ReLU(inplace=True)]
+    return [nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 class PerCropNorm(nn.Module):
@@ -163,11 +145,10 @@ def build_split_model(cfg: ModelConfig, seed: int) -> tuple[ClientNet, ServerNet
         c_in = cfg.input_shape[0]
         for i, w in enumerate(cfg.widths):
             stride = cfg.stem_stride if i == 0 else 1
-            last = i == len(cfg.widths) - 1
-            blocks.append(_block(c_in, w, pool=not last, stride=stride, norm=cfg.norm))
+            blocks.append(_block(c_in, w, pool=i < len(cfg.widths) - 1, stride=stride))
             c_in = w
             if cfg.bottleneck is not None and i == cfg.cut - 1:
-                blocks[-1].extend(_bottleneck(w, cfg.bottleneck, cfg.norm))
+                blocks[-1].extend(_bottleneck(w, cfg.bottleneck))
                 c_in = cfg.bottleneck
         server = ServerNet(blocks[cfg.cut :], c_in, cfg.head_pool, cfg.dropout, cfg.num_classes)
         client = ClientNet(blocks[: cfg.cut], cfg.input_norm)
