@@ -42,6 +42,8 @@ from bench_recipe import cell  # noqa: E402
 def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     words = text.split(":")
     options = dict(w.split("=", 1) for w in words if "=" in w)
+    if set(options) - {"partition"}:
+        raise SystemExit(f"{text}: unknown option {sorted(set(options) - {'partition'})}")
     algo, clients, batch, syncs, *rest = [w for w in words if "=" not in w]
     order = {"sflv2_order": rest[0]} if rest and rest[0] != "-" else {}
     server: dict[str, object] = {}
