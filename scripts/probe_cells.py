@@ -42,8 +42,9 @@ from bench_recipe import cell  # noqa: E402
 def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     words = text.split(":")
     options = dict(w.split("=", 1) for w in words if "=" in w)
-    if set(options) - {"partition"}:
-        raise SystemExit(f"{text}: unknown option {sorted(set(options) - {'partition'})}")
+    unknown = sorted(set(options) - {"partition"})
+    if unknown:
+        raise SystemExit(f"{text}: unknown option {unknown}")
     algo, clients, batch, syncs, *rest = [w for w in words if "=" not in w]
     order = {"sflv2_order": rest[0]} if rest and rest[0] != "-" else {}
     server: dict[str, object] = {}
@@ -84,13 +85,16 @@ def main() -> int:
     model = ModelConfig(input_shape=data.input_shape, input_norm="per-crop")
     texts = args.cells.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    tasks = [spec(t, model, seed) for seed in seeds for t in texts]
+    cells = [(t, seed) for seed in seeds for t in texts]
+    tasks = [spec(t, model, seed) for t, seed in cells]
     runs: dict[str, list[float]] = {t: [] for t in texts}
     t0 = time.perf_counter()
-    for (_, label), m in zip(tasks, run_tasks(data, tasks, 5, args.jobs, 1, False)):
+    for (text, _), (_, label), m in zip(
+        cells, tasks, run_tasks(data, tasks, 5, args.jobs, 1, False)
+    ):
         r = cell(m)
         folds = [f["final"]["test_accuracy"] for f in m["folds"]]
-        runs[label.rsplit(" seed ", 1)[0]] += folds
+        runs[text] += folds
         print(
             f"{label}: test {100 * r['test_mean']:.1f} ± {100 * r['test_std']:.1f} % "
             f"shift {100 * r['shift']:.1f} % folds {[round(100 * f, 1) for f in folds]}",

@@ -51,7 +51,6 @@ class UpdateAttackConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     samples: int = Field(4096, ge=8, description="training crops, in parts of the victim's size")
-    embed: int = Field(128, ge=8, description="width of the weight change's embedding")
     decoder: AttackConfig = Field(
         default_factory=lambda: AttackConfig(inversion_steps=0),
         description="the decoder's training: epochs, patience, batch, lr, width, loss",
