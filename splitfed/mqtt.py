@@ -306,6 +306,11 @@ class MqttLink:
         self._unsent_logged = False  # said once per outage, then only counted
         self.connack_timeout = 3.0
         self._connected = threading.Event()
+        # Set once the broker acknowledged the subscriptions made on the last connect: before
+        # that, a message published by another client may reach no one here (the broker owes
+        # no order between two connections' packets).
+        self._subscribed = threading.Event()
+        self._sub_mid: int | None = None
         self._closing = False
         self._last_fail = ""  # reason of the last failed connection attempt, logged once
         self._lock = threading.Lock()
@@ -333,6 +338,7 @@ class MqttLink:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         c.on_socket_open = self._on_socket_open
         c.on_connect_fail = self._on_connect_fail
         return c
@@ -352,7 +358,12 @@ class MqttLink:
         self._client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+        """Connected, and the broker acknowledged this connection's subscriptions (SUBACK):
+        what another client publishes from now on reaches this link."""
+        deadline = time.monotonic() + timeout
+        return self._connected.wait(timeout) and self._subscribed.wait(
+            max(0.0, deadline - time.monotonic())
+        )
 
     def online(self) -> bool:
         return self._connected.is_set()
@@ -387,13 +398,16 @@ class MqttLink:
             bool(getattr(flags, "session_present", False)),
         )
         # Subscribe here, so that a reconnect restores the subscriptions.
+        self._subscribed.clear()
         if self.subscriptions:
             if self.protocol == mqtt.MQTTv5:
                 # retainHandling 1: retained messages only for a new subscription.
                 opts = SubscribeOptions(qos=1, retainHandling=1)
-                client.subscribe([(t, opts) for t in self.subscriptions])
+                _, self._sub_mid = client.subscribe([(t, opts) for t in self.subscriptions])
             else:
-                client.subscribe([(t, 1) for t in self.subscriptions])
+                _, self._sub_mid = client.subscribe([(t, 1) for t in self.subscriptions])
+        else:
+            self._subscribed.set()
         if self.online_payload is not None:  # None: not announced yet (see `announce`)
             client.publish(self.status_topic, self.online_payload, qos=1, retain=True)
         self._unsent_logged = False
@@ -439,6 +453,14 @@ class MqttLink:
             self.disconnects += 1
         if not self._closing and was:
             log.warning("MQTT %s disconnected (%s); reconnecting", self.mqtt_id, rc)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, codes: Any, _p: Any) -> None:
+        refused = [str(c) for c in codes if getattr(c, "is_failure", False)]
+        if refused:  # an ACL that denies a topic: say so, the link still runs for the rest
+            log.error("MQTT broker refused %d subscription(s) of %s: %s", len(refused),
+                      self.mqtt_id, ", ".join(refused))  # fmt: skip
+        if mid == self._sub_mid:
+            self._subscribed.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -110,6 +110,32 @@ def test_serve_user_errors_exit_2(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "broker URL" in res.output
 
 
+def test_link_is_ready_only_once_the_broker_acknowledged_its_subscriptions(
+    mosquitto: Mosquitto,
+) -> None:
+    """A worker says it listens (and rank 0 announces) only after its SUBACK: before that, a
+    JOIN published on another connection may reach nobody (a lost JOIN stalled the join)."""
+    order: list[str] = []
+    link = MqttLink(LinkSettings.from_url(mosquitto.url), "slow-suback", "t/run/w/status",
+                    ["t/run/+/up"], lambda _t, _p: None)  # fmt: skip
+    acked = link._client.on_subscribe
+
+    def late_ack(*args: Any) -> None:  # paho's thread: the SUBACK is read, then handled late
+        time.sleep(1.0)
+        order.append("suback")
+        if acked is not None:
+            acked(*args)
+
+    link._client.on_subscribe = late_ack
+    link.start()
+    try:
+        assert link.wait_connected(15)
+        order.append("ready")
+        assert order == ["suback", "ready"]
+    finally:
+        link.close()
+
+
 def test_link_is_never_connected_without_a_broker_and_reconnects(tmp_path: Path) -> None:
     port = free_port()
     got: list[bytes] = []
