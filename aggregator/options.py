@@ -99,10 +99,11 @@ def server_options(fn: F) -> F:
 
 
 def recipe_option_list() -> list[Callable[[Any], Any]]:
-    """`--input-norm`, `--camera-jitter`, `--syncs-per-round`: the input recipe and how often
-    halves are averaged, one definition for simulate, compare and serve. Unset, they are None:
-    the model's and training's own defaults stand (serve: the YAML's), and a pretrained
-    checkpoint (`--init-from`) keeps the norm it was trained with."""
+    """`--input-norm`, `--camera-jitter`, `--syncs-per-round`, `--warmup-rounds`: the input
+    recipe, how often halves are averaged and how the learning rate starts, one definition
+    for simulate, compare and serve. Unset, they are None: the model's and training's own
+    defaults stand (serve: the YAML's), and a pretrained checkpoint (`--init-from`) keeps the
+    norm it was trained with."""
     return [
         click.option(
             "--input-norm",
@@ -127,6 +128,14 @@ def recipe_option_list() -> list[Callable[[Any], Any]]:
             help="average the devices' halves this many times per round, each device training "
             "1/N of its round in between (SL, SFLV1, SFLV2, FedAvg; others average once) "
             f"[default: {TrainConfig.model_fields['syncs_per_round'].default}]",
+        ),
+        click.option(
+            "--warmup-rounds",
+            type=click.IntRange(0, 100),
+            default=None,
+            help="rounds over which the learning rate climbs linearly to its peak before the "
+            "cosine schedule; it keeps Adam's first steps from stalling a run at chance "
+            f"[default: {TrainConfig.model_fields['warmup_rounds'].default}]",
         ),
     ]
 
@@ -353,8 +362,9 @@ def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, T
             compression=kw["compression"],
             sflv2_order=kw.get("sflv2_order", "interleaved"),
         )
-        if kw.get("syncs_per_round") is not None:
-            train = train.model_copy(update={"syncs_per_round": kw["syncs_per_round"]})
+        for key in ("syncs_per_round", "warmup_rounds"):
+            if kw.get(key) is not None:
+                train = train.model_copy(update={key: kw[key]})
         if kw.get("camera_jitter") is not None:
             train = train.with_camera(kw["camera_jitter"])
     except ValidationError as e:

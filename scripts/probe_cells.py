@@ -42,7 +42,7 @@ from bench_recipe import cell  # noqa: E402
 def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     words = text.split(":")
     options = dict(w.split("=", 1) for w in words if "=" in w)
-    unknown = sorted(set(options) - {"partition"})
+    unknown = sorted(set(options) - {"partition", "lr", "warmup"})
     if unknown:
         raise SystemExit(f"{text}: unknown option {unknown}")
     algo, clients, batch, syncs, *rest = [w for w in words if "=" not in w]
@@ -50,7 +50,12 @@ def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     server: dict[str, object] = {}
     if len(rest) > 1:
         server = {"server_opt": "sgd", "server_lr": "auto" if rest[1] == "auto" else float(rest[1])}
-    train = TrainConfig(batch_size=int(batch), syncs_per_round=int(syncs), **order)
+    tuned: dict[str, object] = {}
+    if "lr" in options:
+        tuned["lr"] = float(options["lr"])
+    if "warmup" in options:
+        tuned["warmup_rounds"] = int(options["warmup"])
+    train = TrainConfig(batch_size=int(batch), syncs_per_round=int(syncs), **order, **tuned)
     return SimSpec(
         algo, int(clients), 20, seed=seed, model=model, train=train.with_camera(0.5),
         aggregation=AggregationConfig(**server), report_shift=True,

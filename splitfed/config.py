@@ -11,10 +11,16 @@ from splitfed.wire import Compression, GradCompression
 
 
 def round_lr(cfg: TrainConfig, rnd: int, rounds: int) -> float:
-    """The learning rate of round `rnd` of `rounds`; every model copy uses the same."""
-    if cfg.schedule == "constant" or rounds <= 1:
+    """The learning rate of round `rnd` of `rounds`; every model copy uses the same.
+
+    The first `warmup_rounds` rounds climb linearly towards the peak (round r of w at
+    lr * (r + 1) / (w + 1)); the schedule then runs over the rounds that remain."""
+    w = min(cfg.warmup_rounds, max(rounds - 1, 0))
+    if rnd < w:
+        return cfg.lr * (rnd + 1) / (w + 1)
+    if cfg.schedule == "constant" or rounds - w <= 1:
         return cfg.lr
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * rnd / rounds))
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (rnd - w) / (rounds - w)))
 
 
 class CameraConfig(BaseModel):
@@ -91,6 +97,9 @@ class TrainConfig(BaseModel):
     lr: float = Field(2e-3, gt=0, description="peak learning rate")
     schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="learning rate over the rounds; cosine decays to zero at the last one"
+    )
+    warmup_rounds: int = Field(
+        0, ge=0, le=100, description="rounds of linear learning-rate warm-up before the schedule"
     )
     optimizer: Literal["adam", "sgd"] = Field("adam", description="optimizer of every model copy")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")

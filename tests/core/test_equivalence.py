@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from splitfed.config import TrainConfig
+from splitfed.config import TrainConfig, round_lr
 from splitfed.model import ModelConfig
 from splitfed.simulate import SimSpec, simulate
 
@@ -64,6 +64,32 @@ def test_sflv1_equals_fedavg(small_synth, optimizer: str, syncs: int) -> None:
     sflv1 = run(small_synth, "sflv1", 3, optimizer=optimizer, lr=lr, syncs_per_round=syncs)
     np.testing.assert_allclose(trajectory(sflv1), trajectory(fedavg), rtol=0, atol=1e-6)
     assert sflv1["final"]["test_confusion"] == fedavg["final"]["test_confusion"]
+
+
+def test_warm_up_climbs_to_the_peak_then_the_schedule_runs_over_the_rest() -> None:
+    cfg = TrainConfig(lr=1.0, warmup_rounds=2)
+    lrs = [round_lr(cfg, r, 10) for r in range(10)]
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:], strict=False))  # cosine over 8 rounds
+    assert lrs[-1] == pytest.approx(0.5 * (1 + np.cos(np.pi * 7 / 8)))
+    flat = cfg.model_copy(update={"schedule": "constant"})
+    assert [round_lr(flat, r, 10) for r in range(4)] == pytest.approx([1 / 3, 2 / 3, 1, 1])
+    # A run too short for its warm-up still reaches the peak in its last round.
+    assert [round_lr(cfg, r, 2) for r in range(2)] == pytest.approx([0.5, 1.0])
+    assert round_lr(cfg, 0, 1) == 1.0
+
+
+def test_warm_up_keeps_the_split_arithmetic(small_synth) -> None:
+    """The warm-up sets every copy's learning rate alike: SL with one client is still
+    centralized training and SFLV1 still FedAvg, and the warm-up did change the run."""
+    central = run(small_synth, "centralized", 1, warmup_rounds=1)
+    sl = run(small_synth, "sl", 1, warmup_rounds=1)
+    np.testing.assert_allclose(trajectory(sl), trajectory(central), rtol=0, atol=1e-6)
+    fedavg = run(small_synth, "fedavg", 3, warmup_rounds=1, syncs_per_round=3)
+    sflv1 = run(small_synth, "sflv1", 3, warmup_rounds=1, syncs_per_round=3)
+    np.testing.assert_allclose(trajectory(sflv1), trajectory(fedavg), rtol=0, atol=1e-6)
+    cold = run(small_synth, "centralized", 1, warmup_rounds=0)
+    assert trajectory(cold)[0] != trajectory(central)[0]
 
 
 @pytest.mark.parametrize("algo", ["sflv1", "sflv2"])
