@@ -64,6 +64,10 @@ from splitfed.wire import (
 
 log = logging.getLogger(__name__)
 
+# The aggregator instance an agent assumes when the aggregator talks to it before its status
+# came (a new process on the session of one that died): it has joined already.
+RESTORED_SESSION = "restored-session"
+
 
 @dataclass
 class Prediction:
@@ -159,6 +163,8 @@ class Agent:
             topic(prefix, run_id, self.client_id, STATUS),
             subs,
             self._on_message,
+            # A restarted agent on its old session learns the aggregator's instance, and JOINs.
+            always_retained=[topic(prefix, run_id, AGGREGATOR_ID, STATUS)],
         )
 
     # ---- network thread ------------------------------------------------------------------------
@@ -221,7 +227,7 @@ class Agent:
             # subscriptions, so the retained `online` never came, but the aggregator is
             # talking to this id. Announce this (stateless) device, or it never trains again.
             log.info("messages from the aggregator before its status: joining")
-            self.aggregator_instance = "restored-session"
+            self.aggregator_instance = RESTORED_SESSION
             self.join()
         self.counters["received"] += 1
         env, _ = read_header(payload)  # a WireError is counted by dispatch
@@ -264,9 +270,12 @@ class Agent:
         state, instance = presence
         self.aggregator_state = state
         if state == "online" and instance != self.aggregator_instance:
-            # A new aggregator (first contact, or a restart): announce this device.
+            # A new aggregator (first contact, or a restart): announce this device, unless it
+            # did already, on the aggregator's first message to a restored session.
+            restored = self.aggregator_instance == RESTORED_SESSION
             self.aggregator_instance = instance
-            self.join()
+            if not restored:
+                self.join()
         elif state == "stopped":
             log.info("aggregator stopped")
             if self.exit_when_done and self.joined.is_set():

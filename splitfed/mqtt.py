@@ -291,11 +291,16 @@ class MqttLink:
         subscriptions: Sequence[str],
         on_message: Callable[[str, bytes], None],
         online_payload: bytes | None = b"online",
+        always_retained: Sequence[str] = (),
     ) -> None:
         self.settings = settings
         self.mqtt_id = mqtt_id
         self.status_topic = status_topic
         self.subscriptions = list(subscriptions)
+        # Subscriptions whose retained message comes on every connect, session or not: a new
+        # process on the session of one that died gets no retained message otherwise (MQTT 5
+        # retain handling 1), and would not know that the aggregator is online.
+        self.always_retained = frozenset(always_retained)
         self.on_message = on_message
         self.online_payload = online_payload
         self.protocol = mqtt.MQTTv311 if settings.protocol == "3.1.1" else mqtt.MQTTv5
@@ -402,8 +407,10 @@ class MqttLink:
         if self.subscriptions:
             if self.protocol == mqtt.MQTTv5:
                 # retainHandling 1: retained messages only for a new subscription.
-                opts = SubscribeOptions(qos=1, retainHandling=1)
-                _, self._sub_mid = client.subscribe([(t, opts) for t in self.subscriptions])
+                once, always = SubscribeOptions(qos=1, retainHandling=1), SubscribeOptions(qos=1)
+                _, self._sub_mid = client.subscribe(
+                    [(t, always if t in self.always_retained else once) for t in self.subscriptions]
+                )
             else:
                 _, self._sub_mid = client.subscribe([(t, 1) for t in self.subscriptions])
         else:

@@ -136,6 +136,53 @@ def test_link_is_ready_only_once_the_broker_acknowledged_its_subscriptions(
         link.close()
 
 
+def test_a_new_process_on_a_dead_ones_session_still_gets_the_aggregators_status(
+    mosquitto: Mosquitto,
+) -> None:
+    """A killed agent restarted at once takes over its session, whose subscriptions the broker
+    kept: MQTT 5 then sends no retained message, and without the aggregator's `online` the new
+    process never JOINed (its round waited out the timeout). Topics in `always_retained` get
+    their retained message on every connect; the others still only on a new subscription."""
+    status, other = "t/run/aggregator/status", "t/run/aggregator/global"
+    pub = MqttLink(LinkSettings.from_url(mosquitto.url), "pub", "t/run/pub/status", [],
+                   lambda _t, _p: None)  # fmt: skip
+    pub.start()
+    assert pub.wait_connected(10)
+    pub.publish(status, b"online abc", retain=True)
+    pub.publish(other, b"weights", retain=True)
+    got: list[tuple[str, str, bytes]] = []
+
+    def link(name: str) -> MqttLink:
+        return MqttLink(LinkSettings.from_url(mosquitto.url), "agent-x", "t/run/x/status",
+                        [status, other], lambda t, p: got.append((name, t, p)),
+                        always_retained=[status])  # fmt: skip
+
+    def until(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(got) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    first = link("first")
+    first.start()
+    try:
+        assert first.wait_connected(10)
+        until(2)
+        assert sorted(got) == [("first", other, b"weights"), ("first", status, b"online abc")]
+        first._client.loop_stop()  # the process dies: no DISCONNECT, the session stays
+        first._client.socket().close()
+        second = link("second")
+        second.start()
+        try:
+            assert second.wait_connected(10)
+            until(3)
+            time.sleep(0.5)  # the kept subscription's retained message would come by now
+            assert got[2:] == [("second", status, b"online abc")]
+        finally:
+            second.close()
+    finally:
+        pub.close()
+
+
 def test_link_is_never_connected_without_a_broker_and_reconnects(tmp_path: Path) -> None:
     port = free_port()
     got: list[bytes] = []
