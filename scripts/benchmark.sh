@@ -41,10 +41,14 @@ want recipe && $PY scripts/bench_recipe.py --identities 40 --per-emotion 3 --rou
 want recipe && $PY scripts/bench_recipe.py --identities 40 --per-emotion 3 --rounds 20 --folds 5 \
     --clients 2,5,10 --recipes recipe --starts scratch --algos sflv1,sflv2 --syncs 4 \
     --batch-size 16 --jobs "$(nproc)" --out $B/recipe-syncs-4
-# Four seeds at two and five clients: each cell's paired difference from centralized over 20 runs.
+# Four seeds at two and five clients: each cell's paired difference from centralized over 20 runs,
+# with the default warm-up (two rounds) and, for centralized, without it (warmup=0).
 want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2,3 --jobs "$(nproc)" \
-    centralized:1:16:16,sflv1:2:16:16,sflv2:2:16:16,sflv2:2:16:16:-:auto,sflv1:5:16:16,sflv2:5:16:16 \
+    centralized:1:16:16,sflv1:2:16:16,sflv2:2:16:16,sflv1:5:16:16,sflv2:5:16:16,centralized:1:16:16:warmup=0 \
     2>/dev/null; echo '```'; } > $B/seeds.md
+# Ten clients, seed 0, with the default warm-up.
+want recipe && { echo '```'; $PY scripts/probe_cells.py --jobs "$(nproc)" \
+    centralized:1:16:16,sflv1:10:16:16,sflv2:10:16:16 2>/dev/null; echo '```'; } > $B/ten.md
 want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.md
 # The default input recipe (per-crop norm, camera jitter) against the old inputs, via compare.
 want shift && $PY scripts/bench_input_recipe.py --out $B/input_recipe.md
@@ -80,6 +84,7 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "Cross-validated, four averages a round (\`scripts/bench_recipe.py --syncs 4\`)" $B/recipe-syncs-4/results.md
     section "Cross-validated accuracy: from scratch and pretrained (\`scripts/bench_recipe.py\`)" $B/recipe/results.md
     section "Four seeds at two and five clients, paired with centralized (\`scripts/probe_cells.py --seeds 0,1,2,3\`)" $B/seeds.md
+    section "Ten clients, seed 0 (\`scripts/probe_cells.py\`)" $B/ten.md
     section "Input recipe: the default against the old inputs (\`scripts/bench_input_recipe.py\`)" $B/input_recipe.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
     section "Privacy: leakage of the smashed data by defence (\`scripts/bench_privacy.py\`)" $B/privacy.md

@@ -6,8 +6,9 @@ matrix's set (40 synthetic people x 3 pictures an emotion), recipe inputs (per-c
 0.5), 20 epochs, 5 folds by person, two cells at a time through the product's job pool.
 Each cell is ALGO:CLIENTS:BATCH:SYNCS[:ORDER[:SERVER_LR]] (ORDER "-" keeps interleaving; a
 SERVER_LR, a number or `auto` (the number of copies averaged), runs `--server-opt sgd` at that
-lr), optionally followed by `partition=iid` (devices holding pictures of everyone instead of
-their own people), for example
+lr), optionally followed by KEY=VALUE options: `partition=iid` (devices holding pictures of
+everyone instead of their own people), `lr=` (the peak learning rate) and `warmup=` (rounds of
+warm-up, `TrainConfig.warmup_rounds`), for example
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/probe_cells.py \
         sflv1:2:16:16,sflv2:2:16:16:sequential,sflv1:10:16:16:-:1.5
@@ -84,6 +85,9 @@ def main() -> int:
     ap.add_argument("cells", help="comma-separated ALGO:CLIENTS:BATCH:SYNCS[:ORDER[:SERVER_LR]]")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument(
+        "--curves", action="store_true", help="also print each fold's test accuracy per round"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = generate_synth(SynthConfig(identities=40, per_emotion=3))
@@ -105,6 +109,11 @@ def main() -> int:
             f"shift {100 * r['shift']:.1f} % folds {[round(100 * f, 1) for f in folds]}",
             flush=True,
         )
+        if args.curves:
+            for i, f in enumerate(m["folds"]):
+                curve = [round(100 * r["test_accuracy"]) for r in f["rounds"]]
+                losses = [round(r["train_loss"], 2) for r in f["rounds"]]
+                print(f"  fold {i}: test {curve} train loss {losses}", flush=True)
     if len(texts) > 1:
         print(paired(runs, texts[0]))
     print(f"total {time.perf_counter() - t0:.0f} s")
