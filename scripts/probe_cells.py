@@ -111,8 +111,8 @@ def main() -> int:
         )
         if args.curves:
             for i, f in enumerate(m["folds"]):
-                curve = [round(100 * r["test_accuracy"]) for r in f["rounds"]]
-                losses = [round(r["train_loss"], 2) for r in f["rounds"]]
+                curve = [round(100 * row["test_accuracy"]) for row in f["rounds"]]
+                losses = [round(row["train_loss"], 2) for row in f["rounds"]]
                 print(f"  fold {i}: test {curve} train loss {losses}", flush=True)
     if len(texts) > 1:
         print(paired(runs, texts[0]))
