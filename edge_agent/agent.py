@@ -275,6 +275,8 @@ class Agent:
             restored = self.aggregator_instance == RESTORED_SESSION
             self.aggregator_instance = instance
             if not restored:
+                with self.lock:
+                    self.runtime.new_aggregator()
                 self.join()
         elif state == "stopped":
             log.info("aggregator stopped")

@@ -475,6 +475,9 @@ def run_federation(
     rounds_done = [r["round"] for r in metrics.get("rounds", [])]
     if status == "finished" and rounds_done != list(range(1, cfg.rounds + 1)):
         problems.append(f"rounds {rounds_done}, not 1..{cfg.rounds}")
+    clients_by_round = [len(r["clients"]) for r in metrics.get("rounds", [])]
+    if status == "finished" and 0 in clients_by_round:
+        problems.append(f"a round trained no client: clients by round {clients_by_round}")
     ckpt = watch.report()
     if ckpt["failures"]:
         problems.append(f"{ckpt['failures']} checkpoint reads failed: {ckpt['errors']}")
@@ -493,7 +496,7 @@ def run_federation(
         "final_test_accuracy": metrics.get("final", {}).get("test_accuracy"),
         "test_accuracy_by_round": [r["test_accuracy"] for r in metrics.get("rounds", [])],
         "train_loss_by_round": [r["train_loss"] for r in metrics.get("rounds", [])],
-        "clients_by_round": [len(r["clients"]) for r in metrics.get("rounds", [])],
+        "clients_by_round": clients_by_round,
         "dropped_by_round": [r["dropped"] for r in metrics.get("rounds", [])],
         "schedule": [asdict(f) for f in schedule],
         "faults_survived": {k: fed.faults.get(k, 0) for k in FAULT_KINDS},

@@ -45,6 +45,16 @@ class DeviceRuntime(abc.ABC):
         """
         return env.round >= self._max_round
 
+    def new_aggregator(self) -> None:
+        """A new aggregator instance: take its rounds from wherever it starts.
+
+        One resumed from its checkpoint starts again at the round after it, below a round the
+        dead instance may have begun before it died: without this the device refused every
+        message of the resumed round as stale and the round trained no one. Replays of the
+        dead instance's messages are still refused by their sequence numbers and message ids.
+        """
+        self._max_round = 0
+
     @abc.abstractmethod
     def join(self) -> bytes:
         """The JOIN message that announces this device."""

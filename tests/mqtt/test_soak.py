@@ -68,6 +68,8 @@ def test_short_soak_survives_kills_resume_and_hostile_publishers(tmp_path: Path)
 
     assert r["status"] == "finished" and r["ok"], where
     assert r["rounds"] == [1, 2], where
+    # Every agent trained in the resumed round: they took its rounds from the checkpoint's.
+    assert r["clients_by_round"][-1] == 3 and r["dropped_by_round"][-1] == [], where
     assert r["faults_survived"] == {"agent_kill": 1, "broker_restart": 0, "aggregator_kill": 1}
     # Only the processes killed on purpose ended badly; the resumed aggregator carried on.
     assert r["crashed"] == [], where

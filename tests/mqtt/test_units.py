@@ -18,13 +18,29 @@ import pytest
 from click.testing import CliRunner
 
 from aggregator.serve import NOT_ENROLLED, ServeIO, load_allow_list, serve
+from edge_agent.agent import Agent
 from edge_agent.cli import main as agent_main
 from edge_agent.config import load_config
 from splitfed.broker import EmbeddedBroker, add_user, is_loopback, read_users
 from splitfed.broker import main as broker_main
+from splitfed.client import CLIENT_PREFIX, ClientRuntime
+from splitfed.config import TrainConfig
+from splitfed.data.partition import client_shards
 from splitfed.errors import UserError
-from splitfed.mqtt import LinkSettings, MqttLink, parse_presence, parse_topic, read_password, topic
-from splitfed.wire import MAX_MESSAGE_BYTES
+from splitfed.model import ModelConfig, build_split_model
+from splitfed.mqtt import (
+    DOWN,
+    STATUS,
+    LinkSettings,
+    MqttLink,
+    parse_presence,
+    parse_topic,
+    read_password,
+    topic,
+)
+from splitfed.server import AGGREGATOR_ID
+from splitfed.training import prefixed, state_to_numpy
+from splitfed.wire import MAX_MESSAGE_BYTES, MsgType, Sequencer, encode
 
 from .conftest import TlsMosquitto
 from .fed import Mosquitto, free_port
@@ -181,6 +197,42 @@ def test_a_new_process_on_a_dead_ones_session_still_gets_the_aggregators_status(
             second.close()
     finally:
         pub.close()
+
+
+def test_an_agent_follows_a_resumed_aggregator_back_to_its_checkpointed_round(
+    small_synth: Any,
+) -> None:
+    """An aggregator killed just after its checkpoint may already have started the next round
+    (wire round 17, say); the same command resumed starts it again (round 16). The agents then
+    refused every message of that round as older than one they had seen, and the resumed
+    round trained no one until its timeout. A new aggregator instance resets the floor; within
+    one instance an older round is still refused."""
+    from splitfed.algorithms.sflv1 import SFLV1
+
+    model, train = ModelConfig(widths=(8, 16, 16), cut=1), TrainConfig(syncs_per_round=1)
+    _, _, shards = client_shards(small_synth, 2, seed=0)
+    agent = Agent(ClientRuntime("client-00", "r", *shards[0]), LinkSettings(), "splitfed", "r")
+    algo = SFLV1(model, train, 0)
+    algo.enrol(["client-00"])
+    weights = prefixed(state_to_numpy(build_split_model(model, 0)[0]), CLIENT_PREFIX)
+
+    def round_start(seq: Sequencer, rnd: int) -> None:
+        msg = seq.make(MsgType.ROUND_START, rnd, algo.round_body("client-00"), weights)
+        agent._dispatch("client-00", DOWN, encode(msg), None)
+
+    agent._dispatch(AGGREGATOR_ID, STATUS, b"online first", None)
+    dead, resumed = Sequencer(AGGREGATOR_ID, "r"), Sequencer(AGGREGATOR_ID, "r")
+    round_start(dead, 17)
+    assert agent.counters["sent_smashed"] == 1 and agent.runtime.rejected == 0
+    resumed.seq = dead.seq + 1000  # its sequence numbers grow across restarts (serve.py)
+    round_start(resumed, 16)  # before its status: the old instance's floor holds
+    assert agent.runtime.rejected_by_reason == {"other_round": 1}
+    agent._dispatch(AGGREGATOR_ID, STATUS, b"online second", None)
+    assert agent.counters["joins"] == 2
+    round_start(resumed, 16)
+    assert agent.counters["sent_smashed"] == 2 and agent.runtime.rejected == 1
+    round_start(resumed, 15)  # the floor is back for the new instance
+    assert agent.runtime.rejected_by_reason == {"other_round": 2}
 
 
 def test_link_is_never_connected_without_a_broker_and_reconnects(tmp_path: Path) -> None:
