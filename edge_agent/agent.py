@@ -4,8 +4,8 @@ Every wire message from the aggregator goes to the runtime's `handle_bytes`, and
 published on this device's `up` topic: the same runtime the simulator drives (`ClientRuntime`
 for the split CNN and FedAvg, `OwnerRuntime` for a PyVertical data owner, `SegmentRuntime` for
 a FedSL segment), so an agent with `--shard I/N` computes what simulated client I computes.
-The agent joins each aggregator instance once (a restarted aggregator gets a fresh JOIN; a
-reconnected one does not), loads pushed global weights without a restart, and turns live
+The agent joins each aggregator instance once (a restarted aggregator gets a fresh JOIN, and
+its rounds are taken from wherever its checkpoint resumes them; a reconnected one does not), loads pushed global weights without a restart, and turns live
 frames' smashed data into PREDICT messages whose PREDICTION answers it prints and republishes
 as JSON (the split-CNN client only: the other runtimes hold no client half of a whole crop).
 

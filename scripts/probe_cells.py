@@ -7,8 +7,11 @@ matrix's set (40 synthetic people x 3 pictures an emotion), recipe inputs (per-c
 Each cell is ALGO:CLIENTS:BATCH:SYNCS[:ORDER[:SERVER_LR]] (ORDER "-" keeps interleaving; a
 SERVER_LR, a number or `auto` (the number of copies averaged), runs `--server-opt sgd` at that
 lr), optionally followed by KEY=VALUE options: `partition=iid` (devices holding pictures of
-everyone instead of their own people), `lr=` (the peak learning rate) and `warmup=` (rounds of
-warm-up, `TrainConfig.warmup_rounds`), for example
+everyone instead of their own people), `lr=` (the peak learning rate), `warmup=` (rounds of
+warm-up, `TrainConfig.warmup_rounds`) and `geo=SCALE/DEGREES/SHIFT` (geometric jitter of the
+training crops, `JitterConfig.scale`, `.rotation` and `.shift_y`), `server=momentum` or
+`server=adam` (that server optimizer at SERVER_LR instead of plain SGD) and `momentum=` (its
+momentum, `AggregationConfig.server_momentum`), for example
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/probe_cells.py \
         sflv1:2:16:16,sflv2:2:16:16:sequential,sflv1:10:16:16:-:1.5
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 
 from aggregator.jobs import run_tasks
-from splitfed.config import AggregationConfig, TrainConfig
+from splitfed.config import AggregationConfig, JitterConfig, TrainConfig
 from splitfed.data.synth import SynthConfig, generate_synth
 from splitfed.model import ModelConfig
 from splitfed.simulate import SimSpec
@@ -43,22 +46,32 @@ from bench_recipe import cell  # noqa: E402
 def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     words = text.split(":")
     options = dict(w.split("=", 1) for w in words if "=" in w)
-    unknown = sorted(set(options) - {"partition", "lr", "warmup"})
+    known = {"partition", "lr", "warmup", "geo", "server", "momentum"}
+    unknown = sorted(set(options) - known)
     if unknown:
         raise SystemExit(f"{text}: unknown option {unknown}")
     algo, clients, batch, syncs, *rest = [w for w in words if "=" not in w]
     order = {"sflv2_order": rest[0]} if rest and rest[0] != "-" else {}
     server: dict[str, object] = {}
     if len(rest) > 1:
-        server = {"server_opt": "sgd", "server_lr": "auto" if rest[1] == "auto" else float(rest[1])}
+        server = {"server_opt": options.get("server", "sgd"),
+                  "server_lr": "auto" if rest[1] == "auto" else float(rest[1])}  # fmt: skip
+        if "momentum" in options:
+            server["server_momentum"] = float(options["momentum"])
     tuned: dict[str, object] = {}
     if "lr" in options:
         tuned["lr"] = float(options["lr"])
     if "warmup" in options:
         tuned["warmup_rounds"] = int(options["warmup"])
     train = TrainConfig(batch_size=int(batch), syncs_per_round=int(syncs), **order, **tuned)
+    train = train.with_camera(0.5)
+    if "geo" in options:
+        scale, rotation, shift_y = (float(v) for v in options["geo"].split("/"))
+        geo = {"scale": scale, "rotation": rotation, "shift_y": shift_y}
+        jitter = JitterConfig.model_validate({**train.jitter.model_dump(), **geo})
+        train = train.model_copy(update={"jitter": jitter})
     return SimSpec(
-        algo, int(clients), 20, seed=seed, model=model, train=train.with_camera(0.5),
+        algo, int(clients), 20, seed=seed, model=model, train=train,
         aggregation=AggregationConfig(**server), report_shift=True,
         partition=options.get("partition"),
     ), f"{text} seed {seed}"  # fmt: skip
