@@ -49,6 +49,10 @@ want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2,3 --jobs "
 # Ten clients, seed 0, with the default warm-up.
 want recipe && { echo '```'; $PY scripts/probe_cells.py --jobs "$(nproc)" \
     centralized:1:16:16,sflv1:10:16:16,sflv2:10:16:16 2>/dev/null; echo '```'; } > $B/ten.md
+# Levers that failed without warm-up, with it: server lr ~sqrt(K), FedAvgM, geometric jitter.
+want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
+    centralized:1:16:16,sflv1:2:16:16:-:1.4,sflv1:5:16:16:-:1.5,sflv1:5:16:16:-:2.2,sflv2:5:16:16:-:2.2,sflv1:5:16:16:-:0.5:server=momentum:momentum=0.8,sflv2:5:16:16:-:0.5:server=momentum:momentum=0.8,centralized:1:16:16:geo=0.1/4/0.06,centralized:1:16:16:geo=0.2/8/0.12 \
+    2>/dev/null; echo '```'; } > $B/levers.md
 want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.md
 # The default input recipe (per-crop norm, camera jitter) against the old inputs, via compare.
 want shift && $PY scripts/bench_input_recipe.py --out $B/input_recipe.md
@@ -85,6 +89,7 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "Cross-validated accuracy: from scratch and pretrained (\`scripts/bench_recipe.py\`)" $B/recipe/results.md
     section "Four seeds at two and five clients, paired with centralized (\`scripts/probe_cells.py --seeds 0,1,2,3\`)" $B/seeds.md
     section "Ten clients, seed 0 (\`scripts/probe_cells.py\`)" $B/ten.md
+    section "Server lr, FedAvgM and geometric jitter with warm-up, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/levers.md
     section "Input recipe: the default against the old inputs (\`scripts/bench_input_recipe.py\`)" $B/input_recipe.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
     section "Privacy: leakage of the smashed data by defence (\`scripts/bench_privacy.py\`)" $B/privacy.md
