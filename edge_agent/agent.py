@@ -5,9 +5,10 @@ published on this device's `up` topic: the same runtime the simulator drives (`C
 for the split CNN and FedAvg, `OwnerRuntime` for a PyVertical data owner, `SegmentRuntime` for
 a FedSL segment), so an agent with `--shard I/N` computes what simulated client I computes.
 The agent joins each aggregator instance once (a restarted aggregator gets a fresh JOIN, and
-its rounds are taken from wherever its checkpoint resumes them; a reconnected one does not), loads pushed global weights without a restart, and turns live
-frames' smashed data into PREDICT messages whose PREDICTION answers it prints and republishes
-as JSON (the split-CNN client only: the other runtimes hold no client half of a whole crop).
+its rounds are taken from wherever its checkpoint resumes them; a reconnected one does not),
+loads pushed global weights without a restart, and turns live frames' smashed data into
+PREDICT messages whose PREDICTION answers it prints and republishes as JSON (the split-CNN
+client only: the other runtimes hold no client half of a whole crop).
 
 A live frame leaves as the run's defence allows (`ClientRuntime.live_wire`: the same
 `splitfed.defences.to_wire` as training, noise keyed by the device's secret, the run's
