@@ -26,6 +26,7 @@ from splitfed.algorithms.aggregate import aggregate_states, max_samples
 from splitfed.algorithms.server_opt import ServerOptState, server_step
 from splitfed.client import CLIENT_PREFIX
 from splitfed.config import AggregationConfig, TrainConfig, round_lr
+from splitfed.data.batches import num_batches, part_bounds
 from splitfed.server import Presence, ServerIO
 from splitfed.training import load_numpy_state, set_lr, state_to_numpy, unprefixed
 from splitfed.wire import Message, MsgType
@@ -179,7 +180,7 @@ class Strategy(abc.ABC):
             io.round = self.wire_round(rnd, part)
             if part and self.fed is not None:
                 self.fed.sync(self)
-            state = self.configure_round(io, rnd, participants)
+            state = self.configure_round(io, rnd, self.part_participants(io, participants))
             what = f"round {rnd}" if self.parts == 1 else f"round {rnd} part {part + 1}"
             dropped = self.collect(
                 io,
@@ -204,6 +205,27 @@ class Strategy(abc.ABC):
         self.part = 0
         total.completed = completed
         return total
+
+    def part_participants(self, io: ServerIO, participants: list[str]) -> list[str]:
+        """The devices with batches in this part of a cut round (`self.part`).
+
+        A device with fewer batches a round than parts has empty parts (`part_bounds`, which
+        the device cuts alike). There it would take the global half and hand it back unchanged,
+        weighing nothing in the part's average: a round trip of the half both ways for nothing.
+        So it sits those parts out; its round's stream and optimizer wait, as they did. Every
+        device with a batch is in the last part, so a round still completes with all of them.
+        """
+        if self.parts == 1:
+            return participants
+        cfg = self.train_cfg
+
+        def batches(cid: str) -> int:
+            info = io.clients.get(cid)
+            total = num_batches(info.n_train if info else 0, cfg.batch_size) * cfg.local_epochs
+            lo, hi = part_bounds(total, self.part, self.parts)
+            return hi - lo
+
+        return [c for c in participants if batches(c) > 0]
 
     def start_round(self, rnd: int, total_rounds: int) -> None:
         """Set this round's learning rate on every optimizer the aggregator holds."""

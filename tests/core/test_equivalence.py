@@ -106,6 +106,27 @@ def test_cut_rounds_train_every_batch_once_and_average_more(small_synth, algo: s
         assert trajectory(cut) != trajectory(whole)
 
 
+@pytest.mark.parametrize("algo", ["sflv1", "sflv2", "sl", "fedavg"])
+def test_a_device_sits_out_its_empty_parts_and_no_number_changes(
+    small_synth, algo: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """12 parts over about 3 batches a device: 9 parts of each round are empty for it. It sits
+    them out (`Strategy.part_participants`), so its half does not travel down and back for
+    nothing, and the run is the one where every part reaches every device, bit for bit."""
+    from splitfed.algorithms.base import Strategy
+
+    skipping = run(small_synth, algo, 3, syncs_per_round=12)
+    with monkeypatch.context() as m:
+        m.setattr(Strategy, "part_participants", lambda self, io, participants: participants)
+        everyone = run(small_synth, algo, 3, syncs_per_round=12)
+    assert trajectory(skipping) == trajectory(everyone)
+    assert skipping["final"]["test_confusion"] == everyone["final"]["test_confusion"]
+    assert [r["clients"] for r in skipping["rounds"]] == [r["clients"] for r in everyone["rounds"]]
+    # Each empty part had carried the client half down (the whole model for FedAvg).
+    assert skipping["comm"]["bytes_down"] < 0.95 * everyone["comm"]["bytes_down"]
+    assert skipping["comm"]["bytes_up"] < everyone["comm"]["bytes_up"]
+
+
 def test_algorithms_differ_with_several_clients(small_synth) -> None:
     """Guard against an equivalence test that passes because everything is the same code path."""
     a = trajectory(run(small_synth, "sflv1", 3))
