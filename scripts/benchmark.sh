@@ -14,6 +14,8 @@ SECTIONS=${SECTIONS:-core,mqtt,robust,soak,scale,views,recipe,shift,privacy,expo
 want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 
 want core && $PY scripts/bench_core.py --rounds "$ROUNDS" --out $B/core --section $B/core.md
+# Bytes a round when devices sit out their empty parts of a cut round, against every part.
+want core && $PY scripts/bench_empty_parts.py > $B/empty_parts.md
 # The federation over Mosquitto, and every deployable algorithm against the simulator.
 want mqtt && $PY scripts/bench_mqtt.py --out $B/mqtt.md
 # One malicious device against mean and the robust rule (issue 8).
@@ -77,6 +79,7 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     for f in $B/core.md $B/mqtt.md; do
         [ -f "$f" ] && { cat "$f"; echo; }
     done
+    section "Empty parts of a cut round: bytes a round (\`scripts/bench_empty_parts.py\`)" $B/empty_parts.md
     section "One malicious device against the aggregation rules (\`scripts/bench_robust.py\`)" $B/robust.md
     section "Chaos soak (\`scripts/soak.py\`)" runs/soak/soak.md
     [ -f $B/scale.md ] && { cat $B/scale.md; echo; }
