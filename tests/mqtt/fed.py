@@ -28,6 +28,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from splitfed.client import CLIENT_PREFIX
+from splitfed.data.batches import num_batches
 from splitfed.model import ModelConfig, build_split_model, smashed_shape
 from splitfed.mqtt import DOWN, GLOBAL, PREDICTION, STATUS, UP, parse_presence, parse_topic
 from splitfed.training import state_to_numpy
@@ -407,3 +408,13 @@ def check_payloads(
             shapes = {k: (_dt(a), a.shape) for k, a in t.items()}
             problems.append(f"{typ} on {name}: unexpected tensors {shapes}")
     return problems, seen
+
+
+def parts_trained(metrics: dict[str, Any]) -> list[int]:
+    """Parts of each round that each device of a run trains in: one per batch of its round, at
+    most every part (a device sits out the parts that hold none of its batches)."""
+    t = metrics["train"]
+    return [
+        min(num_batches(n, t["batch_size"]) * t["local_epochs"], t["syncs_per_round"])
+        for n in metrics["data"]["clients_samples"]
+    ]
