@@ -217,15 +217,16 @@ class Strategy(abc.ABC):
         """
         if self.parts == 1:
             return participants
+        return [c for c in participants if self.part_batches(io, c) > 0]
+
+    def part_batches(self, io: ServerIO, client_id: str) -> int:
+        """How many of a device's batches this part of its round holds, cut by `part_bounds`
+        from the training set it declared, as the device cuts them."""
         cfg = self.train_cfg
-
-        def batches(cid: str) -> int:
-            info = io.clients.get(cid)
-            total = num_batches(info.n_train if info else 0, cfg.batch_size) * cfg.local_epochs
-            lo, hi = part_bounds(total, self.part, self.parts)
-            return hi - lo
-
-        return [c for c in participants if batches(c) > 0]
+        info = io.clients.get(client_id)
+        total = num_batches(info.n_train if info else 0, cfg.batch_size) * cfg.local_epochs
+        lo, hi = part_bounds(total, self.part, self.parts)
+        return hi - lo
 
     def start_round(self, rnd: int, total_rounds: int) -> None:
         """Set this round's learning rate on every optimizer the aggregator holds."""

@@ -20,7 +20,6 @@ import numpy as np
 from splitfed.algorithms.aggregate import interleaved_order, sequential_order
 from splitfed.algorithms.base import RoundState, RoundTrain
 from splitfed.algorithms.cnn import SplitCNN
-from splitfed.data.batches import num_batches, part_bounds
 from splitfed.server import ServerIO
 from splitfed.wire import Message, MsgType
 
@@ -38,11 +37,7 @@ class SFLV2(SplitCNN):
 
     def configure_round(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:
         cfg = self.train_cfg
-        counts = []
-        for c in participants:
-            total = num_batches(io.clients[c].n_train, cfg.batch_size) * cfg.local_epochs
-            lo, hi = part_bounds(total, self.part, self.parts)
-            counts.append(hi - lo)
+        counts = [self.part_batches(io, c) for c in participants]
         schedule = sequential_order if cfg.sflv2_order == "sequential" else interleaved_order
         key = [self.seed, rnd, 0x5F12, *([self.part] if self.parts > 1 else [])]
         order = deque(schedule(counts, np.random.default_rng(key)))
