@@ -10,8 +10,10 @@ lr), optionally followed by KEY=VALUE options: `partition=iid` (devices holding 
 everyone instead of their own people), `lr=` (the peak learning rate), `warmup=` (rounds of
 warm-up, `TrainConfig.warmup_rounds`) and `geo=SCALE/DEGREES/SHIFT` (geometric jitter of the
 training crops, `JitterConfig.scale`, `.rotation` and `.shift_y`), `server=momentum` or
-`server=adam` (that server optimizer at SERVER_LR instead of plain SGD) and `momentum=` (its
-momentum, `AggregationConfig.server_momentum`), for example
+`server=adam` (that server optimizer at SERVER_LR instead of plain SGD), `momentum=` (its
+momentum, `AggregationConfig.server_momentum`) and `defence=` (a registered defence such as
+`recommended`, or CUT/BOTTLENECK/NOISE/COMPRESSION such as `4/8/1/int8`, a `-` keeping the run's
+own value; without it the cells run undefended), for example
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/probe_cells.py \
         sflv1:2:16:16,sflv2:2:16:16:sequential,sflv1:10:16:16:-:1.5
@@ -36,6 +38,7 @@ import torch
 from aggregator.jobs import run_tasks
 from splitfed.config import AggregationConfig, JitterConfig, TrainConfig
 from splitfed.data.synth import SynthConfig, generate_synth
+from splitfed.defences import DefenceConfig, get_defence
 from splitfed.model import ModelConfig
 from splitfed.simulate import SimSpec
 
@@ -46,7 +49,7 @@ from bench_recipe import cell  # noqa: E402
 def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     words = text.split(":")
     options = dict(w.split("=", 1) for w in words if "=" in w)
-    known = {"partition", "lr", "warmup", "geo", "server", "momentum"}
+    known = {"partition", "lr", "warmup", "geo", "server", "momentum", "defence"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise SystemExit(f"{text}: unknown option {unknown}")
@@ -73,8 +76,18 @@ def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     return SimSpec(
         algo, int(clients), 20, seed=seed, model=model, train=train,
         aggregation=AggregationConfig(**server), report_shift=True,
-        partition=options.get("partition"),
+        partition=options.get("partition"), defence=defence(options.get("defence", "none")),
     ), f"{text} seed {seed}"  # fmt: skip
+
+
+def defence(text: str) -> DefenceConfig:
+    """A registered defence by name, or CUT/BOTTLENECK/NOISE/COMPRESSION (`-`: the run's own)."""
+    if "/" not in text:
+        return get_defence(text)
+    cut, bottleneck, noise, compression = (None if w == "-" else w for w in text.split("/"))
+    return DefenceConfig(
+        cut=cut, bottleneck=bottleneck, noise=noise or 0.0, compression=compression
+    )
 
 
 def paired(runs: dict[str, list[float]], reference: str) -> str:

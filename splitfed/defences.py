@@ -82,6 +82,10 @@ DEFENCES: dict[str, DefenceConfig] = {
     "cut-3-bottleneck-8-noise-1-int8": DefenceConfig(
         cut=3, bottleneck=8, noise=1.0, compression="int8"
     ),
+    # Every conv block on the device, no bottleneck: measured with warm-up (2026-12-06).
+    "cut-4-noise-1-int8": DefenceConfig(cut=4, noise=1.0, compression="int8"),
+    "cut-4-noise-1.5-int8": DefenceConfig(cut=4, noise=1.5, compression="int8"),
+    "cut-4-noise-2-int8": DefenceConfig(cut=4, noise=2.0, compression="int8"),
     # From the sweep of issue 11 (BENCHMARKS.md, scripts/bench_privacy.py, synthetic, 36 people):
     # the frontier point closest to the targets. SSIM 0.282 vs 0.246 for the mean crop (gap
     # +0.037 <= 0.05), re-id 23 % vs chance 14 % (1.6x <= 2x), 176 bytes/sample, but 46.3 %

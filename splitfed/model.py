@@ -161,7 +161,7 @@ def smashed_shape(cfg: ModelConfig) -> tuple[int, int, int]:
     """Shape (C, H, W) of one sample's activations at the cut layer."""
     _, h, w = cfg.input_shape
     h, w = -(-h // cfg.stem_stride), -(-w // cfg.stem_stride)
-    for _ in range(cfg.cut):
+    for _ in range(min(cfg.cut, len(cfg.widths) - 1)):  # every block but the last pools
         h, w = h // 2, w // 2
     return cfg.bottleneck or cfg.widths[cfg.cut - 1], h, w
 
