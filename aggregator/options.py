@@ -21,7 +21,7 @@ from rich.table import Table
 from splitfed.checkpoint import checkpoint_file, read_model_config
 from splitfed.config import AggregationConfig, CameraConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset
-from splitfed.defences import DEFAULT_HELP, DEFENCES
+from splitfed.defences import DEFAULT_DEFENCE, DEFAULT_HELP, DEFENCES
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig
 
@@ -175,7 +175,12 @@ def data_options(fn: F) -> F:
         click.option("--local-epochs", type=int, default=1, show_default=True),
         *recipe_option_list(),
         click.option(
-            "--cut", type=int, default=2, show_default=True, help="conv blocks on the device"
+            "--cut",
+            type=int,
+            default=2,
+            show_default=True,
+            help="conv blocks on the device; a defence's own cut overrides it (`recommended`, "
+            f"the default for sl, sflv1 and sflv2: {DEFENCES[DEFAULT_DEFENCE].cut})",
         ),
         click.option(
             "--compression",

@@ -93,7 +93,8 @@ def test_compare_shows_scratch_and_pretrained_side_by_side(
     assert (tmp_path / "sl-2-pretrained" / "metrics.json").exists()
     bad = CliRunner().invoke(
         main,
-        ["simulate", "--algo", "sl", "--rounds", "1", "--cut", "3", "--synth-identities", "8",
+        ["simulate", "--algo", "sl", "--rounds", "1", "--cut", "3", "--defence", "none",
+         "--synth-identities", "8",
          "--init-from", str(pretrained), "--out", str(tmp_path / "bad")],
     )  # fmt: skip
     assert bad.exit_code != 0 and "cut is 2, this run's is 3" in bad.output
