@@ -25,10 +25,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from splitfed.errors import UserError
-from splitfed.model import ModelConfig, seeded
+from splitfed.model import ModelConfig, generator
 from splitfed.wire import Compression, pack_activations, unpack_activations
 
-NOISE_STREAM = 2  # `seeded` stream index of the noise; 0 and 1 are the halves' dropout
+NOISE_STREAM = 2  # key index of the noise; `seeded` streams 0 and 1 are the halves' dropout
 
 
 class DefenceConfig(BaseModel):
@@ -140,8 +140,7 @@ def add_noise(act: torch.Tensor, sigma: float, key: tuple[int, ...]) -> torch.Te
     """`act` plus Gaussian noise of `sigma` times each sample's std, drawn from `key`."""
     if sigma <= 0:
         return act
-    with seeded(*key, NOISE_STREAM):
-        eps = torch.randn(act.shape, dtype=act.dtype)
+    eps = torch.randn(act.shape, dtype=act.dtype, generator=generator(*key, NOISE_STREAM))
     scale = act.detach().flatten(1).std(dim=1).clamp_min(1e-6)
     return act + sigma * scale.view(-1, *([1] * (act.dim() - 1))) * eps
 

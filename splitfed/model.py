@@ -7,6 +7,7 @@ built from one seeded full model, so a split run and a centralized run start fro
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Literal
 
@@ -201,20 +202,38 @@ def conv_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     return total
 
 
+# Torch's global RNG is one per process: two threads inside `seeded` at once (a device's
+# training and live threads, or in-process agents) would draw from each other's seeds.
+_GLOBAL_RNG = threading.RLock()
+
+
+def key_seed(*key: int) -> int:
+    """The seed a key of ints stands for: the same key, the same draws, in any process."""
+    seed = 0
+    for k in key:
+        seed = (seed * 1_000_003 + int(k) + 1) % (2**63 - 1)
+    return seed
+
+
+def generator(*key: int) -> torch.Generator:
+    """A private CPU generator seeded from `key`: draws from it touch no global state, and it
+    gives the draws that the global RNG gives under `seeded(*key)`."""
+    return torch.Generator().manual_seed(key_seed(*key))
+
+
 @contextlib.contextmanager
 def seeded(*key: int) -> Iterator[None]:
     """Run a block with torch's global RNG seeded from `key`, restoring it afterwards.
 
     Dropout draws from the global RNG. Seeding every forward pass from (run seed, round, client,
     step, half) makes the draws independent of which process runs the half and in what order,
-    which is what lets the MQTT deployment reproduce the simulator bit for bit.
+    which is what lets the MQTT deployment reproduce the simulator bit for bit. Blocks of
+    different threads take turns, since they share that RNG.
     """
-    state = torch.random.get_rng_state()
-    seed = 0
-    for k in key:
-        seed = (seed * 1_000_003 + int(k) + 1) % (2**63 - 1)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)
+    with _GLOBAL_RNG:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(key_seed(*key))
+        try:
+            yield
+        finally:
+            torch.random.set_rng_state(state)
