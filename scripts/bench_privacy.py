@@ -35,7 +35,8 @@ from splitfed.privacy.report import attack_people, measure_setting, read_checkpo
 from splitfed.simulate import SimSpec, simulate
 
 SETTINGS = (  # the likeliest candidates first, so a sweep stopped early has them
-    "none,cut-3-noise-1-int8,noise-1-int8,cut-3-bottleneck-8-noise-1-int8,noise-2,"
+    "none,cut-4-noise-2-int8,cut-4-noise-1.5-int8,cut-4-noise-1-int8,cut-3-noise-1-int8,"
+    "noise-1-int8,cut-3-bottleneck-8-noise-1-int8,noise-2,"
     "cut-3-bottleneck-8,nopeek-1-noise-1,bottleneck-8-noise-1-int8,cut-3-noise-2-int8,noise-1,"
     "cut-3,bottleneck-8,nopeek-1,int8,noise-0.5"
 )

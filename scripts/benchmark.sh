@@ -59,8 +59,12 @@ want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.
 # The default input recipe (per-crop norm, camera jitter) against the old inputs, via compare.
 want shift && $PY scripts/bench_input_recipe.py --out $B/input_recipe.md
 want privacy && $PY scripts/bench_privacy.py --section $B/privacy.md
+# Accuracy of the defences, cross-validated: the old and new `recommended` and the cut-4 noises.
+want privacy && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
+    sflv1:2:16:16,sflv1:2:16:16:defence=cut-3-bottleneck-8-noise-1-int8,sflv1:2:16:16:defence=cut-4-noise-1-int8,sflv1:2:16:16:defence=cut-4-noise-1.5-int8,sflv1:2:16:16:defence=cut-4-noise-2-int8 \
+    2>/dev/null; echo '```'; } > $B/defences.md
 # What the client half's change between two averages adds to the smashed data, by part size.
-want privacy && $PY scripts/bench_update_privacy.py --settings cut-3-bottleneck-8-noise-1-int8 \
+want privacy && $PY scripts/bench_update_privacy.py --settings cut-3-bottleneck-8-noise-1-int8,cut-4-noise-2-int8 \
     --parts 1x1,1x2,1x4,1x8,1x32 --samples 1024 --epochs 20 --out $B/update_privacy
 want export && $PY scripts/bench_export.py --checkpoint $B/core/centralized-2/checkpoint --out $B/export.md
 
@@ -96,6 +100,7 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "Input recipe: the default against the old inputs (\`scripts/bench_input_recipe.py\`)" $B/input_recipe.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
     section "Privacy: leakage of the smashed data by defence (\`scripts/bench_privacy.py\`)" $B/privacy.md
+    section "Privacy: accuracy of the defences, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/defences.md
     section "Privacy: the client half's change between averages (\`scripts/bench_update_privacy.py\`)" $B/update_privacy/results.md
     [ -f $B/export.md ] && cat $B/export.md
 } > BENCHMARKS.md
