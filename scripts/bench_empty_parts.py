@@ -33,10 +33,12 @@ from splitfed.data.synth import SynthConfig, generate_synth  # noqa: E402
 from splitfed.model import ModelConfig  # noqa: E402
 from splitfed.simulate import SimSpec, simulate  # noqa: E402
 
+TRAIN = TrainConfig(batch_size=16)
+
 
 def one_round(data: EmotionDataset, algo: str, clients: int, every_part: bool) -> dict:  # type: ignore[type-arg]
     spec = SimSpec(
-        algo, clients, 1, seed=0, train=TrainConfig(batch_size=16),
+        algo, clients, 1, seed=0, train=TRAIN,
         model=ModelConfig(input_shape=data.input_shape),
     )  # fmt: skip
     if not every_part:
@@ -62,9 +64,9 @@ def main() -> int:
     ap.add_argument("--algos", default="sflv1,sflv2,fedavg")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    train = TrainConfig(batch_size=16)
     data = generate_synth(SynthConfig(identities=40, per_emotion=3))
-    print(f"One round, {len(data)} synthetic pictures, batch 16, {train.syncs_per_round} "
+    print(f"One round, {len(data)} synthetic pictures, batch {TRAIN.batch_size}, "
+          f"{TRAIN.syncs_per_round} "
           "averages a round; MB = 10^6 bytes.\n")  # fmt: skip
     print("| algorithm | clients | batches a device | MB down, every part | MB down, "
           "sitting out | MB up, every part | MB up, sitting out | same numbers |")  # fmt: skip
@@ -76,7 +78,9 @@ def main() -> int:
             same = numbers(every) == numbers(product)
             ok &= same
             a, b = every["comm"], product["comm"]
-            batches = sorted({num_batches(n, 16) for n in product["data"]["clients_samples"]})
+            batches = sorted(
+                {num_batches(n, TRAIN.batch_size) for n in product["data"]["clients_samples"]}
+            )
             print(f"| {algo} | {k} | {'-'.join(str(x) for x in batches)} | "
                   f"{a['bytes_down'] / 1e6:.2f} | {b['bytes_down'] / 1e6:.2f} | "
                   f"{a['bytes_up'] / 1e6:.2f} | {b['bytes_up'] / 1e6:.2f} | "

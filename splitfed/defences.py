@@ -86,17 +86,18 @@ DEFENCES: dict[str, DefenceConfig] = {
     "cut-4-noise-1-int8": DefenceConfig(cut=4, noise=1.0, compression="int8"),
     "cut-4-noise-1.5-int8": DefenceConfig(cut=4, noise=1.5, compression="int8"),
     "cut-4-noise-2-int8": DefenceConfig(cut=4, noise=2.0, compression="int8"),
-    # Every conv block on the device, noise 2 sigma, int8 (BENCHMARKS.md, "A deeper cut without
-    # a bottleneck"; synthetic, with warm-up). Against no defence, seeds 0, 1 and 2: SSIM
-    # +0.015, +0.010 and +0.031 over the mean crop (target <= 0.05); re-identification 18, 28
-    # and 37 % (chance 14 %, target <= 2x: missed on seed 2); accuracy 3.6 +- 0.6 points lower
-    # over 10 cross-validated runs (the target is 2). It replaced cut 3 + bottleneck 8 + noise
-    # 1 + int8 (registered above), which leaked about as much (+0.020, +0.020, +0.041; 25, 28,
-    # 28 %) and cost 7.6 +- 1.4 points: at cut 4 a bottleneck of 8 or 16 channels under noise 1
-    # cost 8.2 and 5.5 points, none cost nothing. Its price is bytes: the device's half has 211k
-    # parameters (73k before), so SFLV1 x2 sent 3.3x the bytes a round (65.5 against 19.9 MB).
-    "recommended": DefenceConfig(cut=4, noise=2.0, compression="int8"),
 }
+
+# `recommended` is cut-4-noise-2-int8: every conv block on the device, noise 2 sigma, int8
+# (BENCHMARKS.md, "A deeper cut without a bottleneck"; synthetic, with warm-up). Against no
+# defence, seeds 0, 1 and 2: SSIM +0.015, +0.010 and +0.031 over the mean crop (target <=
+# 0.05); re-identification 18, 28 and 37 % (chance 14 %, target <= 2x: missed on seed 2);
+# accuracy 3.6 +- 0.6 points lower over 10 cross-validated runs (the target is 2). It replaced
+# cut-3-bottleneck-8-noise-1-int8, which leaked about as much (+0.020, +0.020, +0.041; 25, 28,
+# 28 %) and cost 7.6 +- 1.4 points: at cut 4 a bottleneck of 8 or 16 channels under noise 1
+# cost 8.2 and 5.5 points, none cost nothing. Its price is bytes: the device's half has 211k
+# parameters (73k before), so SFLV1 x2 sent 3.3x the bytes a round (65.5 against 19.9 MB).
+DEFENCES["recommended"] = DEFENCES["cut-4-noise-2-int8"]
 
 
 # What `simulate` and `serve` apply when no --defence is named, on the algorithms that send

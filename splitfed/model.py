@@ -204,7 +204,7 @@ def conv_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 # Torch's global RNG is one per process: two threads inside `seeded` at once (a device's
 # training and live threads, or in-process agents) would draw from each other's seeds.
-_GLOBAL_RNG = threading.RLock()
+_GLOBAL_RNG_LOCK = threading.RLock()
 
 
 def key_seed(*key: int) -> int:
@@ -230,7 +230,7 @@ def seeded(*key: int) -> Iterator[None]:
     which is what lets the MQTT deployment reproduce the simulator bit for bit. Blocks of
     different threads take turns, since they share that RNG.
     """
-    with _GLOBAL_RNG:
+    with _GLOBAL_RNG_LOCK:
         state = torch.random.get_rng_state()
         torch.manual_seed(key_seed(*key))
         try:
