@@ -99,8 +99,9 @@ def server_options(fn: F) -> F:
 
 
 def recipe_option_list() -> list[Callable[[Any], Any]]:
-    """`--input-norm`, `--camera-jitter`, `--syncs-per-round`, `--warmup-rounds`: the input
-    recipe, how often halves are averaged and how the learning rate starts, one definition
+    """`--input-norm`, `--camera-jitter`, `--syncs-per-round`, `--warmup-rounds`,
+    `--split-batch`: the input recipe, how often halves are averaged, how the learning rate
+    starts and whether side-by-side devices share the batch, one definition
     for simulate, compare and serve. Unset, they are None: the model's and training's own
     defaults stand (serve: the YAML's), and a pretrained checkpoint (`--init-from`) keeps the
     norm it was trained with."""
@@ -136,6 +137,14 @@ def recipe_option_list() -> list[Callable[[Any], Any]]:
             help="rounds over which the learning rate climbs linearly to its peak before the "
             "cosine schedule; it keeps Adam's first steps from stalling a run at chance "
             f"[default: {TrainConfig.model_fields['warmup_rounds'].default}]",
+        ),
+        click.option(
+            "--split-batch/--whole-batch",
+            default=None,
+            help="SFLV1, SFLV2, FedAvg: K devices share --batch-size, each stepping on 1/K of "
+            "it (at least 2), so an epoch takes centralized training's number of steps; "
+            "--whole-batch gives each device the whole batch "
+            f"[default: {'split' if TrainConfig.model_fields['split_batch'].default else 'whole'}]",
         ),
     ]
 
@@ -367,7 +376,7 @@ def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, T
             compression=kw["compression"],
             sflv2_order=kw.get("sflv2_order", "interleaved"),
         )
-        for key in ("syncs_per_round", "warmup_rounds"):
+        for key in ("syncs_per_round", "warmup_rounds", "split_batch"):
             if kw.get(key) is not None:
                 train = train.model_copy(update={key: kw[key]})
         if kw.get("camera_jitter") is not None:

@@ -598,6 +598,7 @@ def serve(
         "train.local_epochs": kw["local_epochs"],
         "train.syncs_per_round": kw["syncs_per_round"],
         "train.warmup_rounds": kw["warmup_rounds"],
+        "train.split_batch": kw["split_batch"],
         "model.cut": kw["cut"],
         "model.input_norm": kw["input_norm"],
         "train.jitter.camera.p": kw["camera_jitter"],

@@ -8,11 +8,13 @@ simulator), so the numbers are those a user gets. The data are SYNTHETIC: a priv
 (other people, a noisier camera, other resting faces), trained centrally first: the synthetic
 proxy of "pretrain on a public set, fine-tune on the devices". Recipes (the inputs):
 
-    old        global pixel normalisation, no camera jitter, one average a round (the
-               defaults before the recipe)
+    old        global pixel normalisation, no camera jitter, one average a round, each
+               device stepping on the whole batch (the defaults before the recipe)
     recipe     today's defaults: per-crop standardisation in the client half, camera jitter
-               at chance 0.5 (ModelConfig.input_norm, CameraConfig.p) and the devices' halves
-               averaged TrainConfig.syncs_per_round times a round
+               at chance 0.5 (ModelConfig.input_norm, CameraConfig.p), the devices' halves
+               averaged TrainConfig.syncs_per_round times a round, and the batch shared by
+               the devices that train side by side (TrainConfig.split_batch; `--whole-batch`
+               gives each the whole batch, as the tables before it were measured)
 
 The pretraining run uses the same recipe as the federated runs it starts. Cells run in parallel
 through the product's own job pool (`compare --jobs`), which gives the numbers of one job.
@@ -41,10 +43,15 @@ from splitfed.data.synth import SynthConfig, generate_synth
 from splitfed.model import ModelConfig
 from splitfed.simulate import SimSpec, simulate
 
-# recipe -> (ModelConfig.input_norm, CameraConfig.p, TrainConfig.syncs_per_round)
-RECIPES: dict[str, tuple[str, float, int]] = {
-    "old": ("global", 0.0, 1),
-    "recipe": ("per-crop", 0.5, TrainConfig.model_fields["syncs_per_round"].default),
+# recipe -> (ModelConfig.input_norm, CameraConfig.p, TrainConfig.syncs_per_round, .split_batch)
+RECIPES: dict[str, tuple[str, float, int, bool]] = {
+    "old": ("global", 0.0, 1, False),
+    "recipe": (
+        "per-crop",
+        0.5,
+        TrainConfig.model_fields["syncs_per_round"].default,
+        TrainConfig.model_fields["split_batch"].default,
+    ),
 }
 
 
@@ -120,6 +127,9 @@ def main() -> int:
     ap.add_argument("--sflv2-order", default="interleaved", help="interleaved or sequential")
     ap.add_argument("--server-opt", default="none", help="none, sgd, momentum or adam")
     ap.add_argument("--server-lr", default=None, help="a number or auto (the client count)")
+    ap.add_argument(
+        "--whole-batch", action="store_true", help="each device steps on the whole batch"
+    )
     ap.add_argument("--jobs", type=int, default=1, help="cells at once, one process each")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/recipe"))
     args = ap.parse_args()
@@ -132,12 +142,13 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for recipe in args.recipes.split(","):
-        norm, camera, syncs = RECIPES[recipe]
+        norm, camera, syncs, split = RECIPES[recipe]
         model = ModelConfig(input_shape=data.input_shape, input_norm=norm)  # type: ignore[arg-type]
         train = TrainConfig(
             batch_size=args.batch_size,
             syncs_per_round=args.syncs or syncs,
             sflv2_order=args.sflv2_order,
+            split_batch=split and not args.whole_batch,
         ).with_camera(camera)
         clients = args.old_clients if recipe == "old" and args.old_clients else args.clients
         counts = [int(c) for c in clients.split(",")]

@@ -18,6 +18,7 @@ want core && $PY scripts/bench_core.py --rounds "$ROUNDS" --out $B/core --sectio
 want core && $PY scripts/bench_empty_parts.py > $B/empty_parts.md
 # The federation over Mosquitto, and every deployable algorithm against the simulator.
 want mqtt && $PY scripts/bench_mqtt.py --out $B/mqtt.md
+want mqtt && $PY scripts/bench_split_batch.py --clients 2,5 --rounds 3 > $B/split_batch.md
 # One malicious device against mean and the robust rule (issue 8).
 want robust && $PY scripts/bench_robust.py --out $B
 # The malicious agent over MQTT at the benchmark's size (the test command runs the short one).
@@ -55,6 +56,13 @@ want recipe && { echo '```'; $PY scripts/probe_cells.py --jobs "$(nproc)" \
 want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
     centralized:1:16:16,sflv1:2:16:16:-:1.4,sflv1:5:16:16:-:1.5,sflv1:5:16:16:-:2.2,sflv2:5:16:16:-:2.2,sflv1:5:16:16:-:0.5:server=momentum:momentum=0.8,sflv2:5:16:16:-:0.5:server=momentum:momentum=0.8,centralized:1:16:16:geo=0.1/4/0.06,centralized:1:16:16:geo=0.2/8/0.12 \
     2>/dev/null; echo '```'; } > $B/levers.md
+# The batch shared by the devices (`--split-batch`, the default since): four seeds at 2 and 5
+# clients and two at 10, paired with centralized; the cells above name whole batches.
+want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2,3 --jobs "$(nproc)" \
+    centralized:1:16:16,sflv1:2:16:16:split=1,sflv2:2:16:16:split=1,sflv1:5:16:16:split=1,sflv2:5:16:16:split=1 \
+    2>/dev/null; echo '```'; } > $B/shared.md
+want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
+    centralized:1:16:16,sflv1:10:16:16:split=1,sflv2:10:16:16:split=1 2>/dev/null; echo '```'; } > $B/shared_ten.md
 want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.md
 # The default input recipe (per-crop norm, camera jitter) against the old inputs, via compare.
 want shift && $PY scripts/bench_input_recipe.py --out $B/input_recipe.md
@@ -97,6 +105,9 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "Four seeds at two and five clients, paired with centralized (\`scripts/probe_cells.py --seeds 0,1,2,3\`)" $B/seeds.md
     section "Ten clients, seed 0 (\`scripts/probe_cells.py\`)" $B/ten.md
     section "Server lr, FedAvgM and geometric jitter with warm-up, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/levers.md
+    section "A batch shared by the devices, four seeds (\`scripts/probe_cells.py ... split=1\`)" $B/shared.md
+    section "A batch shared by the devices, ten clients, seeds 0 and 1 (\`scripts/probe_cells.py ... split=1\`)" $B/shared_ten.md
+    section "What sharing the batch costs over MQTT (\`scripts/bench_split_batch.py\`)" $B/split_batch.md
     section "Input recipe: the default against the old inputs (\`scripts/bench_input_recipe.py\`)" $B/input_recipe.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
     section "Privacy: leakage of the smashed data by defence (\`scripts/bench_privacy.py\`)" $B/privacy.md

@@ -13,7 +13,9 @@ training crops, `JitterConfig.scale`, `.rotation` and `.shift_y`), `server=momen
 `server=adam` (that server optimizer at SERVER_LR instead of plain SGD), `momentum=` (its
 momentum, `AggregationConfig.server_momentum`) and `defence=` (a registered defence such as
 `recommended`, or CUT/BOTTLENECK/NOISE/COMPRESSION such as `4/8/1/int8`, a `-` keeping the run's
-own value; without it the cells run undefended), for example
+own value; without it the cells run undefended). BATCH is each device's batch; `split=1` makes
+it the batch the devices share (`TrainConfig.split_batch`, each of K devices stepping on
+BATCH / K), for example
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/probe_cells.py \
         sflv1:2:16:16,sflv2:2:16:16:sequential,sflv1:10:16:16:-:1.5
@@ -49,7 +51,7 @@ from bench_recipe import cell  # noqa: E402
 def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     words = text.split(":")
     options = dict(w.split("=", 1) for w in words if "=" in w)
-    known = {"partition", "lr", "warmup", "geo", "server", "momentum", "defence"}
+    known = {"partition", "lr", "warmup", "geo", "server", "momentum", "defence", "split"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise SystemExit(f"{text}: unknown option {unknown}")
@@ -66,7 +68,10 @@ def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
         tuned["lr"] = float(options["lr"])
     if "warmup" in options:
         tuned["warmup_rounds"] = int(options["warmup"])
-    train = TrainConfig(batch_size=int(batch), syncs_per_round=int(syncs), **order, **tuned)
+    split = options.get("split", "0") == "1"
+    train = TrainConfig(
+        batch_size=int(batch), syncs_per_round=int(syncs), split_batch=split, **order, **tuned
+    )
     train = train.with_camera(0.5)
     if "geo" in options:
         scale, rotation, shift_y = (float(v) for v in options["geo"].split("/"))

@@ -97,7 +97,7 @@ def run(algo: Strategy, io: ServerIO | None, opts: RunOptions) -> dict[str, Any]
             participants = _online(io, group) if algo.uses_clients else []
         if algo.uses_clients and not participants:
             raise RuntimeError(f"round {rnd}: no client online")
-        algo.start_round(rnd, opts.rounds)
+        algo.start_round(rnd, opts.rounds, len(participants))
         mine = participants
         if group is not None:
             algo.enrol(participants)  # the same client indices (seeds) on every worker

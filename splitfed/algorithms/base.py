@@ -108,6 +108,9 @@ class Strategy(abc.ABC):
     # Whether the round can be cut into parts with an average after each
     # (`TrainConfig.syncs_per_round`): the one-crop split algorithms and FedAvg.
     partable: ClassVar[bool] = False
+    # Whether devices train copies of a half side by side, to be averaged (SFLV1, SFLV2's
+    # client half, FedAvg): with `TrainConfig.split_batch` they share the batch of a step.
+    side_by_side: ClassVar[bool] = False
     model_cfg: BaseModel
 
     def __init__(
@@ -133,6 +136,8 @@ class Strategy(abc.ABC):
         self.fed: FedPeer | None = None
         # The part of the round in flight (0 unless the round is cut, see `parts`).
         self.part = 0
+        # Devices training this round, over every aggregator worker (`device_train_cfg`).
+        self.devices = 1
 
     @property
     def parts(self) -> int:
@@ -142,6 +147,18 @@ class Strategy(abc.ABC):
         it; the seeds of every step stay the round's, so the cut changes no step's arithmetic.
         """
         return self.train_cfg.syncs_per_round if self.partable else 1
+
+    @property
+    def device_train_cfg(self) -> TrainConfig:
+        """The training settings this round's devices get: with `TrainConfig.split_batch`, the
+        devices that train side by side share the batch (`TrainConfig.device_batch`). The
+        round's device count fixes it for all of its parts, so a device that drops out of one
+        changes no other device's batches. One device trains the whole batch, so SL or SFLV2
+        with one client is still centralized training, and SFLV1 and FedAvg split alike."""
+        batch = self.train_cfg.device_batch(self.devices) if self.side_by_side else None
+        if batch is None or batch == self.train_cfg.batch_size:
+            return self.train_cfg
+        return self.train_cfg.model_copy(update={"batch_size": batch, "split_batch": False})
 
     def wire_round(self, rnd: int, part: int = 0) -> int:
         """The round number that part `part` of round `rnd` carries on the wire."""
@@ -222,15 +239,17 @@ class Strategy(abc.ABC):
     def part_batches(self, io: ServerIO, client_id: str) -> int:
         """How many of a device's batches this part of its round holds, cut by `part_bounds`
         from the training set it declared, as the device cuts them."""
-        cfg = self.train_cfg
+        cfg = self.device_train_cfg
         info = io.clients.get(client_id)
         total = num_batches(info.n_train if info else 0, cfg.batch_size) * cfg.local_epochs
         lo, hi = part_bounds(total, self.part, self.parts)
         return hi - lo
 
-    def start_round(self, rnd: int, total_rounds: int) -> None:
-        """Set this round's learning rate on every optimizer the aggregator holds."""
+    def start_round(self, rnd: int, total_rounds: int, devices: int = 1) -> None:
+        """Set this round's learning rate on every optimizer the aggregator holds, and the
+        number of devices that train in it (all workers' together)."""
         self.total_rounds = total_rounds
+        self.devices = devices
         self.lr = round_lr(self.train_cfg, rnd, total_rounds)
         for opt in self.optimizers():
             set_lr(opt, self.lr)
@@ -381,9 +400,8 @@ class Strategy(abc.ABC):
 
     def sample_cap(self, io: ServerIO, state: RoundState, client_id: str) -> int:
         """The most samples `client_id` can have trained this round (split: smashed rows)."""
-        return max_samples(
-            state.trained[client_id], self.train_cfg.local_epochs, self.train_cfg.batch_size
-        )
+        cfg = self.device_train_cfg
+        return max_samples(state.trained[client_id], cfg.local_epochs, cfg.batch_size)
 
     @staticmethod
     def declared_samples(io: ServerIO, client_id: str) -> int:

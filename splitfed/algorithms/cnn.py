@@ -78,8 +78,8 @@ class SplitCNN(Strategy):
     def ushaped(self) -> bool:
         return self.model_cfg.shape == "u"
 
-    def start_round(self, rnd: int, total_rounds: int) -> None:
-        super().start_round(rnd, total_rounds)
+    def start_round(self, rnd: int, total_rounds: int, devices: int = 1) -> None:
+        super().start_round(rnd, total_rounds, devices)
         self.pending.clear()
         if self.fed is not None:  # the devices train from the fed server's current half
             self.fed.sync(self)
@@ -115,7 +115,7 @@ class SplitCNN(Strategy):
             "seed": self.seed,
             "client_index": self.client_index(client_id),
             "model": self.model_cfg.model_dump(mode="json"),
-            "train": self.train_cfg.model_dump(mode="json"),
+            "train": self.device_train_cfg.model_dump(mode="json"),
             "weights_version": self.version,
             "lr": self.lr,
             "defence": self.defence.model_dump(mode="json", include={"noise", "nopeek"}),

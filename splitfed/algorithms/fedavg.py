@@ -16,6 +16,7 @@ from splitfed.wire import Message, MsgType
 class FedAvg(SplitCNN):
     name = "fedavg"
     partable = True
+    side_by_side = True
     mode = "local"
 
     def configure_round(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:

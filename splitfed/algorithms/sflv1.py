@@ -33,6 +33,7 @@ class _Round(RoundState):
 class SFLV1(SplitCNN):
     name = "sflv1"
     partable = True
+    side_by_side = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

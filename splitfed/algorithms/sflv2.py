@@ -34,6 +34,7 @@ class _Round(RoundState):
 class SFLV2(SplitCNN):
     name = "sflv2"
     partable = True
+    side_by_side = True
 
     def configure_round(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:
         cfg = self.train_cfg

@@ -105,17 +105,21 @@ def test_max_samples_is_the_largest_count_those_batches_allow(batch: int, epochs
 
 # ---- through the strategies, in-process --------------------------------------------------------
 
-SMALL = {"batch_size": 16}
+# Whole batches: each device's batch is the run's, so a test can count its batches and parts.
+SMALL = {"batch_size": 16, "split_batch": False}
 
 
-def sim(ds, algo: str, clients: int = 3, rounds: int = 2, factory=None, syncs=None, **kw):  # type: ignore[no-untyped-def]
+def sim(
+    ds, algo: str, clients: int = 3, rounds: int = 2, factory=None, syncs=None, split=False, **kw
+):  # type: ignore[no-untyped-def]
     extra = {} if syncs is None else {"syncs_per_round": syncs}
+    extra["split_batch"] = split
     spec = SimSpec(
         algo,
         clients,
         rounds,
         seed=7,
-        train=TrainConfig(**SMALL, **extra),
+        train=TrainConfig(**{**SMALL, **extra}),
         model=ModelConfig(widths=(8, 16, 16), cut=1),
         runtime_factory=factory,
         **kw,
@@ -136,23 +140,31 @@ def trajectory(m: dict[str, Any]) -> list[tuple[float, float, float]]:
     return [(r["train_loss"], r["train_accuracy"], r["test_accuracy"]) for r in m["rounds"]]
 
 
-@pytest.mark.parametrize("syncs", [1, 4])
-@pytest.mark.parametrize("algo", ["sflv1", "sflv2", "fedavg"])
-def test_an_inflated_sample_count_is_capped(small_synth, algo: str, syncs: int) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("algo", "syncs", "split"),
+    [(a, syncs, False) for a in ("sflv1", "sflv2", "fedavg") for syncs in (1, 4)]
+    + [("sflv1", 4, True)],  # the cap is the base's, for every algorithm alike
+)
+def test_an_inflated_sample_count_is_capped(
+    small_synth, algo: str, syncs: int, split: bool
+) -> None:  # type: ignore[no-untyped-def]
     """One average a round: the claim is capped at what the device was seen to train. Cut
     rounds weigh each part by what the device trained in it, so the claim weighs nothing; a
     claim above the declared set is still counted, once per part the liar trains in (one per
-    batch of its round, at most every part: it sits out the parts with none of its batches)."""
-    honest = sim(small_synth, algo, syncs=syncs)
+    batch of its round, at most every part: it sits out the parts with none of its batches).
+    With a shared batch (`split_batch`) the cap counts the device's own batch."""
+    honest = sim(small_synth, algo, syncs=syncs, split=split)
     sizes = honest["data"]["clients_samples"]
+    batch = TrainConfig(**{**SMALL, "split_batch": split}).device_batch(len(sizes))
     # With no shard a whole number of batches, the cap is exactly the honest count, so a capped
     # liar changes nothing; uncapped, its x1000 weight would own the average.
-    assert all(n % SMALL["batch_size"] for n in sizes), sizes
-    liar = sim(small_synth, algo, factory=one_of(InflatedCountRuntime, "client-01"), syncs=syncs)
+    assert all(n % batch for n in sizes), sizes
+    liar = one_of(InflatedCountRuntime, "client-01")
+    liar = sim(small_synth, algo, factory=liar, syncs=syncs, split=split)
     assert trajectory(liar) == trajectory(honest)
     assert liar["final"]["test_confusion"] == honest["final"]["test_confusion"]
     # one capped update a round, or a part
-    parts = min(num_batches(sizes[1], SMALL["batch_size"]), syncs)  # the liar is client-01
+    parts = min(num_batches(sizes[1], batch), syncs)  # the liar is client-01
     assert liar["comm"]["rejected_messages"] == len(liar["rounds"]) * parts
 
 

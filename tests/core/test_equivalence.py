@@ -23,7 +23,7 @@ def run(ds, algo: str, clients: int, **train: object) -> dict:  # type: ignore[n
         clients,
         ROUNDS,
         seed=7,
-        train=TrainConfig(batch_size=16, **train),
+        train=TrainConfig(**{"batch_size": 16, **train}),
         model=ModelConfig(widths=(8, 16, 16), cut=1),
     )
     return simulate(ds, spec)
@@ -115,16 +115,42 @@ def test_a_device_sits_out_its_empty_parts_and_no_number_changes(
     nothing, and the run is the one where every part reaches every device, bit for bit."""
     from splitfed.algorithms.base import Strategy
 
-    skipping = run(small_synth, algo, 3, syncs_per_round=12)
+    # Whole batches: a shared one (`split_batch`) gives each device about 3 times as many.
+    skipping = run(small_synth, algo, 3, syncs_per_round=12, split_batch=False)
     with monkeypatch.context() as m:
         m.setattr(Strategy, "part_participants", lambda self, io, participants: participants)
-        everyone = run(small_synth, algo, 3, syncs_per_round=12)
+        everyone = run(small_synth, algo, 3, syncs_per_round=12, split_batch=False)
     assert trajectory(skipping) == trajectory(everyone)
     assert skipping["final"]["test_confusion"] == everyone["final"]["test_confusion"]
     assert [r["clients"] for r in skipping["rounds"]] == [r["clients"] for r in everyone["rounds"]]
     # Each empty part had carried the client half down (the whole model for FedAvg).
     assert skipping["comm"]["bytes_down"] < 0.95 * everyone["comm"]["bytes_down"]
     assert skipping["comm"]["bytes_up"] < everyone["comm"]["bytes_up"]
+
+
+@pytest.mark.parametrize("algo", ["sflv1", "sflv2", "sl"])
+def test_devices_side_by_side_share_the_batch(small_synth, algo: str) -> None:
+    """With `split_batch` (the default) each of 3 devices that train copies side by side steps
+    on round(16 / 3) = 5 pictures: the very run of batch 5 without it. FedAvg splits as SFLV1
+    does (`test_sflv1_equals_fedavg` runs with the default). SL relays one model from device
+    to device, which already takes every batch in turn, so it keeps the whole batch; so does
+    one device (the tests above: still centralized training)."""
+    shared = run(small_synth, algo, 3, syncs_per_round=3)
+    whole = run(small_synth, algo, 3, syncs_per_round=3, split_batch=False)
+    fifth = run(small_synth, algo, 3, syncs_per_round=3, batch_size=5, split_batch=False)
+    if algo == "sl":
+        assert trajectory(shared) == trajectory(whole)
+        return
+    assert trajectory(shared) == trajectory(fifth)
+    assert shared["final"]["test_confusion"] == fifth["final"]["test_confusion"]
+    assert trajectory(shared) != trajectory(whole)
+    assert [r["samples"] for r in shared["rounds"]] == [r["samples"] for r in fifth["rounds"]]
+
+
+def test_the_shared_batch_never_falls_below_two() -> None:
+    cfg = TrainConfig(batch_size=16)
+    assert [cfg.device_batch(k) for k in (1, 2, 3, 5, 10, 40)] == [16, 8, 5, 3, 2, 2]
+    assert cfg.model_copy(update={"split_batch": False}).device_batch(5) == 16
 
 
 def test_algorithms_differ_with_several_clients(small_synth) -> None:

@@ -28,9 +28,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from splitfed.client import CLIENT_PREFIX
+from splitfed.config import TrainConfig
 from splitfed.data.batches import num_batches
 from splitfed.model import ModelConfig, build_split_model, smashed_shape
 from splitfed.mqtt import DOWN, GLOBAL, PREDICTION, STATUS, UP, parse_presence, parse_topic
+from splitfed.simulate import strategy_class
 from splitfed.training import state_to_numpy
 from splitfed.wire import WireError, decode, weights_spec
 
@@ -412,9 +414,10 @@ def check_payloads(
 
 def parts_trained(metrics: dict[str, Any]) -> list[int]:
     """Parts of each round that each device of a run trains in: one per batch of its round, at
-    most every part (a device sits out the parts that hold none of its batches)."""
-    t = metrics["train"]
-    return [
-        min(num_batches(n, t["batch_size"]) * t["local_epochs"], t["syncs_per_round"])
-        for n in metrics["data"]["clients_samples"]
-    ]
+    most every part (a device sits out the parts that hold none of its batches). Devices that
+    train side by side share the batch (`TrainConfig.split_batch`)."""
+    t = TrainConfig.model_validate(metrics["train"])
+    sizes = metrics["data"]["clients_samples"]
+    side_by_side = strategy_class(metrics["algo"]).side_by_side
+    batch = t.device_batch(len(sizes)) if side_by_side else t.batch_size
+    return [min(num_batches(n, batch) * t.local_epochs, t.syncs_per_round) for n in sizes]

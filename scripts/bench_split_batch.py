@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""What sharing the batch (`TrainConfig.split_batch`) costs a deployment over MQTT.
+
+With `--split-batch` (the default) each of K devices that train side by side steps on
+batch / K pictures, so a round has K times as many smashed batches, each 1/K the size. Bytes
+per picture stay about the same; what grows is the number of messages and round trips, which
+SFLV2 serves one at a time. This runs `aggregator serve` and K `edge-agent` processes over a
+Mosquitto it starts on a free loopback port, for each algorithm and device count, once with
+the whole batch and once shared, side by side in one invocation (this machine is shared, so
+only the ratios of one run mean anything), and prints a markdown table.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_split_batch.py --clients 2,5 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mqtt import agent_processes, serve, start_mosquitto, stop, train_bytes  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from splitfed.config import TrainConfig  # noqa: E402
+
+MODES = {"whole": "--whole-batch", "shared": "--split-batch"}
+
+
+def federate(url: str, work: Path, algo: str, clients: int, mode: str, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    import json
+
+    run_id = f"{algo}-{clients}-{mode}"
+    work.mkdir(parents=True, exist_ok=True)
+    extra = (MODES[mode], "--batch-size", str(args.batch_size),
+             "--synth-identities", str(args.identities))  # fmt: skip
+    agg = serve(url, work / "out", run_id, clients, args.rounds, "fp32", work / "serve.log",
+                algo=algo, extra=extra)  # fmt: skip
+    agents = agent_processes(url, run_id, clients, args.identities, work)
+    if agg.wait(3600) != 0:
+        sys.exit(f"serve failed; see {work / 'serve.log'}")
+    for p in agents:
+        try:
+            p.wait(60)
+        except Exception:  # noqa: BLE001 - a straggler is stopped, the run is done
+            stop(p)
+    return json.loads((work / "out" / "metrics.json").read_text())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--algos", default="sflv1,sflv2")
+    ap.add_argument("--clients", default="2,5")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--identities", type=int, default=24, help="synthetic people, all devices")
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+    rows = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        broker, url = start_mosquitto(Path(tmp) / "broker")
+        try:
+            for algo in args.algos.split(","):
+                for k in (int(c) for c in args.clients.split(",")):
+                    runs = {m: federate(url, Path(tmp) / f"{algo}{k}{m}", algo, k, m, args)
+                            for m in MODES}  # fmt: skip
+                    rows.append((algo, k, runs))
+                    print(f"{algo} x{k}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        finally:
+            stop(broker)
+    print(
+        f"`aggregator serve` + K `edge-agent` processes over Mosquitto, synthetic set of "
+        f"{args.identities} people, batch {args.batch_size}, {args.rounds} rounds, the "
+        "product's defaults otherwise; seconds a round are the mean of rounds 2 and later.\n"
+    )
+    print("| algorithm | devices | batch a device, whole / shared | s/round, whole | s/round, "
+          "shared | shared / whole | MQTT B/picture, whole | MQTT B/picture, shared |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for algo, k, runs in rows:
+        secs = {m: np.mean([r["seconds"] for r in runs[m]["rounds"]][1:] or [np.nan]) for m in runs}
+        shared = TrainConfig(batch_size=args.batch_size).device_batch(k)
+        print(
+            f"| {algo} | {k} | {args.batch_size} / {shared} | {secs['whole']:.2f} | "
+            f"{secs['shared']:.2f} | {secs['shared'] / secs['whole']:.2f}x | "
+            f"{train_bytes(runs['whole'])[2]:,.0f} | {train_bytes(runs['shared'])[2]:,.0f} |"
+        )
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
