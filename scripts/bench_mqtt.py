@@ -113,11 +113,12 @@ def agent_processes(url: str, run_id: str, n: int, identities: int, work: Path) 
 
 def federate(
     url: str, work: Path, run_id: str, clients: int, rounds: int, identities: int,
-    compression: str, grad: str = "fp32",
+    compression: str, grad: str = "fp32", algo: str = "sflv1", extra: tuple[str, ...] = (),
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
-    """serve + agent processes; (metrics, agent stats)."""
+    """serve (`extra` flags added) + agent processes; (metrics, agent stats)."""
     work.mkdir(parents=True, exist_ok=True)
-    agg = serve(url, work / "out", run_id, clients, rounds, compression, work / "serve.log", grad)
+    agg = serve(url, work / "out", run_id, clients, rounds, compression, work / "serve.log", grad,
+                algo=algo, extra=extra)  # fmt: skip
     agents = agent_processes(url, run_id, clients, identities, work)
     if agg.wait(3600) != 0:
         sys.exit(f"serve failed; see {work / 'serve.log'}")

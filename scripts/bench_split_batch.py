@@ -2,9 +2,10 @@
 """What sharing the batch (`TrainConfig.split_batch`) costs a deployment over MQTT.
 
 With `--split-batch` (the default) each of K devices that train side by side steps on
-batch / K pictures, so a round has K times as many smashed batches, each 1/K the size. Bytes
-per picture stay about the same; what grows is the number of messages and round trips, which
-SFLV2 serves one at a time. This runs `aggregator serve` and K `edge-agent` processes over a
+batch / K pictures, so a round has K times as many smashed batches, each 1/K the size: the
+activation bytes per picture stay about the same, but there are more messages and round trips
+(SFLV2 serves them one at a time), and a device with more batches sits out fewer parts of a
+round, so its half travels at more averages. This runs `aggregator serve` and K `edge-agent` processes over a
 Mosquitto it starts on a free loopback port, for each algorithm and device count, once with
 the whole batch and once shared, side by side in one invocation (this machine is shared, so
 only the ratios of one run mean anything), and prints a markdown table.
@@ -19,11 +20,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mqtt import agent_processes, serve, start_mosquitto, stop, train_bytes  # noqa: E402
+import bench_mqtt  # noqa: E402
+from bench_mqtt import start_mosquitto, stop, train_bytes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from splitfed.config import TrainConfig  # noqa: E402
@@ -31,24 +34,12 @@ from splitfed.config import TrainConfig  # noqa: E402
 MODES = {"whole": "--whole-batch", "shared": "--split-batch"}
 
 
-def federate(url: str, work: Path, algo: str, clients: int, mode: str, args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    import json
-
-    run_id = f"{algo}-{clients}-{mode}"
-    work.mkdir(parents=True, exist_ok=True)
+def federate(url: str, work: Path, algo: str, clients: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
     extra = (MODES[mode], "--batch-size", str(args.batch_size),
              "--synth-identities", str(args.identities))  # fmt: skip
-    agg = serve(url, work / "out", run_id, clients, args.rounds, "fp32", work / "serve.log",
-                algo=algo, extra=extra)  # fmt: skip
-    agents = agent_processes(url, run_id, clients, args.identities, work)
-    if agg.wait(3600) != 0:
-        sys.exit(f"serve failed; see {work / 'serve.log'}")
-    for p in agents:
-        try:
-            p.wait(60)
-        except Exception:  # noqa: BLE001 - a straggler is stopped, the run is done
-            stop(p)
-    return json.loads((work / "out" / "metrics.json").read_text())
+    metrics, _ = bench_mqtt.federate(url, work, f"{algo}-{clients}-{mode}", clients, args.rounds,
+                                     args.identities, "fp32", algo=algo, extra=extra)  # fmt: skip
+    return metrics
 
 
 def main() -> int:
