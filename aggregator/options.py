@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from splitfed.checkpoint import checkpoint_file, read_model_config
-from splitfed.config import AggregationConfig, CameraConfig, TrainConfig
+from splitfed.config import SFLV2_ORDERS, AggregationConfig, CameraConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset
 from splitfed.defences import DEFAULT_DEFENCE, DEFAULT_HELP, DEFENCES
 from splitfed.errors import UserError
@@ -220,11 +220,12 @@ def data_options(fn: F) -> F:
         ),
         click.option(
             "--sflv2-order",
-            type=click.Choice(["interleaved", "sequential"]),
-            default="interleaved",
+            type=click.Choice(SFLV2_ORDERS),
+            default=TrainConfig.model_fields["sflv2_order"].default,
             show_default=True,
-            help="SFLV2's server schedule: batches of all clients shuffled together, or the "
-            "clients one after another in random order (the paper's)",
+            help="SFLV2's server schedule: batches of all clients shuffled together, the "
+            "clients one after another in random order (the paper's), or lockstep: the "
+            "clients' i-th batches together, one server step on their mean gradient",
         ),
         *server_option_list(defaults=True),
         click.option(
@@ -374,7 +375,7 @@ def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, T
             lr=kw["lr"],
             local_epochs=kw["local_epochs"],
             compression=kw["compression"],
-            sflv2_order=kw.get("sflv2_order", "interleaved"),
+            sflv2_order=kw.get("sflv2_order", TrainConfig.model_fields["sflv2_order"].default),
         )
         for key in ("syncs_per_round", "warmup_rounds", "split_batch"):
             if kw.get(key) is not None:

@@ -32,7 +32,7 @@ from aggregator.options import recipe_options, server_options
 from splitfed.algorithm_io import AlgorithmIO
 from splitfed.checkpoint import checkpoint_file, read_model_config
 from splitfed.cliutil import user_errors
-from splitfed.config import AggregationConfig, TrainConfig
+from splitfed.config import SFLV2_ORDERS, AggregationConfig, TrainConfig
 from splitfed.defences import DEFAULT_HELP, DEFENCES, DefenceConfig, default_defence, get_defence
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig
@@ -505,8 +505,10 @@ class Dashboard:
 @recipe_options  # --input-norm, --camera-jitter, --syncs-per-round: as simulate's
 @click.option(
     "--sflv2-order",
-    type=click.Choice(["interleaved", "sequential"]),
-    help="SFLV2's schedule: batches interleaved, or clients one after another [interleaved]",
+    type=click.Choice(SFLV2_ORDERS),
+    help="SFLV2's schedule: batches interleaved, clients one after another, or lockstep (the "
+    "clients' i-th batches, one server step) [the config's: "
+    f"{TrainConfig.model_fields['sflv2_order'].default}]",
 )
 @click.option("--threads", type=int, help="torch threads [default: torch's]")
 @click.option(

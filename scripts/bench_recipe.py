@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from aggregator.jobs import run_tasks
-from splitfed.config import AggregationConfig, TrainConfig
+from splitfed.config import SFLV2_ORDERS, AggregationConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset
 from splitfed.data.synth import SynthConfig, generate_synth
 from splitfed.model import ModelConfig
@@ -124,7 +124,12 @@ def main() -> int:
     ap.add_argument("--old-clients", default=None, help="client counts for the old recipe [all]")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--syncs", type=int, default=None, help="averages a round [the recipe's]")
-    ap.add_argument("--sflv2-order", default="interleaved", help="interleaved or sequential")
+    ap.add_argument(
+        "--sflv2-order",
+        choices=SFLV2_ORDERS,
+        default=TrainConfig.model_fields["sflv2_order"].default,
+        help="SFLV2's server schedule [the product's default]",
+    )
     ap.add_argument("--server-opt", default="none", help="none, sgd, momentum or adam")
     ap.add_argument("--server-lr", default=None, help="a number or auto (the client count)")
     ap.add_argument(

@@ -8,9 +8,12 @@ activation bytes per picture stay about the same, but there are more messages an
 round, so its half travels at more averages. This runs `aggregator serve` and K `edge-agent` processes over a
 Mosquitto it starts on a free loopback port, for each algorithm and device count, once with
 the whole batch and once shared, side by side in one invocation (this machine is shared, so
-only the ratios of one run mean anything), and prints a markdown table.
+only the ratios of one run mean anything), and prints a markdown table. An algorithm named
+`sflv2:ORDER` runs SFLV2 with that server schedule (`--sflv2-order`; plain `sflv2` runs the
+product's default, lockstep).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_split_batch.py --clients 2,5 --rounds 3
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_split_batch.py --algos sflv2,sflv2:interleaved
 """
 
 from __future__ import annotations
@@ -34,11 +37,14 @@ from splitfed.config import TrainConfig  # noqa: E402
 MODES = {"whole": "--whole-batch", "shared": "--split-batch"}
 
 
-def federate(url: str, work: Path, algo: str, clients: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+def federate(url: str, work: Path, name: str, clients: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    algo, _, order = name.partition(":")
     extra = (MODES[mode], "--batch-size", str(args.batch_size),
-             "--synth-identities", str(args.identities))  # fmt: skip
-    metrics, _ = bench_mqtt.federate(url, work, f"{algo}-{clients}-{mode}", clients, args.rounds,
-                                     args.identities, "fp32", algo=algo, extra=extra)  # fmt: skip
+             "--synth-identities", str(args.identities),
+             *(("--sflv2-order", order) if order else ()))  # fmt: skip
+    run = f"{algo}-{order or 'default'}-{clients}-{mode}"
+    metrics, _ = bench_mqtt.federate(url, work, run, clients, args.rounds, args.identities,
+                                     "fp32", algo=algo, extra=extra)  # fmt: skip
     return metrics
 
 
@@ -57,7 +63,8 @@ def main() -> int:
         try:
             for algo in args.algos.split(","):
                 for k in (int(c) for c in args.clients.split(",")):
-                    runs = {m: federate(url, Path(tmp) / f"{algo}{k}{m}", algo, k, m, args)
+                    work = Path(tmp) / algo.replace(":", "-")
+                    runs = {m: federate(url, work / f"{k}{m}", algo, k, m, args)
                             for m in MODES}  # fmt: skip
                     rows.append((algo, k, runs))
                     print(f"{algo} x{k}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -63,6 +63,13 @@ want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2,3 --jobs "
     2>/dev/null; echo '```'; } > $B/shared.md
 want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
     centralized:1:16:16,sflv1:10:16:16:split=1,sflv2:10:16:16:split=1 2>/dev/null; echo '```'; } > $B/shared_ten.md
+# SFLV2's server schedule with the shared batch: lockstep (the default since, in the cells
+# above) against interleaving, paired with centralized.
+want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2,3 --jobs "$(nproc)" \
+    centralized:1:16:16,sflv2:2:16:16:interleaved:split=1,sflv2:5:16:16:interleaved:split=1 \
+    2>/dev/null; echo '```'; } > $B/lockstep.md
+want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
+    centralized:1:16:16,sflv2:10:16:16:interleaved:split=1 2>/dev/null; echo '```'; } > $B/lockstep_ten.md
 want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.md
 # The default input recipe (per-crop norm, camera jitter) against the old inputs, via compare.
 want shift && $PY scripts/bench_input_recipe.py --out $B/input_recipe.md
@@ -107,6 +114,8 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "Server lr, FedAvgM and geometric jitter with warm-up, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/levers.md
     section "A batch shared by the devices, four seeds (\`scripts/probe_cells.py ... split=1\`)" $B/shared.md
     section "A batch shared by the devices, ten clients, seeds 0 and 1 (\`scripts/probe_cells.py ... split=1\`)" $B/shared_ten.md
+    section "SFLV2 interleaved with the shared batch, four seeds (the shared cells above run lockstep, the default)" $B/lockstep.md
+    section "SFLV2 interleaved with the shared batch, ten clients, seeds 0 and 1" $B/lockstep_ten.md
     section "What sharing the batch costs over MQTT (\`scripts/bench_split_batch.py\`)" $B/split_batch.md
     section "Input recipe: the default against the old inputs (\`scripts/bench_input_recipe.py\`)" $B/input_recipe.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -88,6 +88,10 @@ class JitterConfig(BaseModel):
         return self.geometric or self.camera.enabled
 
 
+Sflv2Order = Literal["interleaved", "sequential", "lockstep"]
+SFLV2_ORDERS: tuple[str, ...] = get_args(Sflv2Order)
+
+
 class TrainConfig(BaseModel):
     """Optimisation settings; identical on every model copy so that splits change no arithmetic."""
 
@@ -139,10 +143,13 @@ class TrainConfig(BaseModel):
     compression: Compression = Field("fp32", description="activations on the wire")
     grad_compression: GradCompression = Field("fp32", description="gradients on the wire")
     augment: bool = Field(True, description="augment training batches on the device")
-    sflv2_order: Literal["interleaved", "sequential"] = Field(
-        "interleaved",
-        description="SFLV2's server schedule: all clients' batches shuffled together, or the "
-        "clients one after another in a random order (the SplitFed paper's description)",
+    sflv2_order: Sflv2Order = Field(
+        "lockstep",
+        description="SFLV2's server schedule. lockstep: the clients' i-th batches together, "
+        "in a random order, and one server step on their mean gradient, as centralized "
+        "training steps once on the batch they share; interleaved: all clients' batches "
+        "shuffled together, a server step on each; sequential: the clients one after another "
+        "in a random order, a step on each batch (the SplitFed paper's description)",
     )
     jitter: JitterConfig = Field(
         default_factory=JitterConfig, description="geometric jitter when augmenting"

@@ -52,6 +52,20 @@ def sequential_order(batch_counts: Sequence[int], rng: np.random.Generator) -> l
     return [int(i) for i in rng.permutation(len(batch_counts)) for _ in range(batch_counts[i])]
 
 
+def lockstep_order(batch_counts: Sequence[int], rng: np.random.Generator) -> list[list[int]]:
+    """SFLV2 in lockstep: the clients' i-th batches form group i, in a random order per group.
+
+    Returns the groups, one per batch index; a client with k batches is in the first k. The
+    server steps once per group (`splitfed.algorithms.sflv2`), as centralized training steps
+    once on the batch the devices share. With a single client every group is one batch.
+    """
+    most = max(batch_counts, default=0)
+    return [
+        [int(c) for c in rng.permutation(len(batch_counts)) if batch_counts[c] > i]
+        for i in range(most)
+    ]
+
+
 def max_samples(trained: int, local_epochs: int, batch_size: int) -> int:
     """The largest training-set size consistent with `trained` samples seen in batches.
 

@@ -36,6 +36,57 @@ from splitfed.wire import Message, MsgType, pack_gradients, unpack_activations
 SMASHED_ALGORITHMS = ("sl", "sflv1", "sflv2")
 
 
+class StepGroup:
+    """Batches whose gradients make one optimizer step together (SFLV2 in lockstep).
+
+    The half does not change within a group, so every batch's activation gradient is the one
+    a single step on their union would give; the step takes the sample-weighted mean of the
+    batches' parameter gradients, the gradient of the union's mean loss. A group of one batch
+    steps on that batch's own gradient, bit for bit the step of a batch outside any group.
+    """
+
+    def __init__(self) -> None:
+        self.sums: list[torch.Tensor | None] | None = None  # n x gradient, per parameter
+        self.n = 0
+
+    def add(self, opt: torch.optim.Optimizer, n: int, last: bool) -> None:
+        """Take the batch of `n` samples whose gradients `opt`'s parameters hold now."""
+        if self.sums is None and last:
+            opt.step()
+            return
+        grads = [None if p.grad is None else p.grad * n for p in _params(opt)]
+        if self.sums is None:
+            self.sums = grads
+        else:
+            self.sums = [
+                g if s is None else s if g is None else s.add_(g)
+                for s, g in zip(self.sums, grads, strict=True)
+            ]
+        self.n += n
+        if last:
+            self.close(opt)
+
+    def close(self, opt: torch.optim.Optimizer) -> None:
+        """Step on what the group holds (its last batch came, or its device is gone)."""
+        if self.sums is None:
+            return
+        for p, s in zip(_params(opt), self.sums, strict=True):
+            p.grad = None if s is None else s.div_(self.n)
+        opt.step()
+        self.sums, self.n = None, 0
+
+
+def _params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def _step(opt: torch.optim.Optimizer, n: int, group: StepGroup | None, last: bool) -> None:
+    if group is None:
+        opt.step()
+    else:
+        group.add(opt, n, last)
+
+
 @dataclass
 class _UStep:
     """A U-shaped batch in flight: the server forward is done, the head's gradient is due."""
@@ -44,6 +95,8 @@ class _UStep:
     act: torch.Tensor  # the device's activations, a leaf that collects their gradient
     features: torch.Tensor  # the server half's output, with its graph
     opt: torch.optim.Optimizer
+    group: StepGroup | None  # lockstep: the step is the group's, `last` closes it
+    last: bool
 
 
 class SplitCNN(Strategy):
@@ -143,9 +196,17 @@ class SplitCNN(Strategy):
     # ---- the server step --------------------------------------------------------------------
 
     def server_step(
-        self, net: nn.Module, opt: torch.optim.Optimizer, msg: Message, rnd: int
+        self,
+        net: nn.Module,
+        opt: torch.optim.Optimizer,
+        msg: Message,
+        rnd: int,
+        group: StepGroup | None = None,
+        last: bool = True,
     ) -> tuple[np.ndarray, float, int, int]:
-        """One server-half step on a batch of smashed data; returns the activation gradient."""
+        """One server-half step on a batch of smashed data; returns the activation gradient.
+
+        With a `group` the batch joins it, and the step is the group's (`StepGroup`)."""
         act = torch.from_numpy(unpack_activations(msg.tensors)).requires_grad_(True)
         y = torch.from_numpy(msg.tensors["labels"])
         if int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES:
@@ -157,7 +218,7 @@ class SplitCNN(Strategy):
         loss = self.loss_fn(out, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        _step(opt, len(y), group, last)
         assert act.grad is not None
         correct = int((out.argmax(1) == y).sum())
         return act.grad.numpy(), loss.item(), correct, len(y)
@@ -170,13 +231,16 @@ class SplitCNN(Strategy):
         net: nn.Module,
         opt: torch.optim.Optimizer,
         result: RoundTrain,
+        group: StepGroup | None = None,
+        last: bool = True,
     ) -> None:
         """Step `net` on one SMASHED batch, answer its gradient, count what the device trained
-        into `result`. U-shape: answer the features; `finish_batch` completes the step."""
+        into `result`. U-shape: answer the features; `finish_batch` completes the step. With a
+        `group` the step is the group's, taken when its `last` batch is in."""
         if self.ushaped:
-            self._start_ushaped(io, state, msg, net, opt)
+            self._start_ushaped(io, state, msg, net, opt, group, last)
             return
-        grad, loss, correct, n = self.server_step(net, opt, msg, state.rnd)
+        grad, loss, correct, n = self.server_step(net, opt, msg, state.rnd, group, last)
         state.trained[msg.src] += n
         tensors = pack_gradients(grad, self.train_cfg.grad_compression)
         body = {"step": int(msg.env.body["step"]), "loss": loss}
@@ -190,6 +254,8 @@ class SplitCNN(Strategy):
         msg: Message,
         net: nn.Module,
         opt: torch.optim.Optimizer,
+        group: StepGroup | None,
+        last: bool,
     ) -> None:
         if msg.src in self.pending:
             raise ValueError("a new batch before the head's gradient of the last one")
@@ -199,7 +265,7 @@ class SplitCNN(Strategy):
         net.train()
         with seeded(self.seed, state.rnd, self.client_index(msg.src), step, 1):
             features = net.features(act)
-        self.pending[msg.src] = _UStep(step, act, features, opt)
+        self.pending[msg.src] = _UStep(step, act, features, opt, group, last)
         state.trained[msg.src] += len(act)
         io.send(
             msg.src,
@@ -225,7 +291,7 @@ class SplitCNN(Strategy):
         del self.pending[msg.src]
         p.opt.zero_grad(set_to_none=True)
         p.features.backward(grad)
-        p.opt.step()
+        _step(p.opt, len(p.act), p.group, p.last)
         assert p.act.grad is not None
         tensors = pack_gradients(p.act.grad.numpy(), self.train_cfg.grad_compression)
         io.send(msg.src, MsgType.GRADIENTS, {"step": step}, tensors, reply_to=msg.env.message_id)

@@ -1,10 +1,14 @@
-"""SplitFed V2: one server half, trained over all clients' batches in a random interleaved order.
+"""SplitFed V2: one server half, trained over all clients' batches.
 
-Clients start the round together; the server takes their batches in a seeded random order
-(each client's own batches stay in sequence) and steps its single server half on each. With
-`sflv2_order: sequential` it serves the clients one after another instead, in a random order
-drawn each round, as the SplitFed paper describes. Client
-halves are averaged at the end of the round. With one client this is centralized training.
+Clients start the round together. By default (`sflv2_order: lockstep`) the server takes the
+clients' i-th batches together, in a seeded random order, answers each batch's gradient, and
+steps its single server half once on their sample-weighted mean gradient (`StepGroup`): with
+the batch the devices share (`TrainConfig.split_batch`) it takes centralized training's steps,
+each on the shared batch's gradient. `interleaved` takes all clients' batches in a seeded
+random order (each client's own in sequence) and steps on each; `sequential` serves the
+clients one after another, in a random order drawn each round, as the SplitFed paper
+describes. Those two step once per device batch. Client halves are averaged at the end of the
+round (or part). With one client every order is centralized training.
 
 The server waits on one client at a time (the next in the order); a client that stays connected
 but stops answering is skipped after the step timeout and the others go on.
@@ -17,9 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from splitfed.algorithms.aggregate import interleaved_order, sequential_order
+from splitfed.algorithms.aggregate import interleaved_order, lockstep_order, sequential_order
 from splitfed.algorithms.base import RoundState, RoundTrain
-from splitfed.algorithms.cnn import SplitCNN
+from splitfed.algorithms.cnn import SplitCNN, StepGroup
 from splitfed.server import ServerIO
 from splitfed.wire import Message, MsgType
 
@@ -27,6 +31,8 @@ from splitfed.wire import Message, MsgType
 @dataclass
 class _Round(RoundState):
     order: deque[int] = field(default_factory=deque)
+    ends: deque[bool] = field(default_factory=deque)  # the batch closes its step group
+    group: StepGroup = field(default_factory=StepGroup)
     waiting: dict[str, Message] = field(default_factory=dict)  # a batch that came early
     gone: set[str] = field(default_factory=set)
 
@@ -39,11 +45,17 @@ class SFLV2(SplitCNN):
     def configure_round(self, io: ServerIO, rnd: int, participants: list[str]) -> RoundState:
         cfg = self.train_cfg
         counts = [self.part_batches(io, c) for c in participants]
-        schedule = sequential_order if cfg.sflv2_order == "sequential" else interleaved_order
         key = [self.seed, rnd, 0x5F12, *([self.part] if self.parts > 1 else [])]
-        order = deque(schedule(counts, np.random.default_rng(key)))
+        rng = np.random.default_rng(key)
+        if cfg.sflv2_order == "lockstep":
+            groups = lockstep_order(counts, rng)
+        else:  # a step per batch: groups of one
+            schedule = sequential_order if cfg.sflv2_order == "sequential" else interleaved_order
+            groups = [[c] for c in schedule(counts, rng)]
+        order = deque(c for g in groups for c in g)
+        ends = deque(i == len(g) - 1 for g in groups for i in range(len(g)))
         base = self.start_clients(io, rnd, participants)
-        state = _Round(base.rnd, base.participants, base.active, order=order)
+        state = _Round(base.rnd, base.participants, base.active, order=order, ends=ends)
         self._advance(io, state)
         return state
 
@@ -56,13 +68,18 @@ class SFLV2(SplitCNN):
             cid = state.participants[state.order[0]]
             if cid in state.gone:
                 state.order.popleft()
+                if state.ends.popleft():  # the group's last device is gone: step on the rest
+                    state.group.close(self.server_opt)
                 continue
             msg = state.waiting.pop(cid, None)
             if msg is None:
                 state.waiting_on = cid
                 return
             state.order.popleft()
-            self.train_batch(io, state, msg, self.server_net, self.server_opt, state.result)
+            last = state.ends.popleft()
+            self.train_batch(
+                io, state, msg, self.server_net, self.server_opt, state.result, state.group, last
+            )
         # The schedule is done: the clients' updates are what the round waits for now.
         state.waiting_on = next(
             (c for c in state.participants if c in state.active and c not in state.updates), None
@@ -84,7 +101,9 @@ class SFLV2(SplitCNN):
     def on_drop(self, io: ServerIO, state: RoundState, client_id: str) -> None:
         assert isinstance(state, _Round)
         state.gone.add(client_id)
-        self.pending.pop(client_id, None)
+        step = self.pending.pop(client_id, None)
+        if step is not None and step.last:  # U-shape: its group waited on this batch
+            state.group.close(self.server_opt)
         self._advance(io, state)
 
     def aggregate(self, io: ServerIO, state: RoundState) -> RoundTrain:

@@ -110,10 +110,13 @@ SMALL = {"batch_size": 16, "split_batch": False}
 
 
 def sim(
-    ds, algo: str, clients: int = 3, rounds: int = 2, factory=None, syncs=None, split=False, **kw
-):  # type: ignore[no-untyped-def]
+    ds, algo: str, clients: int = 3, rounds: int = 2, factory=None, syncs=None, split=False,
+    order=None, **kw,
+):  # type: ignore[no-untyped-def]  # fmt: skip
     extra = {} if syncs is None else {"syncs_per_round": syncs}
     extra["split_batch"] = split
+    if order is not None:
+        extra["sflv2_order"] = order
     spec = SimSpec(
         algo,
         clients,
@@ -168,18 +171,25 @@ def test_an_inflated_sample_count_is_capped(
     assert liar["comm"]["rejected_messages"] == len(liar["rounds"]) * parts
 
 
-@pytest.mark.parametrize("algo", ["sl", "sflv2"])
-def test_a_silent_device_is_skipped_and_the_round_goes_on(small_synth, algo: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("algo", "order"), [("sl", None), ("sflv2", "interleaved"), ("sflv2", "lockstep")]
+)
+def test_a_silent_device_is_skipped_and_the_round_goes_on(small_synth, algo: str, order) -> None:  # type: ignore[no-untyped-def]
+    """In lockstep the server steps on each group without the silent device's batch."""
     factory = one_of(SilentRuntime, "client-01", round=0, answers=1)
-    m = sim(small_synth, algo, factory=factory, step_timeout=5.0, syncs=1)
+    m = sim(small_synth, algo, factory=factory, step_timeout=5.0, syncs=1, order=order)
     first, second = m["rounds"]
     assert first["dropped"] == ["client-01"]
     assert first["clients"] == ["client-00", "client-02"]  # what the others trained is kept
     assert second["clients"] == ["client-00", "client-01", "client-02"]  # back next round
     assert first["samples"] > 0 and m["comm"]["rejected_messages"] == 1  # "step timeout"
     # Without a step timeout the silent device stalls the round: nobody completes it.
-    stalled = sim(small_synth, algo, factory=factory, syncs=1)
-    assert stalled["rounds"][0]["clients"] == ([] if algo == "sflv2" else ["client-00"])
+    stalled = sim(small_synth, algo, factory=factory, syncs=1, order=order)
+    if order == "lockstep":  # a device whose batches all came before the stall is done
+        assert "client-01" not in stalled["rounds"][0]["clients"]
+        assert len(stalled["rounds"][0]["clients"]) < 2
+    else:
+        assert stalled["rounds"][0]["clients"] == ([] if algo == "sflv2" else ["client-00"])
 
 
 @pytest.mark.parametrize("algo", ["sl", "sflv2"])

@@ -7,7 +7,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from splitfed.algorithms.aggregate import interleaved_order, sequential_order, weighted_average
+from splitfed.algorithms.aggregate import (
+    interleaved_order,
+    lockstep_order,
+    sequential_order,
+    weighted_average,
+)
 
 
 def test_weighted_average_weights_by_samples() -> None:
@@ -45,6 +50,15 @@ def test_sequential_order_serves_each_client_in_one_run() -> None:
     assert len(orders) > 1  # the client order is drawn, not fixed
 
 
+def test_lockstep_order_groups_the_clients_ith_batches() -> None:
+    groups = lockstep_order([3, 5, 2], np.random.default_rng(0))
+    assert [sorted(g) for g in groups] == [[0, 1, 2], [0, 1, 2], [0, 1], [1], [1]]
+    firsts = {tuple(lockstep_order([3, 5, 2], np.random.default_rng(s))[0]) for s in range(20)}
+    assert len(firsts) > 1  # the order within a group is drawn, not fixed
+    assert lockstep_order([4], np.random.default_rng(0)) == [[0], [0], [0], [0]]
+    assert lockstep_order([0, 0], np.random.default_rng(0)) == []
+
+
 def test_sflv2_orders_differ_but_one_client_is_the_same(small_synth) -> None:  # type: ignore[no-untyped-def]
     from splitfed.config import TrainConfig
     from splitfed.simulate import SimSpec, simulate
@@ -56,5 +70,5 @@ def test_sflv2_orders_differ_but_one_client_is_the_same(small_synth) -> None:  #
         m = simulate(small_synth, SimSpec("sflv2", clients, 1, seed=2, train=train))
         return [r["train_loss"] for r in m["rounds"]]
 
-    assert run("sequential", 1) == run("interleaved", 1)
-    assert run("sequential", 3) != run("interleaved", 3)
+    assert run("sequential", 1) == run("interleaved", 1) == run("lockstep", 1)
+    assert len({tuple(run(order, 3)) for order in ("sequential", "interleaved", "lockstep")}) == 3

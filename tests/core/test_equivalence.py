@@ -17,14 +17,14 @@ from splitfed.simulate import SimSpec, simulate
 ROUNDS = 2
 
 
-def run(ds, algo: str, clients: int, **train: object) -> dict:  # type: ignore[no-untyped-def]
+def run(ds, algo: str, clients: int, spec: dict | None = None, **train: object) -> dict:  # type: ignore[no-untyped-def, type-arg]
     spec = SimSpec(
         algo,
         clients,
         ROUNDS,
         seed=7,
         train=TrainConfig(**{"batch_size": 16, **train}),
-        model=ModelConfig(widths=(8, 16, 16), cut=1),
+        **{"model": ModelConfig(widths=(8, 16, 16), cut=1), **(spec or {})},
     )
     return simulate(ds, spec)
 
@@ -145,6 +145,31 @@ def test_devices_side_by_side_share_the_batch(small_synth, algo: str) -> None:
     assert shared["final"]["test_confusion"] == fifth["final"]["test_confusion"]
     assert trajectory(shared) != trajectory(whole)
     assert [r["samples"] for r in shared["rounds"]] == [r["samples"] for r in fifth["rounds"]]
+
+
+@pytest.mark.parametrize(("clients", "shape"), [(2, "standard"), (4, "standard"), (2, "u")])
+def test_sflv2_in_lockstep_steps_its_server_half_as_sflv1_averages_its_copies(
+    small_synth, clients: int, shape: str
+) -> None:
+    """In lockstep SFLV2's one server half steps once on the devices' i-th batches, on their
+    mean gradient; SFLV1 steps a copy per device on each batch and averages the copies. With
+    plain SGD (no momentum, whose buffers SFLV1 keeps per copy), an average after every batch
+    and devices of equal size (so SFLV1's weights by pictures held are the batch weights),
+    that is one arithmetic. The interleaved order steps once per device batch and is not.
+    U-shaped, the server half's features step in lockstep and the devices' heads as SFLV1's."""
+    kw = {"optimizer": "sgd", "momentum": 0.0, "lr": 1e-3, "syncs_per_round": 16}
+    model = ModelConfig(widths=(8, 16, 16), cut=1, shape=shape)  # type: ignore[arg-type]
+    iid = {"partition": "iid", "model": model}  # 140 training pictures: equal devices
+    lockstep = run(small_synth, "sflv2", clients, spec=iid, **kw)  # the default order
+    sflv1 = run(small_synth, "sflv1", clients, spec=iid, **kw)
+    interleaved = run(small_synth, "sflv2", clients, sflv2_order="interleaved", spec=iid, **kw)
+    train = [(r["train_loss"], r["train_accuracy"]) for r in lockstep["rounds"]]
+    np.testing.assert_allclose(
+        train, [(r["train_loss"], r["train_accuracy"]) for r in sflv1["rounds"]], atol=1e-6
+    )
+    other = [(r["train_loss"], r["train_accuracy"]) for r in interleaved["rounds"]]
+    assert np.abs(np.subtract(train, other)).max() > 1e-4
+    assert [r["samples"] for r in lockstep["rounds"]] == [r["samples"] for r in sflv1["rounds"]]
 
 
 def test_the_shared_batch_never_falls_below_two() -> None:
