@@ -103,6 +103,24 @@ class SilentRuntime(ClientRuntime):
         return super().handle(msg)
 
 
+class BadLabelRuntime(ClientRuntime):
+    """Sends its batch number `batch` (from 0) of round `round` with labels out of range, which
+    the aggregator rejects; the device then waits for a gradient that never comes."""
+
+    def __init__(self, *args: Any, round: int = 0, batch: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bad_round, self.bad_batch, self.sent = round, batch, 0
+
+    def handle(self, msg: Message) -> list[Message]:
+        out = super().handle(msg)
+        for m in out:
+            if m.type is MsgType.SMASHED and m.env.round == self.bad_round:
+                if self.sent == self.bad_batch:
+                    m.tensors["labels"] = m.tensors["labels"] + 100
+                self.sent += 1
+        return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m tests.adversaries --poison-scale S <edge-agent args>`: the real edge agent
     (edge_agent/cli.py, MQTT and all) with a PoisonRuntime inside."""

@@ -77,9 +77,13 @@ class SFLV2(SplitCNN):
                 return
             state.order.popleft()
             last = state.ends.popleft()
-            self.train_batch(
-                io, state, msg, self.server_net, self.server_opt, state.result, state.group, last
-            )
+            try:
+                self.train_batch(io, state, msg, self.server_net, self.server_opt,
+                                 state.result, state.group, last)  # fmt: skip
+            except Exception:  # a rejected batch: its group still steps on the others
+                if last:
+                    state.group.close(self.server_opt)
+                raise
         # The schedule is done: the clients' updates are what the round waits for now.
         state.waiting_on = next(
             (c for c in state.participants if c in state.active and c not in state.updates), None

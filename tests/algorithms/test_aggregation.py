@@ -24,6 +24,7 @@ from splitfed.data.batches import num_batches
 from splitfed.model import ModelConfig
 from splitfed.simulate import SimSpec, simulate
 from tests.adversaries import (
+    BadLabelRuntime,
     InflatedCountRuntime,
     NormProbeRuntime,
     PoisonRuntime,
@@ -190,6 +191,20 @@ def test_a_silent_device_is_skipped_and_the_round_goes_on(small_synth, algo: str
         assert len(stalled["rounds"][0]["clients"]) < 2
     else:
         assert stalled["rounds"][0]["clients"] == ([] if algo == "sflv2" else ["client-00"])
+
+
+def test_a_rejected_batch_in_lockstep_still_lets_its_group_step(small_synth) -> None:  # type: ignore[no-untyped-def]
+    """A device's second batch is rejected (labels out of range): its group steps on the other
+    devices' batches, as when the device never sent it. Each of the three devices in turn, so
+    one of them is the last of its group, whose step the rejection must not hold back."""
+    for who in ("client-00", "client-01", "client-02"):
+        bad = sim(small_synth, "sflv2", factory=one_of(BadLabelRuntime, who, batch=1),
+                  step_timeout=5.0, syncs=1, order="lockstep")  # fmt: skip
+        mute = sim(small_synth, "sflv2", factory=one_of(SilentRuntime, who, answers=0),
+                   step_timeout=5.0, syncs=1, order="lockstep")  # fmt: skip
+        assert bad["rounds"][0]["dropped"] == mute["rounds"][0]["dropped"] == [who]
+        assert trajectory(bad)[0] == trajectory(mute)[0], who
+        assert bad["comm"]["rejected_messages"] == mute["comm"]["rejected_messages"] + 1
 
 
 @pytest.mark.parametrize("algo", ["sl", "sflv2"])
