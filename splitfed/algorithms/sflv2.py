@@ -30,8 +30,8 @@ from splitfed.wire import Message, MsgType
 
 @dataclass
 class _Round(RoundState):
-    order: deque[int] = field(default_factory=deque)
-    ends: deque[bool] = field(default_factory=deque)  # the batch closes its step group
+    # (client position, whether its batch closes its step group), in the order served
+    order: deque[tuple[int, bool]] = field(default_factory=deque)
     group: StepGroup = field(default_factory=StepGroup)
     waiting: dict[str, Message] = field(default_factory=dict)  # a batch that came early
     gone: set[str] = field(default_factory=set)
@@ -52,10 +52,9 @@ class SFLV2(SplitCNN):
         else:  # a step per batch: groups of one
             schedule = sequential_order if cfg.sflv2_order == "sequential" else interleaved_order
             groups = [[c] for c in schedule(counts, rng)]
-        order = deque(c for g in groups for c in g)
-        ends = deque(i == len(g) - 1 for g in groups for i in range(len(g)))
+        order = deque((c, i == len(g) - 1) for g in groups for i, c in enumerate(g))
         base = self.start_clients(io, rnd, participants)
-        state = _Round(base.rnd, base.participants, base.active, order=order, ends=ends)
+        state = _Round(base.rnd, base.participants, base.active, order=order)
         self._advance(io, state)
         return state
 
@@ -65,10 +64,11 @@ class SFLV2(SplitCNN):
             if self.pending:  # U-shape: the batch in flight finishes before the next starts
                 state.waiting_on = next(iter(self.pending))
                 return
-            cid = state.participants[state.order[0]]
+            position, last = state.order[0]
+            cid = state.participants[position]
             if cid in state.gone:
                 state.order.popleft()
-                if state.ends.popleft():  # the group's last device is gone: step on the rest
+                if last:  # the group's last device is gone: step on the rest
                     state.group.close(self.server_opt)
                 continue
             msg = state.waiting.pop(cid, None)
@@ -76,7 +76,6 @@ class SFLV2(SplitCNN):
                 state.waiting_on = cid
                 return
             state.order.popleft()
-            last = state.ends.popleft()
             try:
                 self.train_batch(io, state, msg, self.server_net, self.server_opt,
                                  state.result, state.group, last)  # fmt: skip
