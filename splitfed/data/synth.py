@@ -22,6 +22,7 @@ skin, hair, glasses), pose, lighting and noise vary more than a subtle expressio
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
@@ -325,8 +326,24 @@ def render(
 
 
 def generate_synth(config: SynthConfig | None = None) -> EmotionDataset:
-    """The whole synthetic set: identities x emotions x per_emotion pictures, with subject ids."""
+    """The whole synthetic set: identities x emotions x per_emotion pictures, with subject ids.
+
+    A process renders each setting once (the default set takes seconds); every call gets its
+    own copy of the arrays, so a caller that changes them changes nobody else's."""
     cfg = config or SynthConfig()
+    images, labels, subjects = _rendered(cfg.model_dump_json())
+    return EmotionDataset(
+        name="synth",
+        images=images.copy(),
+        labels=labels.copy(),
+        subjects=subjects.copy(),
+        meta={"synthetic": True, "config": cfg.model_dump(mode="json")},
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _rendered(config_json: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cfg = SynthConfig.model_validate_json(config_json)
     images, labels, subjects = [], [], []
     for p in range(cfg.identities):
         rng = np.random.default_rng([cfg.seed, p])
@@ -338,10 +355,4 @@ def generate_synth(config: SynthConfig | None = None) -> EmotionDataset:
                 images.append(render(ident, aus, rng, cfg.height, cfg.width, cfg.pixel_noise))
                 labels.append(e)
                 subjects.append(f"S{p:03d}")
-    return EmotionDataset(
-        name="synth",
-        images=np.stack(images)[:, None],
-        labels=np.asarray(labels, dtype=np.int64),
-        subjects=np.asarray(subjects),
-        meta={"synthetic": True, "config": cfg.model_dump(mode="json")},
-    )
+    return np.stack(images)[:, None], np.asarray(labels, dtype=np.int64), np.asarray(subjects)

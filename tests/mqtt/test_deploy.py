@@ -284,7 +284,8 @@ def test_fedsl_segment_killed_and_restarted_mid_run_completes(
     tap = Tap(mosquitto.url)
     try:
         procs.start("aggregator", serve_cmd(out, mosquitto.url, "fedsl", segments, rounds,
-                                            run_id, "--segments", str(segments), "--frames", "4",
+                                            run_id, "--synth-identities", str(IDENTITIES),
+                                            "--segments", str(segments), "--frames", "4",
                                             "--round-timeout", "120"))  # fmt: skip
         for cid, cmd in cmds.items():
             procs.start(cid, cmd)
