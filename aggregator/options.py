@@ -42,17 +42,18 @@ def setup_logging(verbose: bool) -> None:
 
 
 class ServerLr(click.ParamType):
-    """`--server-lr`: a number, or `auto` (the number of copies combined that round)."""
+    """`--server-lr`: a number, `auto` (the number of copies combined that round) or `sqrt`
+    (its square root)."""
 
-    name = "auto|FLOAT"
+    name = "auto|sqrt|FLOAT"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, float) or value == "auto":
+        if isinstance(value, float) or value in ("auto", "sqrt"):
             return value
         try:
             return float(value)
         except (TypeError, ValueError):
-            self.fail(f"{value!r} is neither auto nor a number", param, ctx)
+            self.fail(f"{value!r} is neither auto, sqrt nor a number", param, ctx)
 
 
 def server_option_list(defaults: bool) -> list[Callable[[Any], Any]]:
@@ -75,7 +76,7 @@ def server_option_list(defaults: bool) -> list[Callable[[Any], Any]]:
             type=ServerLr(),
             default=None,
             help="server learning rate, or auto: the number of clients (the sum of their "
-            "updates) [auto for sgd, 1.0 for momentum, 0.01 for adam]",
+            "updates), or sqrt: its square root [auto for sgd, 1.0 for momentum, 0.01 for adam]",
         ),
         click.option(
             "--server-momentum",

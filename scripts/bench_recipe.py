@@ -131,7 +131,9 @@ def main() -> int:
         help="SFLV2's server schedule [the product's default]",
     )
     ap.add_argument("--server-opt", default="none", help="none, sgd, momentum or adam")
-    ap.add_argument("--server-lr", default=None, help="a number or auto (the client count)")
+    ap.add_argument(
+        "--server-lr", default=None, help="a number, auto (the client count) or sqrt (its root)"
+    )
     ap.add_argument(
         "--whole-batch", action="store_true", help="each device steps on the whole batch"
     )
@@ -142,7 +144,9 @@ def main() -> int:
     data = generate_synth(SynthConfig(identities=args.identities, per_emotion=args.per_emotion))
     public = public_population(args.public_identities, args.per_emotion)
     algos = args.algos.split(",")
-    server_lr = args.server_lr if args.server_lr in (None, "auto") else float(args.server_lr)
+    server_lr = args.server_lr
+    if server_lr not in (None, "auto", "sqrt"):
+        server_lr = float(server_lr)
     aggregation = AggregationConfig(server_opt=args.server_opt, server_lr=server_lr)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()

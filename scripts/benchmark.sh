@@ -70,6 +70,13 @@ want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2,3 --jobs "
     2>/dev/null; echo '```'; } > $B/lockstep.md
 want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
     centralized:1:16:16,sflv2:10:16:16:interleaved:split=1 2>/dev/null; echo '```'; } > $B/lockstep_ten.md
+# The root of the device count as server lr (`--server-opt sgd --server-lr sqrt`), shared batch.
+want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
+    centralized:1:16:16,sflv1:10:16:16:split=1,sflv1:10:16:16:-:sqrt:split=1,sflv2:10:16:16:split=1,sflv2:10:16:16:lockstep:sqrt:split=1 \
+    2>/dev/null; echo '```'; } > $B/sqrt_ten.md
+want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
+    centralized:1:16:16,sflv1:2:16:16:split=1,sflv1:2:16:16:-:sqrt:split=1,sflv2:2:16:16:lockstep:sqrt:split=1,sflv1:5:16:16:split=1,sflv1:5:16:16:-:sqrt:split=1,sflv2:5:16:16:lockstep:sqrt:split=1 \
+    2>/dev/null; echo '```'; } > $B/sqrt.md
 want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.md
 # The default input recipe (per-crop norm, camera jitter) against the old inputs, via compare.
 want shift && $PY scripts/bench_input_recipe.py --out $B/input_recipe.md
@@ -116,6 +123,8 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "A batch shared by the devices, ten clients, seeds 0 and 1 (\`scripts/probe_cells.py ... split=1\`)" $B/shared_ten.md
     section "SFLV2 interleaved with the shared batch, four seeds (the shared cells above run lockstep, the default)" $B/lockstep.md
     section "SFLV2 interleaved with the shared batch, ten clients, seeds 0 and 1" $B/lockstep_ten.md
+    section "The root of the device count as server lr, ten clients, seeds 0 and 1" $B/sqrt_ten.md
+    section "The root of the device count as server lr, two and five clients, seed 0" $B/sqrt.md
     section "What sharing the batch costs over MQTT (\`scripts/bench_split_batch.py\`)" $B/split_batch.md
     section "Input recipe: the default against the old inputs (\`scripts/bench_input_recipe.py\`)" $B/input_recipe.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md

@@ -5,11 +5,12 @@ The script that printed BENCHMARKS.md's "Sixteen averages a round" table and its
 matrix's set (40 synthetic people x 3 pictures an emotion), recipe inputs (per-crop, camera
 0.5), 20 epochs, 5 folds by person, two cells at a time through the product's job pool.
 Each cell is ALGO:CLIENTS:BATCH:SYNCS[:ORDER[:SERVER_LR]] (ORDER "-" keeps interleaving; a
-SERVER_LR, a number or `auto` (the number of copies averaged), runs `--server-opt sgd` at that
-lr), optionally followed by KEY=VALUE options: `partition=iid` (devices holding pictures of
-everyone instead of their own people), `lr=` (the peak learning rate), `warmup=` (rounds of
-warm-up, `TrainConfig.warmup_rounds`) and `geo=SCALE/DEGREES/SHIFT` (geometric jitter of the
-training crops, `JitterConfig.scale`, `.rotation` and `.shift_y`), `server=momentum` or
+SERVER_LR, a number, `auto` (the number of copies averaged) or `sqrt` (its square root), runs
+`--server-opt sgd` at that lr), optionally followed by KEY=VALUE options: `partition=iid`
+(devices holding pictures of everyone instead of their own people), `lr=` (the peak learning
+rate), `warmup=` (rounds of warm-up, `TrainConfig.warmup_rounds`) and `geo=SCALE/DEGREES/SHIFT`
+(geometric jitter of the training crops, `JitterConfig.scale`, `.rotation` and `.shift_y`),
+`server=momentum` or
 `server=adam` (that server optimizer at SERVER_LR instead of plain SGD), `momentum=` (its
 momentum, `AggregationConfig.server_momentum`) and `defence=` (a registered defence such as
 `recommended`, or CUT/BOTTLENECK/NOISE/COMPRESSION such as `4/8/1/int8`, a `-` keeping the run's
@@ -59,8 +60,8 @@ def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     order = {"sflv2_order": rest[0]} if rest and rest[0] != "-" else {}
     server: dict[str, object] = {}
     if len(rest) > 1:
-        server = {"server_opt": options.get("server", "sgd"),
-                  "server_lr": "auto" if rest[1] == "auto" else float(rest[1])}  # fmt: skip
+        lr = rest[1] if rest[1] in ("auto", "sqrt") else float(rest[1])
+        server = {"server_opt": options.get("server", "sgd"), "server_lr": lr}
         if "momentum" in options:
             server["server_momentum"] = float(options["momentum"])
     tuned: dict[str, object] = {}

@@ -37,7 +37,7 @@ def main() -> int:
     ap.add_argument("--momentum", type=float, default=None, help="client SGD momentum")
     ap.add_argument("--local-epochs", type=int, default=None)
     ap.add_argument("--server-opt", default=None)
-    ap.add_argument("--server-lr", default=None, help="a number or auto")
+    ap.add_argument("--server-lr", default=None, help="a number, auto or sqrt")
     ap.add_argument("--server-momentum", type=float, default=None)
     ap.add_argument("--sflv2-order", default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -64,7 +64,9 @@ def main() -> int:
         if v is not None
     }
     if args.server_lr is not None:
-        agg_kw["server_lr"] = args.server_lr if args.server_lr == "auto" else float(args.server_lr)
+        agg_kw["server_lr"] = (
+            args.server_lr if args.server_lr in ("auto", "sqrt") else float(args.server_lr)
+        )
     spec = SimSpec(
         args.algo, args.clients, args.rounds, seed=args.seed,
         train=TrainConfig(**train_kw), aggregation=AggregationConfig(**agg_kw),  # type: ignore[arg-type]

@@ -192,10 +192,12 @@ class AggregationConfig(BaseModel):
         "server learning rate), momentum (FedAvgM), adam (FedAdam); "
         "splitfed.algorithms.server_opt",
     )
-    server_lr: float | Literal["auto"] | None = Field(
+    server_lr: float | Literal["auto", "sqrt"] | None = Field(
         None,
         description="server learning rate; auto: the number of copies combined, so the step is "
-        "the sum of the devices' updates [auto for sgd, 1.0 for momentum, 0.01 for adam]",
+        "the sum of the devices' updates; sqrt: its square root, which gives K devices that "
+        "each took Adam steps on 1/K of a shared batch centralized training's step size "
+        "[auto for sgd, 1.0 for momentum, 0.01 for adam]",
     )
     server_momentum: float = Field(
         0.9, ge=0, lt=1, description="momentum (FedAvgM) or Adam's beta1 (FedAdam)"
@@ -213,4 +215,6 @@ class AggregationConfig(BaseModel):
         lr = self.server_lr
         if lr is None:
             lr = "auto" if self.server_opt == "sgd" else 0.01 if self.server_opt == "adam" else 1.0
-        return float(copies) if lr == "auto" else lr
+        if lr == "auto":
+            return float(copies)
+        return math.sqrt(copies) if lr == "sqrt" else lr

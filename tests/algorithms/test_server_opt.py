@@ -57,6 +57,8 @@ def test_auto_server_lr_is_the_number_of_copies() -> None:
     assert AggregationConfig(server_opt="sgd", server_lr=2.0).server_lr_for(7) == 2.0
     with pytest.raises(ValueError):
         AggregationConfig(server_lr=0.0)
+    sqrt = AggregationConfig(server_opt="sgd", server_lr="sqrt")
+    assert [sqrt.server_lr_for(k) for k in (1, 4, 10)] == [1.0, 2.0, 10**0.5]
     with pytest.raises(ValueError):
         AggregationConfig(server_lr="twice")  # type: ignore[arg-type]
 
@@ -98,12 +100,19 @@ def test_unknown_optimizer_is_refused() -> None:
         server_step(X, AGG, PARAMS, {}, "h", "lion", 1.0, 0.9)
 
 
-def run(ds: EmotionDataset, algo: str, opt: str, rounds: int = 3) -> dict:  # type: ignore[type-arg]
+def run(
+    ds: EmotionDataset,
+    algo: str,
+    opt: str,
+    rounds: int = 3,
+    lr: str | None = None,
+    clients: int = 3,
+) -> dict:  # type: ignore[type-arg]
     spec = SimSpec(
-        algo, 3, rounds, seed=7,
+        algo, clients, rounds, seed=7,
         train=TrainConfig(batch_size=16),
         model=ModelConfig(widths=(8, 16, 16), cut=1),
-        aggregation=AggregationConfig(server_opt=opt),  # type: ignore[arg-type]
+        aggregation=AggregationConfig(server_opt=opt, server_lr=lr),  # type: ignore[arg-type]
     )  # fmt: skip
     return simulate(ds, spec)
 
@@ -112,16 +121,36 @@ def trajectory(m: dict) -> list[tuple[float, float]]:  # type: ignore[type-arg]
     return [(r["train_loss"], r["test_accuracy"]) for r in m["rounds"]]
 
 
-@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("opt", ["sgd", "sgd:sqrt", "momentum", "adam"])
 def test_sflv1_equals_fedavg_under_a_server_optimizer(
     small_synth: EmotionDataset, opt: str
 ) -> None:
-    fedavg, sflv1 = run(small_synth, "fedavg", opt), run(small_synth, "sflv1", opt)
+    opt, _, lr = opt.partition(":")
+    fedavg = run(small_synth, "fedavg", opt, lr=lr or None)
+    sflv1 = run(small_synth, "sflv1", opt, lr=lr or None)
     np.testing.assert_allclose(trajectory(sflv1), trajectory(fedavg), rtol=0, atol=1e-6)
     assert sflv1["final"]["test_confusion"] == fedavg["final"]["test_confusion"]
     # And the optimizer is in effect: plain FedAvg takes another path.
     plain = run(small_synth, "fedavg", "none")
     assert trajectory(plain)[1:] != trajectory(fedavg)[1:]
+
+
+@pytest.mark.parametrize("algo", ["sflv1", "sflv2"])
+def test_sqrt_server_lr_with_one_client_is_the_plain_average(
+    small_synth: EmotionDataset, algo: str
+) -> None:
+    """The root of one copy is 1: the step is the copy itself, so one client still trains as
+    centralized does (`test_equivalence`), bit for bit."""
+    plain = run(small_synth, algo, "none", rounds=2, clients=1)
+    for lr in ("sqrt", "auto"):
+        stepped = run(small_synth, algo, "sgd", rounds=2, lr=lr, clients=1)
+        assert trajectory(stepped) == trajectory(plain), lr
+        assert stepped["final"]["test_confusion"] == plain["final"]["test_confusion"], lr
+    # With three clients the root is not 1, and the run takes another path.
+    assert (
+        trajectory(run(small_synth, algo, "sgd", rounds=2, lr="sqrt"))[1:]
+        != trajectory(run(small_synth, algo, "none", rounds=2))[1:]
+    )
 
 
 def test_momentum_survives_a_checkpoint() -> None:

@@ -54,14 +54,15 @@ def test_serve_and_simulate_take_the_same_server_flags() -> None:
     assert param("serve", "server_momentum").default is None
 
 
-def test_serve_parses_sgd_with_auto_lr(parsed: list[Any], tmp_path: Path) -> None:
-    code, out = invoke(
-        "serve", "--server-opt", "sgd", "--server-lr", "auto", "--out", str(tmp_path)
-    )
+@pytest.mark.parametrize(("lr", "at_four"), [("auto", 4.0), ("sqrt", 2.0)])
+def test_serve_parses_sgd_with_a_named_lr(
+    parsed: list[Any], tmp_path: Path, lr: str, at_four: float
+) -> None:
+    code, out = invoke("serve", "--server-opt", "sgd", "--server-lr", lr, "--out", str(tmp_path))
     assert code == 0, out
     agg = parsed[0].aggregation
-    assert agg.server_opt == "sgd" and agg.server_lr == "auto"
-    assert agg.server_lr_for(4) == 4.0
+    assert agg.server_opt == "sgd" and agg.server_lr == lr
+    assert agg.server_lr_for(4) == at_four
 
 
 def test_serve_server_lr_number_and_bad_values(parsed: list[Any], tmp_path: Path) -> None:
@@ -71,11 +72,11 @@ def test_serve_server_lr_number_and_bad_values(parsed: list[Any], tmp_path: Path
     assert code == 0, out
     assert parsed[-1].aggregation.server_lr == 0.05
     code, out = invoke("serve", "--server-lr", "twice", "--out", str(tmp_path))
-    assert code == 2 and "neither auto nor a number" in out
+    assert code == 2 and "neither auto, sqrt nor a number" in out
     code, out = invoke("serve", "--server-lr", "0", "--out", str(tmp_path))
     assert code == 2 and "server_lr" in out and "Traceback" not in out
     code, out = invoke("simulate", "--algo", "sl", "--server-lr", "twice", "--out", str(tmp_path))
-    assert code == 2 and "neither auto nor a number" in out
+    assert code == 2 and "neither auto, sqrt nor a number" in out
 
 
 def test_serve_flags_override_only_their_yaml_keys(parsed: list[Any], tmp_path: Path) -> None:
