@@ -325,25 +325,37 @@ def render(
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+# A rendered set is kept for the next call of the process only up to this size (4 sets at most).
+CACHE_BYTES = 32 * 2**20
+
+
 def generate_synth(config: SynthConfig | None = None) -> EmotionDataset:
     """The whole synthetic set: identities x emotions x per_emotion pictures, with subject ids.
 
-    A process renders each setting once (the default set takes seconds); every call gets its
-    own copy of the arrays, so a caller that changes them changes nobody else's."""
+    A process renders each setting once (the default set takes seconds) while it is at most
+    `CACHE_BYTES`; every call gets its own copy of the arrays, so a caller that changes them
+    changes nobody else's."""
     cfg = config or SynthConfig()
-    images, labels, subjects = _rendered(cfg.model_dump_json())
+    size = cfg.identities * len(EMOTIONS) * cfg.per_emotion * cfg.height * cfg.width
+    if size > CACHE_BYTES:
+        images, labels, subjects = _render_set(cfg)
+    else:
+        images, labels, subjects = (a.copy() for a in _cached(cfg.model_dump_json()))
     return EmotionDataset(
         name="synth",
-        images=images.copy(),
-        labels=labels.copy(),
-        subjects=subjects.copy(),
+        images=images,
+        labels=labels,
+        subjects=subjects,
         meta={"synthetic": True, "config": cfg.model_dump(mode="json")},
     )
 
 
 @functools.lru_cache(maxsize=4)
-def _rendered(config_json: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    cfg = SynthConfig.model_validate_json(config_json)
+def _cached(config_json: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _render_set(SynthConfig.model_validate_json(config_json))
+
+
+def _render_set(cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     images, labels, subjects = [], [], []
     for p in range(cfg.identities):
         rng = np.random.default_rng([cfg.seed, p])

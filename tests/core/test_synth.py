@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from splitfed.data import synth
 from splitfed.data.synth import AUS, PROTOTYPES, SynthConfig, generate_synth, make_identity, render
 from splitfed.emotions import EMOTIONS
 
@@ -17,6 +19,23 @@ def test_seeded_and_balanced() -> None:
     assert len(a.subject_counts()) == 4 and a.meta["synthetic"] is True
     c = generate_synth(cfg.model_copy(update={"seed": 12}))
     assert not np.array_equal(a.images, c.images)
+
+
+def test_each_call_gets_its_own_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rendered once per process, but a caller that writes into its set spoils no other."""
+    cfg = SynthConfig(identities=2, per_emotion=1, seed=3)
+    a = generate_synth(cfg)
+    a.images[:] = 0
+    a.labels[:] = 0
+    b = generate_synth(cfg)
+    assert b.images.any() and set(b.labels.tolist()) == set(range(len(EMOTIONS)))
+    # Above the byte bound nothing is kept, and the set is the same.
+    monkeypatch.setattr(synth, "CACHE_BYTES", 0)
+    other = cfg.model_copy(update={"seed": 4})
+    calls = synth._cached.cache_info()
+    assert np.array_equal(generate_synth(other).images, generate_synth(other).images)
+    after = synth._cached.cache_info()
+    assert (after.hits, after.misses) == (calls.hits, calls.misses)  # rendered, never kept
 
 
 def test_every_emotion_has_a_prototype() -> None:
