@@ -48,10 +48,8 @@ class ServerLr(click.ParamType):
     name = "auto|sqrt|FLOAT"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, float) or value in ("auto", "sqrt"):
-            return value
         try:
-            return float(value)
+            return AggregationConfig.parse_server_lr(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is neither auto, sqrt nor a number", param, ctx)
 

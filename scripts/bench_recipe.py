@@ -144,9 +144,9 @@ def main() -> int:
     data = generate_synth(SynthConfig(identities=args.identities, per_emotion=args.per_emotion))
     public = public_population(args.public_identities, args.per_emotion)
     algos = args.algos.split(",")
-    server_lr = args.server_lr
-    if server_lr not in (None, "auto", "sqrt"):
-        server_lr = float(server_lr)
+    server_lr = (
+        None if args.server_lr is None else AggregationConfig.parse_server_lr(args.server_lr)
+    )
     aggregation = AggregationConfig(server_opt=args.server_opt, server_lr=server_lr)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()

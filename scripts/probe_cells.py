@@ -60,7 +60,7 @@ def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     order = {"sflv2_order": rest[0]} if rest and rest[0] != "-" else {}
     server: dict[str, object] = {}
     if len(rest) > 1:
-        lr = rest[1] if rest[1] in ("auto", "sqrt") else float(rest[1])
+        lr = AggregationConfig.parse_server_lr(rest[1])
         server = {"server_opt": options.get("server", "sgd"), "server_lr": lr}
         if "momentum" in options:
             server["server_momentum"] = float(options["momentum"])

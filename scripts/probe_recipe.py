@@ -64,9 +64,7 @@ def main() -> int:
         if v is not None
     }
     if args.server_lr is not None:
-        agg_kw["server_lr"] = (
-            args.server_lr if args.server_lr in ("auto", "sqrt") else float(args.server_lr)
-        )
+        agg_kw["server_lr"] = AggregationConfig.parse_server_lr(args.server_lr)
     spec = SimSpec(
         args.algo, args.clients, args.rounds, seed=args.seed,
         train=TrainConfig(**train_kw), aggregation=AggregationConfig(**agg_kw),  # type: ignore[arg-type]

@@ -167,6 +167,10 @@ class TrainConfig(BaseModel):
         return self.model_copy(update={"jitter": self.jitter.model_copy(update={"camera": camera})})
 
 
+# The server learning rates given by name (`AggregationConfig.server_lr_for`).
+SERVER_LR_NAMES = ("auto", "sqrt")
+
+
 class AggregationConfig(BaseModel):
     """How the aggregator combines the copies of a model half that devices send back.
 
@@ -209,6 +213,11 @@ class AggregationConfig(BaseModel):
         if isinstance(v, float) and v <= 0:
             raise ValueError("the server learning rate must be positive")
         return v
+
+    @staticmethod
+    def parse_server_lr(text: str | float) -> float | str:
+        """`--server-lr` as typed: `auto`, `sqrt` or a number (ValueError otherwise)."""
+        return text if text in SERVER_LR_NAMES else float(text)
 
     def server_lr_for(self, copies: int) -> float:
         """The server learning rate of a round that combines `copies` copies of a half."""
