@@ -19,7 +19,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from splitfed.checkpoint import checkpoint_file, read_model_config
-from splitfed.config import SFLV2_ORDERS, AggregationConfig, CameraConfig, TrainConfig
+from splitfed.config import (
+    SFLV2_ORDERS,
+    AggregationConfig,
+    CameraConfig,
+    JitterConfig,
+    TrainConfig,
+)
 from splitfed.data.dataset import EmotionDataset
 from splitfed.defences import DEFAULT_DEFENCE, DEFAULT_HELP, DEFENCES
 from splitfed.errors import UserError
@@ -98,9 +104,9 @@ def server_options(fn: F) -> F:
 
 
 def recipe_option_list() -> list[Callable[[Any], Any]]:
-    """`--input-norm`, `--camera-jitter`, `--syncs-per-round`, `--warmup-rounds`,
-    `--split-batch`: the input recipe, how often halves are averaged, how the learning rate
-    starts and whether side-by-side devices share the batch, one definition
+    """`--input-norm`, `--antialias`, `--camera-jitter`, `--zoom-jitter`, `--syncs-per-round`,
+    `--warmup-rounds`, `--split-batch`: the input recipe, how often halves are averaged, how
+    the learning rate starts and whether side-by-side devices share the batch, one definition
     for simulate, compare and serve. Unset, they are None: the model's and training's own
     defaults stand (serve: the YAML's), and a pretrained checkpoint (`--init-from`) keeps the
     norm it was trained with."""
@@ -114,12 +120,29 @@ def recipe_option_list() -> list[Callable[[Any], Any]]:
             f"[default: {ModelConfig.model_fields['input_norm'].default}]",
         ),
         click.option(
+            "--antialias/--no-antialias",
+            default=None,
+            help="blur before every subsampling in the CNN (BlurPool; FedSL's recurrent net "
+            "has none), so a band a few pixels off or a softer camera moves the features less; "
+            "about 2.3 times the training compute "
+            f"[default: {'on' if ModelConfig.model_fields['antialias'].default else 'off'}]",
+        ),
+        click.option(
             "--camera-jitter",
             type=click.FloatRange(0.0, 1.0),
             default=None,
             help="chance that each of another camera's changes (tone, side light, blur, lower "
             "resolution, noise, JPEG) is applied to a training crop; 0 turns it off "
             f"[default: {CameraConfig.model_fields['p'].default}]",
+        ),
+        click.option(
+            "--zoom-jitter",
+            type=click.FloatRange(min=0.0),
+            default=None,
+            help="zoom each training crop by a factor drawn from 1 +- this, as face detectors "
+            "disagree on the band's size; one-crop algorithms only (PyVertical's parts and "
+            "FedSL's row bands refuse it) "
+            f"[default: {JitterConfig.model_fields['scale'].default}]",
         ),
         click.option(
             "--syncs-per-round",
@@ -353,19 +376,29 @@ def load_data(
 def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, TrainConfig]:
     """The network and training settings of the options; `--init-from` brings its network."""
     try:
-        norm = kw.get("input_norm")
+        norm, antialias = kw.get("input_norm"), kw.get("antialias")
         if kw.get("init_from") is not None:
-            # The checkpoint's architecture (widths, bottleneck, input norm); the data's shape
-            # and --cut stay this run's, so a mismatch is named when the weights are loaded.
+            # The checkpoint's architecture (widths, bottleneck, input norm, anti-aliasing); the
+            # data's shape and --cut stay this run's, so a mismatch is named when the weights
+            # are loaded.
             saved = read_model_config(checkpoint_file(kw["init_from"]))
             if norm is not None and norm != saved.input_norm:
                 raise UserError(
                     f"--input-norm {norm}: {kw['init_from']} was trained with "
                     f"{saved.input_norm}; leave --input-norm out to keep it"
                 )
+            if antialias is not None and antialias != saved.antialias:
+                flag = "--antialias" if antialias else "--no-antialias"
+                raise UserError(
+                    f"{flag}: {kw['init_from']} was trained "
+                    f"{'with' if saved.antialias else 'without'} it; leave {flag} out to keep "
+                    "the checkpoint's"
+                )
             model = saved.model_copy(update={"input_shape": ds.input_shape, "cut": kw["cut"]})
         else:
-            extra = {} if norm is None else {"input_norm": norm}
+            extra: dict[str, Any] = {} if norm is None else {"input_norm": norm}
+            if antialias is not None:
+                extra["antialias"] = antialias
             model = ModelConfig(input_shape=ds.input_shape, cut=kw["cut"], **extra)
         if kw.get("shape"):
             model = model.model_copy(update={"shape": kw["shape"]})
@@ -381,6 +414,13 @@ def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, T
                 train = train.model_copy(update={key: kw[key]})
         if kw.get("camera_jitter") is not None:
             train = train.with_camera(kw["camera_jitter"])
+        if kw.get("zoom_jitter") is not None:
+            zoom = {**train.jitter.model_dump(), "scale": kw["zoom_jitter"]}
+            try:
+                jitter = JitterConfig.model_validate(zoom)
+            except ValidationError as e:
+                raise UserError(f"--zoom-jitter: {e.errors()[0]['msg']}") from None
+            train = train.model_copy(update={"jitter": jitter})
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "--cut"

@@ -10,7 +10,7 @@ SERVER_LR, a number, `auto` (the number of copies averaged) or `sqrt` (its squar
 (devices holding pictures of everyone instead of their own people), `lr=` (the peak learning
 rate), `warmup=` (rounds of warm-up, `TrainConfig.warmup_rounds`) and `geo=SCALE/DEGREES/SHIFT`
 (geometric jitter of the training crops, `JitterConfig.scale`, `.rotation` and `.shift_y`),
-`server=momentum` or
+`aa=1` (anti-aliased downsampling, `ModelConfig.antialias`), `server=momentum` or
 `server=adam` (that server optimizer at SERVER_LR instead of plain SGD), `momentum=` (its
 momentum, `AggregationConfig.server_momentum`) and `defence=` (a registered defence such as
 `recommended`, or CUT/BOTTLENECK/NOISE/COMPRESSION such as `4/8/1/int8`, a `-` keeping the run's
@@ -25,8 +25,10 @@ BATCH / K), for example
 and batch order; every cell of one seed tests the same people). After the cells it prints each
 cell's paired difference from the FIRST cell (put centralized first): the mean over every
 (seed, fold) run of the cell's accuracy minus the first cell's on the same test people, with
-its standard error, because on a few hundred test pictures a fold's own noise is several points
-and only paired differences over many runs can tell one point from zero.
+its standard error, for the test set and for the domain-shift proxy (`shift`), because on a few
+hundred test pictures a fold's own noise is several points and only paired differences over
+many runs can tell one point from zero. Each cell also prints its accuracy on every single
+perturbation of the proxy (`splitfed.data.shift.PERTURBATIONS`), averaged over the folds.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +55,7 @@ from bench_recipe import cell  # noqa: E402
 def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     words = text.split(":")
     options = dict(w.split("=", 1) for w in words if "=" in w)
-    known = {"partition", "lr", "warmup", "geo", "server", "momentum", "defence", "split"}
+    known = {"partition", "lr", "warmup", "geo", "server", "momentum", "defence", "split", "aa"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise SystemExit(f"{text}: unknown option {unknown}")
@@ -79,6 +82,8 @@ def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
         geo = {"scale": scale, "rotation": rotation, "shift_y": shift_y}
         jitter = JitterConfig.model_validate({**train.jitter.model_dump(), **geo})
         train = train.model_copy(update={"jitter": jitter})
+    if options.get("aa") == "1":
+        model = model.model_copy(update={"antialias": True})
     return SimSpec(
         algo, int(clients), 20, seed=seed, model=model, train=train,
         aggregation=AggregationConfig(**server), report_shift=True,
@@ -96,10 +101,19 @@ def defence(text: str) -> DefenceConfig:
     )
 
 
-def paired(runs: dict[str, list[float]], reference: str) -> str:
+def by_perturbation(folds: list[dict[str, Any]]) -> str:
+    """Accuracy on each single perturbation of the shift proxy, mean over the folds, in %."""
+    names = folds[0]["final"]["shift_by_perturbation"]
+    return " ".join(
+        f"{n} {100 * np.mean([f['final']['shift_by_perturbation'][n] for f in folds]):.0f}"
+        for n in names
+    )
+
+
+def paired(runs: dict[str, list[float]], reference: str, what: str = "test") -> str:
     """Each cell's mean accuracy difference from `reference` over the same runs, ± its SE."""
     ref = np.array(runs[reference])
-    out = [f"paired against {reference} ({len(ref)} runs, points):"]
+    out = [f"{what}, paired against {reference} ({len(ref)} runs, points):"]
     for text, accs in runs.items():
         if text == reference:
             continue
@@ -129,6 +143,7 @@ def main() -> int:
     cells = [(t, seed) for seed in seeds for t in texts]
     tasks = [spec(t, model, seed) for t, seed in cells]
     runs: dict[str, list[float]] = {t: [] for t in texts}
+    shifts: dict[str, list[float]] = {t: [] for t in texts}
     t0 = time.perf_counter()
     for (text, _), (_, label), m in zip(
         cells, tasks, run_tasks(data, tasks, 5, args.jobs, 1, False)
@@ -136,11 +151,15 @@ def main() -> int:
         r = cell(m)
         folds = [f["final"]["test_accuracy"] for f in m["folds"]]
         runs[text] += folds
+        shifts[text] += [f["final"]["shift_accuracy"] for f in m["folds"]]
+        shifted = [round(100 * f["final"]["shift_accuracy"], 1) for f in m["folds"]]
         print(
             f"{label}: test {100 * r['test_mean']:.1f} ± {100 * r['test_std']:.1f} % "
-            f"shift {100 * r['shift']:.1f} % folds {[round(100 * f, 1) for f in folds]}",
+            f"shift {100 * r['shift']:.1f} % folds {[round(100 * f, 1) for f in folds]} "
+            f"shift folds {shifted}",
             flush=True,
         )
+        print(f"  by perturbation: {by_perturbation(m['folds'])}", flush=True)
         if args.curves:
             for i, f in enumerate(m["folds"]):
                 curve = [round(100 * row["test_accuracy"]) for row in f["rounds"]]
@@ -148,6 +167,7 @@ def main() -> int:
                 print(f"  fold {i}: test {curve} train loss {losses}", flush=True)
     if len(texts) > 1:
         print(paired(runs, texts[0]))
+        print(paired(shifts, texts[0], "domain shift"))
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -63,6 +63,8 @@ def read_model_config(path: Path) -> ModelConfig:
             # Written before ModelConfig had an input norm, when every network used the global
             # one: the default has since become per-crop, which these weights never saw.
             saved.setdefault("input_norm", "global")
+            # Written before the anti-aliased downsampling existed: these weights never had it.
+            saved.setdefault("antialias", False)
         return ModelConfig.model_validate(saved)
     except ValueError:  # bad JSON or a ValidationError (a ValueError too)
         algo = meta.get("algo", "?")

@@ -62,7 +62,9 @@ class JitterConfig(BaseModel):
     Another detector places the band a little higher or lower, tighter or looser, and less
     level; another camera renders it differently (`camera`). Training on such crops keeps the
     model from relying on one detector's geometry and one camera's look. The geometric jitter
-    is off by default (all zero): it left short trainings stuck near chance. The camera is on
+    is off by default (all zero): without warm-up it left short trainings stuck near chance, and
+    with it neither the full jitter nor zoom alone (`scale` 0.2, `--zoom-jitter`) raised the
+    domain-shift proxy's accuracy over 10 to 15 paired folds (BENCHMARKS.md). The camera is on
     (`camera.p` 0.5): with ModelConfig.input_norm="per-crop", also the default, it raised the
     domain-shift proxy's accuracy, and in-domain accuracy too from scratch; from pretrained
     weights it cost in-domain accuracy (BENCHMARKS.md, "Cross-validated matrix"). `camera.p` 0

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.nn import functional as F
 
 from splitfed.emotions import NUM_CLASSES
 
@@ -41,6 +42,12 @@ class ModelConfig(BaseModel):
     head_pool: tuple[int, int] = Field(
         (3, 6), description="pooled grid before the classifier; keeps where brows and lids are"
     )
+    antialias: bool = Field(
+        False,
+        description="blur before every subsampling (the strided first convolution and each "
+        "max-pool), so a band a few pixels off, or a softer camera, moves the features less. "
+        "It has no weights: the weights' names and shapes are the same either way",
+    )
     dropout: float = Field(0.3, ge=0.0, lt=1.0, description="dropout before the classifier")
     num_classes: int = Field(NUM_CLASSES, description="number of emotions")
     shape: Literal["standard", "u"] = Field(
@@ -54,16 +61,55 @@ class ModelConfig(BaseModel):
             raise ValueError(f"cut must be between 1 and {len(self.widths)}, got {self.cut}")
 
 
-def _block(c_in: int, c_out: int, pool: bool, stride: int = 1) -> nn.Sequential:
+class BlurPool(nn.Module):
+    """A fixed binomial low-pass ([1, 2, 1] squared, per channel), then every `stride`-th pixel.
+
+    Anti-aliased downsampling (R. Zhang, "Making Convolutional Networks Shift-Invariant Again",
+    ICML 2019): subsampling without a low-pass first lets a one-pixel move of the input change
+    the features, which is what another detector's band and another camera's focus do. The
+    kernel is a buffer, not a parameter, and is not saved: the state dict, checkpoints and the
+    weights on the wire have the same names and shapes as the network without it. Borders are
+    repeated. The output has the size of a stride-`stride` convolution with padding 1
+    (ceil(H / stride)).
+    """
+
+    def __init__(self, channels: int, stride: int = 2) -> None:
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k = torch.outer(k, k) / 16.0
+        self.register_buffer("kernel", k.expand(channels, 1, 3, 3).clone(), persistent=False)
+        self.channels = channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        return F.conv2d(x, self.kernel, stride=self.stride, groups=self.channels)
+
+
+def _block(
+    c_in: int, c_out: int, pool: bool, stride: int = 1, antialias: bool = False
+) -> nn.Sequential:
+    """Two 3x3 convolutions; the first may stride, and all but the last block pool by 2.
+
+    `antialias`: the strided convolution runs at stride 1 and a BlurPool subsamples after its
+    ReLU, and the max-pool takes the maximum at stride 1 before a BlurPool subsamples (Zhang's
+    BlurPool and MaxBlurPool); the output sizes are the same as without.
+    """
+    blur_stride = antialias and stride > 1
+    relu: nn.Module = nn.ReLU(inplace=True)
+    if blur_stride:  # in the ReLU's place, so the layers keep their indices and weight names
+        relu = nn.Sequential(relu, BlurPool(c_out, stride))
     layers: list[nn.Module] = [
-        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.Conv2d(c_in, c_out, 3, stride=1 if blur_stride else stride, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
+        relu,
         nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
     ]
-    if pool:
+    if pool and antialias:
+        layers.append(nn.Sequential(nn.MaxPool2d(2, stride=1), BlurPool(c_out, 2)))
+    elif pool:
         layers.append(nn.MaxPool2d(2))
     return nn.Sequential(*layers)
 
@@ -146,7 +192,8 @@ def build_split_model(cfg: ModelConfig, seed: int) -> tuple[ClientNet, ServerNet
         c_in = cfg.input_shape[0]
         for i, w in enumerate(cfg.widths):
             stride = cfg.stem_stride if i == 0 else 1
-            blocks.append(_block(c_in, w, pool=i < len(cfg.widths) - 1, stride=stride))
+            pool = i < len(cfg.widths) - 1
+            blocks.append(_block(c_in, w, pool, stride=stride, antialias=cfg.antialias))
             c_in = w
             if cfg.bottleneck is not None and i == cfg.cut - 1:
                 blocks[-1].extend(_bottleneck(w, cfg.bottleneck))

@@ -97,14 +97,20 @@ def test_empty_class_folder_is_an_error(tmp_path: Path) -> None:
 def test_the_input_recipe_reaches_the_run(tmp_path: Path) -> None:
     out = tmp_path / "recipe"
     code, text = invoke("simulate", "--algo", "sflv1", *SMALL, "--input-norm", "per-crop",
-                        "--camera-jitter", "0.5", "--warmup-rounds", "1",
-                        "--out", str(out))  # fmt: skip
+                        "--camera-jitter", "0.5", "--zoom-jitter", "0.2", "--warmup-rounds", "1",
+                        "--antialias", "--out", str(out))  # fmt: skip
     assert code == 0, text
     m = json.loads((out / "metrics.json").read_text())
-    assert m["model"]["input_norm"] == "per-crop"
+    assert m["model"]["input_norm"] == "per-crop" and m["model"]["antialias"] is True
     assert m["train"]["jitter"]["camera"]["p"] == 0.5
+    assert m["train"]["jitter"]["scale"] == 0.2
     assert m["train"]["warmup_rounds"] == 1
     # A pretrained network keeps the norm it learned with; asking for another is an error.
     code, text = invoke("simulate", "--algo", "sflv1", *SMALL, "--init-from", str(out),
                         "--input-norm", "global", "--out", str(tmp_path / "x"))  # fmt: skip
     assert code == 2 and "trained with per-crop" in text, text
+    # The zoom's bound is JitterConfig's, reported as one line.
+    code, text = invoke("simulate", "--algo", "sflv1", *SMALL, "--zoom-jitter", "0.9",
+                        "--out", str(tmp_path / "y"))  # fmt: skip
+    assert code == 2 and "--zoom-jitter: " in text and "0.5" in text, text
+    assert "Traceback" not in text

@@ -109,18 +109,29 @@ def test_compare_shows_scratch_and_pretrained_side_by_side(
          "--init-from", str(pretrained), "--out", str(tmp_path / "bad")],
     )  # fmt: skip
     assert bad.exit_code != 0 and "cut is 2, this run's is 3" in bad.output
+    # The blur has no weights, so only the flag can tell: the checkpoint's setting is kept, and
+    # asking for the other one is named.
+    other = "--no-antialias" if ModelConfig().antialias else "--antialias"
+    bad = CliRunner().invoke(
+        main,
+        ["simulate", "--algo", "sl", "--rounds", "1", "--synth-identities", "8", other,
+         "--init-from", str(pretrained), "--out", str(tmp_path / "bad-aa")],
+    )  # fmt: skip
+    assert bad.exit_code == 2 and f"{other}: " in bad.output and "trained" in bad.output, bad.output
 
 
 def test_a_checkpoint_from_before_the_input_norm_keeps_the_global_norm(tmp_path: Path) -> None:
-    """The default norm became per-crop; weights saved without the field never saw it."""
+    """The default norm became per-crop; weights saved without the field never saw it. Nor
+    did they see anti-aliasing, which came later still."""
     from safetensors.numpy import load_file, save_file
 
     from splitfed.checkpoint import read_model_config
 
     old = ModelConfig().model_dump(mode="json")
-    del old["input_norm"]
+    del old["input_norm"], old["antialias"]
     path = tmp_path / "model.safetensors"
     save_file({"x": np.zeros(1, np.float32)}, str(path), metadata={"model": json.dumps(old)})
     assert load_file(str(path))["x"].shape == (1,)
     assert read_model_config(path).input_norm == "global"
+    assert read_model_config(path).antialias is False
     assert ModelConfig().input_norm == "per-crop"
