@@ -77,6 +77,14 @@ want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(np
 want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
     centralized:1:16:16,sflv1:2:16:16:split=1,sflv1:2:16:16:-:sqrt:split=1,sflv2:2:16:16:lockstep:sqrt:split=1,sflv1:5:16:16:split=1,sflv1:5:16:16:-:sqrt:split=1,sflv2:5:16:16:lockstep:sqrt:split=1 \
     2>/dev/null; echo '```'; } > $B/sqrt.md
+# What limits the domain-shift gap: zoom jitter and anti-aliased downsampling, and what the blur costs.
+want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2 --jobs "$(nproc)" \
+    centralized:1:16:16,centralized:1:16:16:geo=0.2/0/0,centralized:1:16:16:aa=1 \
+    2>/dev/null; echo '```'; } > $B/shift_levers.md
+want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
+    sflv1:2:16:16:split=1,sflv1:2:16:16:split=1:aa=1,sflv2:2:16:16:lockstep:split=1,sflv2:2:16:16:lockstep:split=1:aa=1 \
+    2>/dev/null; echo '```'; } > $B/antialias_fed.md
+want shift && OMP_NUM_THREADS=1 $PY scripts/bench_antialias.py 2>/dev/null > $B/antialias_cost.md
 want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.md
 # The default input recipe (per-crop norm, camera jitter) against the old inputs, via compare.
 want shift && $PY scripts/bench_input_recipe.py --out $B/input_recipe.md
@@ -127,6 +135,9 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "The root of the device count as server lr, two and five clients, seed 0" $B/sqrt.md
     section "What sharing the batch costs over MQTT (\`scripts/bench_split_batch.py\`)" $B/split_batch.md
     section "Input recipe: the default against the old inputs (\`scripts/bench_input_recipe.py\`)" $B/input_recipe.md
+    section "Domain shift: zoom jitter and anti-aliasing, seeds 0 to 2 (\`scripts/probe_cells.py\`)" $B/shift_levers.md
+    section "Anti-aliasing in SFLV1 and SFLV2 at two clients, seed 0 (\`scripts/probe_cells.py\`)" $B/antialias_fed.md
+    section "What anti-aliasing costs (\`scripts/bench_antialias.py\`)" $B/antialias_cost.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
     section "Privacy: leakage of the smashed data by defence (\`scripts/bench_privacy.py\`)" $B/privacy.md
     section "Privacy: accuracy of the defences, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/defences.md

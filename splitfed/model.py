@@ -227,7 +227,8 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def conv_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass for a batch of one (conv and linear layers)."""
+    """Multiply-accumulates of one forward pass for a batch of one (conv and linear layers, and
+    the fixed 3x3 blur of each BlurPool)."""
     total = 0
 
     def hook(m: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
@@ -237,6 +238,8 @@ def conv_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
             total += out.numel() * k
         elif isinstance(m, nn.Linear):
             total += m.in_features * m.out_features
+        elif isinstance(m, BlurPool):
+            total += out.numel() * 9
 
     handles = [m.register_forward_hook(hook) for m in module.modules()]
     was_training = module.training

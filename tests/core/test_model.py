@@ -8,7 +8,7 @@ import torch
 
 from splitfed.data.batches import to_tensor
 from splitfed.data.synth import SynthConfig, generate_synth
-from splitfed.model import ModelConfig, build_split_model, feature_dim, smashed_shape
+from splitfed.model import ModelConfig, build_split_model, conv_macs, feature_dim, smashed_shape
 
 
 @pytest.mark.parametrize("bottleneck", [None, 8])
@@ -64,3 +64,14 @@ def test_antialiasing_steadies_the_client_half_under_a_one_pixel_move() -> None:
 
     plain, blurred = change(False), change(True)
     assert blurred < 0.5 * plain, (blurred, plain)
+
+
+def test_the_multiply_accumulates_count_the_blur() -> None:
+    """The device's compute, as bench_core and bench_export report it: with anti-aliasing the
+    first convolution runs at full resolution (48 x 96, not 24 x 48) and each blur costs 9 per
+    output value (16 x 24 x 48 after it, 16 x 12 x 24 and 32 x 6 x 12 after the pools)."""
+    plain, _ = build_split_model(ModelConfig(), 0)
+    blurred, _ = build_split_model(ModelConfig(antialias=True), 0)
+    first = 16 * 9 * (48 * 96 - 24 * 48)
+    blurs = 9 * (16 * 24 * 48 + 16 * 12 * 24 + 32 * 6 * 12)
+    assert conv_macs(blurred, (1, 48, 96)) - conv_macs(plain, (1, 48, 96)) == first + blurs
