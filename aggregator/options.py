@@ -122,9 +122,9 @@ def recipe_option_list() -> list[Callable[[Any], Any]]:
         click.option(
             "--antialias/--no-antialias",
             default=None,
-            help="blur before every subsampling in the CNN (BlurPool; FedSL's recurrent net "
-            "has none), so a band a few pixels off or a softer camera moves the features less; "
-            "about 2.3 times the training compute "
+            help="blur before every subsampling of the CNN (BlurPool; not FedSL's frame "
+            "encoder, which refuses it), so a band a few pixels off or a softer camera moves "
+            "the features less; about twice the training compute "
             f"[default: {'on' if ModelConfig.model_fields['antialias'].default else 'off'}]",
         ),
         click.option(

@@ -28,6 +28,7 @@ from splitfed.data.partition import client_shards
 from splitfed.data.synth import SynthConfig, generate_synth
 from splitfed.devices.segment import SegmentRuntime
 from splitfed.errors import UserError
+from splitfed.model import ModelConfig
 from splitfed.simulate import SimSpec, simulate
 from splitfed.transport import InProcessTransport
 from tests.oracles import CentralSequence
@@ -201,6 +202,10 @@ def test_row_bands_take_the_camera_across_the_crop_but_no_geometry() -> None:
     geometric = TrainConfig(batch_size=4, jitter=JITTER)
     with pytest.raises(UserError, match="row bands .* geometric jitter"):
         simulate(photos, SimSpec("fedsl", 1, 1, seed=SEED, train=geometric))
+    # Nor does FedSL's frame encoder blur its subsampling: asked to, it says so.
+    blurred = ModelConfig(antialias=True)
+    with pytest.raises(UserError, match="fedsl's frame encoder .* --antialias"):
+        simulate(photos, SimSpec("fedsl", 1, 1, seed=SEED, model=blurred))
     # The camera's light ramp runs across the whole crop, not each band.
     cfg = tiny().model_copy(update={"frame_shape": (1, 6, 48), "row_bands": True})
     ramp = CameraConfig(p=1.0, gamma=0.0, gradient=80.0, blur=0.0, lowres=1.0, noise=0.0, jpeg=95)

@@ -95,6 +95,11 @@ def seq_model_config(
     It says whether they are row bands of stills: every device learns it with the model, and
     the augmentation depends on it (`jitter_problem`, `sequence_camera`)."""
     base = base or ModelConfig()
+    if base.antialias:
+        raise UserError(
+            "fedsl's frame encoder has no anti-aliased downsampling: leave --antialias out "
+            "(it applies to the one-crop algorithms and PyVertical's heads)"
+        )
     return SeqModelConfig(
         frame_shape=clips.frame_shape,
         frames=clips.frames,
