@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from splitfed.config import TrainConfig
 from splitfed.data.dataset import EmotionDataset, train_test_split
@@ -32,22 +33,36 @@ class Exported:
     manifest: dict[str, Any]
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    """A small model trained long enough that its predictions differ between crops."""
+def train_small(
+    tmp_path_factory: pytest.TempPathFactory, name: str, model: ModelConfig | None = None
+) -> Trained:
+    """A small model (`model`, default the product's) trained long enough that its predictions
+    differ between crops, read back from its checkpoint as an export reads it."""
     from splitfed.checkpoint import load_model
     from splitfed.simulate import SimSpec, simulate
 
     data = generate_synth(SynthConfig(identities=10, per_emotion=2))
-    out = tmp_path_factory.mktemp("run")
+    out = tmp_path_factory.mktemp(name)
     spec = SimSpec(
-        algo="centralized", clients=1, rounds=2, out_dir=out,
+        algo="centralized", clients=1, rounds=2, out_dir=out, model=model,
         train=TrainConfig(local_epochs=2, batch_size=16),
     )  # fmt: skip
     simulate(data, spec)
     cfg, client, server = load_model(out / "checkpoint")
     train, test = train_test_split(data, "subject", seed=0)
     return Trained(out / "checkpoint", cfg, client, server, data, train, test)
+
+
+def torch_out(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    """`module`'s output in eval mode, as numpy."""
+    module.eval()
+    with torch.no_grad():
+        return module(torch.from_numpy(x)).numpy()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    return train_small(tmp_path_factory, "run")
 
 
 @pytest.fixture(scope="session")

@@ -15,15 +15,13 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from export.onnx import FP32_TOLERANCE, export_client
-from splitfed.config import TrainConfig
 from splitfed.data.batches import to_tensor
-from splitfed.data.dataset import EmotionDataset, train_test_split
-from splitfed.data.synth import SynthConfig, generate_synth
+from splitfed.data.dataset import EmotionDataset
 from splitfed.model import BlurPool, ClientNet, ModelConfig, ServerNet
 from splitfed.onnx_client import OnnxClient
+from tests.export.conftest import torch_out, train_small
 
 MIN_AGREEMENT = 0.9
 
@@ -39,28 +37,13 @@ class Blurred:
 
 @pytest.fixture(scope="module")
 def blurred(tmp_path_factory: pytest.TempPathFactory) -> Blurred:
-    from splitfed.checkpoint import load_model
-    from splitfed.simulate import SimSpec, simulate
-
-    data = generate_synth(SynthConfig(identities=10, per_emotion=2))
-    run = tmp_path_factory.mktemp("antialias-run")
-    spec = SimSpec(
-        algo="centralized", clients=1, rounds=2, out_dir=run,
-        model=ModelConfig(antialias=True), train=TrainConfig(local_epochs=2, batch_size=16),
-    )  # fmt: skip
-    simulate(data, spec)
-    cfg, client, server = load_model(run / "checkpoint")
-    assert cfg.antialias and any(isinstance(m, BlurPool) for m in client.modules())
-    train, test = train_test_split(data, "subject", seed=0)
+    run = train_small(tmp_path_factory, "antialias-run", ModelConfig(antialias=True))
+    assert run.cfg.antialias and any(isinstance(m, BlurPool) for m in run.client.modules())
     out = tmp_path_factory.mktemp("antialias-export")
-    manifest = export_client(client, cfg, out, calibration=train.images, version="antialias-v1")
-    return Blurred(client, server, test, out, manifest)
-
-
-def _torch(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    module.eval()
-    with torch.no_grad():
-        return module(torch.from_numpy(x)).numpy()
+    manifest = export_client(
+        run.client, run.cfg, out, calibration=run.train.images, version="antialias-v1"
+    )
+    return Blurred(run.client, run.server, run.test, out, manifest)
 
 
 def _depthwise_convs(path: Path) -> int:
@@ -85,14 +68,14 @@ def test_onnx_matches_the_torch_half(blurred: Blurred) -> None:
     assert blurred.manifest["parity_ok"], blurred.manifest["parity"]
     crops = blurred.test.images[:16]
     live = OnnxClient(blurred.out / "client_fp32.onnx").run_crops(crops)
-    ref = _torch(blurred.client, to_tensor(crops).numpy())
+    ref = torch_out(blurred.client, to_tensor(crops).numpy())
     assert np.abs(live - ref).max() <= FP32_TOLERANCE
 
 
 def test_int8_antialiased_model_agrees(blurred: Blurred) -> None:
     q = OnnxClient(blurred.out / "client_int8.onnx").run_crops(blurred.test.images)
-    pred = _torch(blurred.server, q).argmax(1)
-    ref = _torch(blurred.server, _torch(blurred.client, to_tensor(blurred.test.images).numpy()))
-    ref = ref.argmax(1)
+    pred = torch_out(blurred.server, q).argmax(1)
+    smashed = torch_out(blurred.client, to_tensor(blurred.test.images).numpy())
+    ref = torch_out(blurred.server, smashed).argmax(1)
     assert len(np.unique(ref)) >= 2, "the model predicts one class: agreement means nothing"
     assert np.mean(pred == ref) >= MIN_AGREEMENT

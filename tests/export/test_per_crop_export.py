@@ -15,15 +15,13 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from export.onnx import FP32_TOLERANCE, export_client
-from splitfed.config import TrainConfig
 from splitfed.data.batches import to_tensor
-from splitfed.data.dataset import EmotionDataset, train_test_split
-from splitfed.data.synth import SynthConfig, generate_synth
+from splitfed.data.dataset import EmotionDataset
 from splitfed.model import ClientNet, ModelConfig, PerCropNorm, ServerNet
 from splitfed.onnx_client import OnnxClient
+from tests.export.conftest import torch_out, train_small
 
 MIN_AGREEMENT = 0.9
 
@@ -40,32 +38,14 @@ class PerCrop:
 
 @pytest.fixture(scope="module")
 def per_crop(tmp_path_factory: pytest.TempPathFactory) -> PerCrop:
-    from splitfed.checkpoint import load_model
-    from splitfed.simulate import SimSpec, simulate
-
-    data = generate_synth(SynthConfig(identities=10, per_emotion=2))
-    run = tmp_path_factory.mktemp("per-crop-run")
-    spec = SimSpec(
-        algo="centralized", clients=1, rounds=2, out_dir=run,
-        model=ModelConfig(input_norm="per-crop"),
-        train=TrainConfig(local_epochs=2, batch_size=16),
-    )  # fmt: skip
-    simulate(data, spec)
-    cfg, client, server = load_model(run / "checkpoint")
-    assert isinstance(client.norm, PerCropNorm), "the checkpoint lost input_norm"
-    train, test = train_test_split(data, "subject", seed=0)
+    run = train_small(tmp_path_factory, "per-crop-run", ModelConfig(input_norm="per-crop"))
+    assert isinstance(run.client.norm, PerCropNorm), "the checkpoint lost input_norm"
     out = tmp_path_factory.mktemp("per-crop-export")
     manifest = export_client(
-        client, cfg, out, calibration=train.images, server_net=server, full_model=True,
-        eval_data=test, version="per-crop-v1",
+        run.client, run.cfg, out, calibration=run.train.images, server_net=run.server,
+        full_model=True, eval_data=run.test, version="per-crop-v1",
     )  # fmt: skip
-    return PerCrop(cfg, client, server, test, out, manifest)
-
-
-def _torch(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    module.eval()
-    with torch.no_grad():
-        return module(torch.from_numpy(x)).numpy()
+    return PerCrop(run.cfg, run.client, run.server, run.test, out, manifest)
 
 
 def test_the_graph_normalises_before_the_first_convolution(per_crop: PerCrop) -> None:
@@ -78,7 +58,7 @@ def test_onnx_matches_the_torch_half_on_live_crops(per_crop: PerCrop) -> None:
     assert per_crop.manifest["parity"]["fp32_max_abs_diff"] <= FP32_TOLERANCE
     crops = per_crop.test.images[:16]
     live = OnnxClient(per_crop.out / "client_fp32.onnx").run_crops(crops)  # the agent's path
-    ref = _torch(per_crop.client, to_tensor(crops).numpy())  # the training path
+    ref = torch_out(per_crop.client, to_tensor(crops).numpy())  # the training path
     assert np.abs(live - ref).max() <= FP32_TOLERANCE
 
 
@@ -92,7 +72,7 @@ def test_exported_half_ignores_exposure_and_contrast(per_crop: PerCrop) -> None:
     # Rounding to whole grey levels is the only difference; it moves the output a little.
     rel = np.abs(same - ref).mean() / np.abs(ref).mean()
     assert rel < 0.05, rel
-    glob = _torch(per_crop.client.blocks, to_tensor(lit).numpy())  # the layers without the norm
+    glob = torch_out(per_crop.client.blocks, to_tensor(lit).numpy())  # the layers without the norm
     assert np.abs(glob - ref).mean() / np.abs(ref).mean() > 10 * rel
 
 
@@ -100,9 +80,9 @@ def test_int8_per_crop_model_agrees(per_crop: PerCrop) -> None:
     p = per_crop.manifest["parity"]
     assert p["int8_top1_agreement"] >= MIN_AGREEMENT, p
     q = OnnxClient(per_crop.out / "client_int8.onnx").run_crops(per_crop.test.images)
-    pred = _torch(per_crop.server, q).argmax(1)
-    ref = _torch(per_crop.server, _torch(per_crop.client, to_tensor(per_crop.test.images).numpy()))
-    ref = ref.argmax(1)
+    pred = torch_out(per_crop.server, q).argmax(1)
+    smashed = torch_out(per_crop.client, to_tensor(per_crop.test.images).numpy())
+    ref = torch_out(per_crop.server, smashed).argmax(1)
     assert len(np.unique(ref)) >= 2, "the model predicts one class: agreement means nothing"
     assert np.mean(pred == ref) >= MIN_AGREEMENT
 
