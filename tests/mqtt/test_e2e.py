@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from splitfed.config import TrainConfig
+from splitfed.model import ModelConfig
 
 from .fed import (
     Mosquitto,
@@ -138,7 +139,11 @@ def test_fp32_over_mosquitto_equals_simulate(
 def test_pretrained_start_over_mosquitto_equals_simulate(
     mosquitto: Mosquitto, procs: Procs, reference: Any, tmp_path: Path
 ) -> None:
-    """`serve --init-from` starts where `simulate --init-from` starts, and ends where it ends."""
+    """`serve --init-from` starts where `simulate --init-from` starts, and ends where it ends.
+
+    The checkpoint is anti-aliased (`ModelConfig.antialias`, which has no weights): serve takes
+    the setting from it and the agents from the round's model, so the blur runs on every
+    device as in the simulator, or the numbers would differ."""
     import torch
 
     from splitfed.data.synth import SynthConfig, generate_synth
@@ -151,13 +156,17 @@ def test_pretrained_start_over_mosquitto_equals_simulate(
     torch.set_num_threads(THREADS)
     try:
         ds = generate_synth(SynthConfig(identities=IDENTITIES))
-        simulate(ds, SimSpec("centralized", 1, 2, seed=5, out_dir=ckpt.parent))
-        ref = simulate(ds, SimSpec("sflv1", 3, 2, seed=0, train=TrainConfig(), init_from=ckpt))
+        blurred = ModelConfig(antialias=True)
+        simulate(ds, SimSpec("centralized", 1, 2, seed=5, out_dir=ckpt.parent, model=blurred))
+        ref = simulate(
+            ds, SimSpec("sflv1", 3, 2, seed=0, model=blurred, train=TrainConfig(), init_from=ckpt)
+        )
     finally:
         torch.set_num_threads(old)
     got = federate(procs, tmp_path / "out", mosquitto.url, "sflv1", "e2e-pretrained",
                    serve_args=("--init-from", str(ckpt)))  # fmt: skip
     assert_equal_metrics(got, ref)
+    assert got["model"]["antialias"] is True
     assert got["rounds"][0]["train_loss"] != reference("sflv1")["rounds"][0]["train_loss"]
 
 
