@@ -81,7 +81,7 @@ want recipe && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(npro
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2 --jobs "$(nproc)" \
     centralized:1:16:16,centralized:1:16:16:geo=0.2/0/0,centralized:1:16:16:aa=1 \
     2>/dev/null; echo '```'; } > $B/shift_levers.md
-want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
+want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
     sflv1:2:16:16:split=1,sflv1:2:16:16:split=1:aa=1,sflv2:2:16:16:lockstep:split=1,sflv2:2:16:16:lockstep:split=1:aa=1 \
     2>/dev/null; echo '```'; } > $B/antialias_fed.md
 want shift && OMP_NUM_THREADS=1 $PY scripts/bench_antialias.py 2>/dev/null > $B/antialias_cost.md
@@ -136,7 +136,7 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "What sharing the batch costs over MQTT (\`scripts/bench_split_batch.py\`)" $B/split_batch.md
     section "Input recipe: the default against the old inputs (\`scripts/bench_input_recipe.py\`)" $B/input_recipe.md
     section "Domain shift: zoom jitter and anti-aliasing, seeds 0 to 2 (\`scripts/probe_cells.py\`)" $B/shift_levers.md
-    section "Anti-aliasing in SFLV1 and SFLV2 at two clients, seed 0 (\`scripts/probe_cells.py\`)" $B/antialias_fed.md
+    section "Anti-aliasing in SFLV1 and SFLV2 at two clients, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/antialias_fed.md
     section "What anti-aliasing costs (\`scripts/bench_antialias.py\`)" $B/antialias_cost.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
     section "Privacy: leakage of the smashed data by defence (\`scripts/bench_privacy.py\`)" $B/privacy.md
