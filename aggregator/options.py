@@ -415,12 +415,10 @@ def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, T
         if kw.get("camera_jitter") is not None:
             train = train.with_camera(kw["camera_jitter"])
         if kw.get("zoom_jitter") is not None:
-            zoom = {**train.jitter.model_dump(), "scale": kw["zoom_jitter"]}
             try:
-                jitter = JitterConfig.model_validate(zoom)
+                train = train.with_geometry(scale=kw["zoom_jitter"])
             except ValidationError as e:
                 raise UserError(f"--zoom-jitter: {e.errors()[0]['msg']}") from None
-            train = train.model_copy(update={"jitter": jitter})
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "--cut"

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from aggregator.jobs import run_tasks
-from splitfed.config import AggregationConfig, JitterConfig, TrainConfig
+from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.synth import SynthConfig, generate_synth
 from splitfed.defences import DefenceConfig, get_defence
 from splitfed.model import ModelConfig
@@ -79,9 +79,7 @@ def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     train = train.with_camera(0.5)
     if "geo" in options:
         scale, rotation, shift_y = (float(v) for v in options["geo"].split("/"))
-        geo = {"scale": scale, "rotation": rotation, "shift_y": shift_y}
-        jitter = JitterConfig.model_validate({**train.jitter.model_dump(), **geo})
-        train = train.model_copy(update={"jitter": jitter})
+        train = train.with_geometry(scale=scale, rotation=rotation, shift_y=shift_y)
     if options.get("aa") == "1":
         model = model.model_copy(update={"antialias": True})
     return SimSpec(

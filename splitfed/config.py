@@ -168,6 +168,12 @@ class TrainConfig(BaseModel):
         camera = self.jitter.camera.model_copy(update={"p": p})
         return self.model_copy(update={"jitter": self.jitter.model_copy(update={"camera": camera})})
 
+    def with_geometry(self, **geometry: float) -> TrainConfig:
+        """These settings with the geometric jitter's `scale`, `rotation` or `shift_y` replaced,
+        checked against JitterConfig's bounds (pydantic's ValidationError otherwise)."""
+        jitter = JitterConfig.model_validate({**self.jitter.model_dump(), **geometry})
+        return self.model_copy(update={"jitter": jitter})
+
 
 # The server learning rates given by name (`AggregationConfig.server_lr_for`).
 SERVER_LR_NAMES = ("auto", "sqrt")
