@@ -154,7 +154,9 @@ def _attack(args: argparse.Namespace) -> AttackConfig:
 
 def _model(args: argparse.Namespace, shape: tuple[int, int, int]) -> ModelConfig:
     """The network of the base run: the defaults, or the input norm asked for."""
-    extra = {} if args.input_norm is None else {"input_norm": args.input_norm}
+    extra: dict[str, Any] = {} if args.input_norm is None else {"input_norm": args.input_norm}
+    if args.antialias:
+        extra["antialias"] = True
     return ModelConfig(input_shape=shape, **extra)
 
 
@@ -201,6 +203,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--input-norm", choices=["global", "per-crop"], default=None, help="[the model's default]"
+    )
+    ap.add_argument(
+        "--antialias",
+        action="store_true",
+        help="the anti-aliased network (ModelConfig.antialias) [off, the model's default]",
     )
     ap.add_argument(
         "--camera-jitter", type=float, default=None, help="camera jitter p [the default]"

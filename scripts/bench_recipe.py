@@ -137,6 +137,11 @@ def main() -> int:
     ap.add_argument(
         "--whole-batch", action="store_true", help="each device steps on the whole batch"
     )
+    ap.add_argument(
+        "--antialias",
+        action="store_true",
+        help="the anti-aliased network, pretraining included (ModelConfig.antialias) [off]",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="cells at once, one process each")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/recipe"))
     args = ap.parse_args()
@@ -152,7 +157,11 @@ def main() -> int:
     t0 = time.perf_counter()
     for recipe in args.recipes.split(","):
         norm, camera, syncs, split = RECIPES[recipe]
-        model = ModelConfig(input_shape=data.input_shape, input_norm=norm)  # type: ignore[arg-type]
+        model = ModelConfig(
+            input_shape=data.input_shape,
+            input_norm=norm,  # type: ignore[arg-type]
+            antialias=args.antialias,
+        )
         train = TrainConfig(
             batch_size=args.batch_size,
             syncs_per_round=args.syncs or syncs,

@@ -137,3 +137,27 @@ def test_a_round_start_with_an_impossible_cut_is_refused(small_synth) -> None:
     # The same body within bounds starts a round: the refusals were the field's.
     ok = agg.make(MsgType.ROUND_START, 5, body, algo.global_tensors())
     assert [m.type for m in client.handle(ok)] == [MsgType.SMASHED]
+
+
+def test_a_round_start_with_a_hostile_antialias_value_is_refused(small_synth) -> None:
+    """`antialias` arrives in ROUND_START's model: a value that is no boolean is refused and
+    counted, and a true one makes the device build the blurred half the aggregator trains."""
+    import copy
+
+    from splitfed.model import BlurPool
+
+    model = ModelConfig(widths=(8, 16, 16), cut=1, antialias=True)
+    algo = SFLV1(model, TrainConfig(batch_size=16), 0)
+    body = algo.round_body("client-00")
+    agg = Sequencer("aggregator", "r")
+    client = ClientRuntime("client-00", "r", small_synth)
+    for rnd, bad in enumerate((2, -1, None, "maybe", [True], {"on": True})):
+        hostile = copy.deepcopy(body)
+        hostile["model"]["antialias"] = bad
+        msg = agg.make(MsgType.ROUND_START, rnd, hostile, algo.global_tensors())
+        assert client.handle_bytes(encode(msg)) == []
+        assert client.rejected == rnd + 1 and client.round is None
+    ok = agg.make(MsgType.ROUND_START, 5, body, algo.global_tensors())
+    assert [m.type for m in client.handle(ok)] == [MsgType.SMASHED]
+    assert client.client_net is not None
+    assert any(isinstance(m, BlurPool) for m in client.client_net.modules())

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.mqtt.fed import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
 UNITS = [SYSTEMD / "edge-agent.service", SYSTEMD / "aggregator.service"]
@@ -218,12 +220,6 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 # ---- Mosquitto -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _make_tls(directory: Path) -> None:
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
@@ -246,7 +242,7 @@ def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
     certs = tmp_path / "certs"
     certs.mkdir()
     _make_tls(certs)
-    plain, tls = _free_port(), _free_port()
+    plain, tls = free_port(), free_port()
     conf = (SYSTEMD / "mosquitto" / "splitfed.conf").read_text()
     replacements = {
         "listener 1883 127.0.0.1": f"listener {plain} 127.0.0.1",

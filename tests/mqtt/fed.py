@@ -55,10 +55,24 @@ def mosquitto_binary() -> str:
     return path
 
 
+# Under pytest-xdist each worker hands out ports from its own slice below the kernel's ephemeral
+# range, so a broker of one worker can never answer on a port another worker just probed.
+_PORT_BASE, _PORT_SLICE = 20000, 400
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on 127.0.0.1 now."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
+    if not worker.startswith("gw"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    low = _PORT_BASE + int(worker[2:]) * _PORT_SLICE
+    for port in np.random.default_rng().permutation(np.arange(low, low + _PORT_SLICE)):
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", int(port)))
+            return int(port)
+    raise RuntimeError(f"no free port in {low}..{low + _PORT_SLICE - 1}")
 
 
 def wait_port(port: int, timeout: float = 10.0) -> bool:
