@@ -189,6 +189,12 @@ def print_shift(results: list[dict[str, Any]]) -> None:
                 f"{m['algo']} x{m['clients']}: domain-shift proxy {f['shift_accuracy']:.1%} "
                 f"against {f['in_domain_accuracy']:.1%} in domain (gap {f['shift_gap']:+.1%})"
             )
+        if "tta_shift_accuracy" in f:
+            console.print(
+                f"  with test-time averaging (evaluate/predict --tta): "
+                f"{f['tta_shift_accuracy']:.1%} shifted, "
+                f"{f['tta_in_domain_accuracy']:.1%} in domain"
+            )
 
 
 def write_results(results: list[dict[str, Any]], out_dir: Path) -> None:

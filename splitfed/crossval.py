@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from splitfed.data.dataset import EmotionDataset, fold_split
+from splitfed.data.tta import TTA_KEYS
 from splitfed.errors import UserError
 from splitfed.runner import write_outputs
 from splitfed.simulate import SimSpec, simulate
@@ -60,8 +61,8 @@ def combine_folds(folds: list[dict[str, Any]]) -> dict[str, Any]:
         "macro_f1": cv["macro_f1_mean"],
         "test_confusion": conf.tolist(),
     }
-    if all("shift_accuracy" in f["final"] for f in folds):
-        for key in ("in_domain_accuracy", "shift_accuracy", "shift_gap"):
+    for key in ("in_domain_accuracy", "shift_accuracy", "shift_gap", *TTA_KEYS):
+        if all(key in f["final"] for f in folds):
             final[key] = float(np.mean([f["final"][key] for f in folds]))
     data = dict(first["data"])
     data["split"] = f"subject, {len(folds)} folds"

@@ -26,6 +26,7 @@ from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset, SplitKind, default_split
 from splitfed.data.partition import client_shards, default_partition
 from splitfed.data.shift import shift_metrics
+from splitfed.data.tta import tta_metrics
 from splitfed.defences import DefenceConfig
 from splitfed.errors import UserError
 from splitfed.metrics import write_json
@@ -184,7 +185,9 @@ def simulate_split(data: EmotionDataset, spec: SimSpec, on_round: Any = None) ->
         resume=False,
         data_info=data_info,
         on_round=on_round,
-        final_hook=(lambda a: shift_metrics(a, test, seed=spec.seed))
+        final_hook=(
+            lambda a: {**shift_metrics(a, test, seed=spec.seed), **tta_metrics(a, test, spec.seed)}
+        )
         if spec.report_shift
         else None,
     )

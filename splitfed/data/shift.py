@@ -34,7 +34,7 @@ real surroundings instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import cv2
@@ -259,23 +259,48 @@ class SplitHalves(Protocol):
     server_net: nn.Module
 
 
+def split_halves(model: SplitHalves) -> tuple[nn.Module, nn.Module] | None:
+    """The model's client and server halves; None for one without (vertical, clip models)."""
+    client = getattr(model, "client_net", None)
+    server = getattr(model, "server_net", None)
+    if not isinstance(client, nn.Module) or not isinstance(server, nn.Module):
+        return None
+    return client, server
+
+
+def _outputs(
+    client_net: nn.Module, server_net: nn.Module, images: np.ndarray, batch_size: int
+) -> Iterator[torch.Tensor]:
+    """Logits of uint8 crops through both halves in eval mode, a batch at a time (the modes
+    are restored)."""
+    modes = client_net.training, server_net.training
+    client_net.eval()
+    server_net.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, len(images), batch_size):
+                yield server_net(client_net(to_tensor(images[s : s + batch_size])))
+    finally:
+        client_net.train(modes[0])
+        server_net.train(modes[1])
+
+
 def predict_classes(
     client_net: nn.Module, server_net: nn.Module, images: np.ndarray, batch_size: int = 256
 ) -> np.ndarray:
     """Class indices for uint8 crops, through both halves in eval mode (modes are restored)."""
-    modes = client_net.training, server_net.training
-    client_net.eval()
-    server_net.eval()
-    preds = []
-    try:
-        with torch.no_grad():
-            for s in range(0, len(images), batch_size):
-                x = to_tensor(images[s : s + batch_size])
-                preds.append(server_net(client_net(x)).argmax(1).numpy())
-    finally:
-        client_net.train(modes[0])
-        server_net.train(modes[1])
+    preds = [z.argmax(1).numpy() for z in _outputs(client_net, server_net, images, batch_size)]
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
+def predict_probabilities(
+    client_net: nn.Module, server_net: nn.Module, images: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
+    """Softmax over the classes for uint8 crops, as `predict_classes` computes them."""
+    probs = [
+        torch.softmax(z, 1).numpy() for z in _outputs(client_net, server_net, images, batch_size)
+    ]
+    return np.concatenate(probs) if probs else np.zeros((0, 0), dtype=np.float32)
 
 
 def shift_metrics(
@@ -287,13 +312,12 @@ def shift_metrics(
     difference) and `shift_by_perturbation` (accuracy per single perturbation at `strength`).
     Returns {} for a model without split halves (the vertical and clip algorithms).
     """
-    client = getattr(model, "client_net", None)
-    server = getattr(model, "server_net", None)
-    if not isinstance(client, nn.Module) or not isinstance(server, nn.Module) or len(test) == 0:
+    halves = split_halves(model)
+    if halves is None or len(test) == 0:
         return {}
 
     def acc(images: np.ndarray) -> float:
-        return float(np.mean(predict_classes(client, server, images) == test.labels))
+        return float(np.mean(predict_classes(*halves, images) == test.labels))
 
     clean = acc(test.images)
     shifted = acc(shift_set(test.images, "other_camera", seed, strength))

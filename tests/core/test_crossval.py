@@ -97,6 +97,8 @@ def test_shift_score_is_measured_on_the_model_the_run_tested(small_synth: Emotio
         final["in_domain_accuracy"] - final["shift_accuracy"]
     )
     assert set(final["shift_by_perturbation"]) >= {"blur", "jpeg"}
+    assert 0.0 <= final["tta_in_domain_accuracy"] <= 1.0  # test-time averaging beside it
+    assert 0.0 <= final["tta_shift_accuracy"] <= 1.0
     assert "shift_accuracy" not in simulate(small_synth, SimSpec("centralized", 1, 1))["final"]
 
 
@@ -111,3 +113,6 @@ def test_cli_folds_show_mean_and_spread(tmp_path: Path) -> None:
     m = json.loads((tmp_path / "sl-2" / "metrics.json").read_text())
     assert set(m["cv"]) >= {"test_accuracy_mean", "test_accuracy_std", "macro_f1_mean"}
     assert "domain-shift proxy" in result.output
+    for key in ("shift_accuracy", "tta_in_domain_accuracy", "tta_shift_accuracy"):
+        per_fold = [f["final"][key] for f in m["folds"]]
+        assert m["final"][key] == pytest.approx(np.mean(per_fold)), key

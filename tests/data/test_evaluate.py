@@ -219,3 +219,13 @@ def test_test_only_reproduces_the_runs_held_out_score(tmp_path: Path, fer_folder
     assert r["macro_f1"] is not None and set(r["absent_classes"]) == {
         "afraid", "neutral", "sad", "surprised",
     }  # fmt: skip
+    assert r["tta"] is False
+    # With test-time averaging, the number the simulator reported beside the plain one.
+    code, _, output = invoke(
+        "evaluate", "--checkpoint", str(run), "--data", str(fer_folder), "--test-only", "--tta",
+        "--out", str(tmp_path / "ev_tta"),
+    )  # fmt: skip
+    assert code == 0, output
+    r = json.loads((tmp_path / "ev_tta" / "evaluation.json").read_text())
+    assert r["tta"] is True and r["n"] == 4
+    assert r["accuracy"] == pytest.approx(metrics["final"]["tta_in_domain_accuracy"])
