@@ -28,7 +28,9 @@ cell's paired difference from the FIRST cell (put centralized first): the mean o
 its standard error, for the test set and for the domain-shift proxy (`shift`), because on a few
 hundred test pictures a fold's own noise is several points and only paired differences over
 many runs can tell one point from zero. Each cell also prints its accuracy on every single
-perturbation of the proxy (`splitfed.data.shift.PERTURBATIONS`), averaged over the folds.
+perturbation of the proxy (`splitfed.data.shift.PERTURBATIONS`), averaged over the folds, and
+at the end, for every cell, what test-time averaging (`splitfed.data.tta`) changes in domain and
+on the proxy, paired with the same models without it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import torch
 from aggregator.jobs import run_tasks
 from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.synth import SynthConfig, generate_synth
+from splitfed.data.tta import TTA_KEYS
 from splitfed.defences import DefenceConfig, get_defence
 from splitfed.model import ModelConfig
 from splitfed.simulate import SimSpec
@@ -142,6 +145,7 @@ def main() -> int:
     tasks = [spec(t, model, seed) for t, seed in cells]
     runs: dict[str, list[float]] = {t: [] for t in texts}
     shifts: dict[str, list[float]] = {t: [] for t in texts}
+    tta: dict[str, dict[str, list[float]]] = {t: {k: [] for k in TTA_KEYS} for t in texts}
     t0 = time.perf_counter()
     for (text, _), (_, label), m in zip(
         cells, tasks, run_tasks(data, tasks, 5, args.jobs, 1, False)
@@ -158,6 +162,8 @@ def main() -> int:
             flush=True,
         )
         print(f"  by perturbation: {by_perturbation(m['folds'])}", flush=True)
+        for k in TTA_KEYS:
+            tta[text][k] += [f["final"][k] for f in m["folds"]]
         if args.curves:
             for i, f in enumerate(m["folds"]):
                 curve = [round(100 * row["test_accuracy"]) for row in f["rounds"]]
@@ -166,6 +172,11 @@ def main() -> int:
     if len(texts) > 1:
         print(paired(runs, texts[0]))
         print(paired(shifts, texts[0], "domain shift"))
+    for text in texts:  # test-time averaging (splitfed.data.tta) against the same model without
+        print(paired({"plain": runs[text], "tta": tta[text]["tta_in_domain_accuracy"]},
+                     "plain", f"{text}, test-time averaging in domain"))  # fmt: skip
+        print(paired({"plain": shifts[text], "tta": tta[text]["tta_shift_accuracy"]},
+                     "plain", f"{text}, test-time averaging shifted"))  # fmt: skip
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 

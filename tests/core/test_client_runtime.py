@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import numpy as np
+import pytest
 import torch
 
 from splitfed.algorithms.sflv1 import SFLV1
 from splitfed.client import ClientRuntime
 from splitfed.config import TrainConfig
 from splitfed.data.partition import client_shards
-from splitfed.model import ModelConfig, smashed_shape
+from splitfed.model import BlurPool, ModelConfig, smashed_shape
 from splitfed.server import ServerIO
 from splitfed.transport import InProcessTransport
 from splitfed.wire import MsgType, Sequencer, decode, encode
@@ -119,45 +123,33 @@ def test_cut_round_parts_cover_the_round_and_survive_a_restart(small_synth) -> N
         assert torch.equal(x, px)
 
 
-def test_a_round_start_with_an_impossible_cut_is_refused(small_synth) -> None:
-    """`syncs_per_round` arrives in ROUND_START's training settings: out of its bounds the
-    round is refused and counted, and the device starts nothing."""
-    import copy
-
-    algo = SFLV1(ModelConfig(widths=(8, 16, 16), cut=1), TrainConfig(batch_size=16), 0)
+@pytest.mark.parametrize(
+    ("section", "field", "bad_values", "antialias"),
+    [
+        ("train", "syncs_per_round", (0, 65, 10**12, -1, 4.5, None), False),
+        ("model", "antialias", (2, -1, None, "maybe", [True], {"on": True}), True),
+    ],
+)
+def test_a_round_start_with_a_field_out_of_bounds_is_refused(
+    small_synth, section: str, field: str, bad_values: tuple[Any, ...], antialias: bool
+) -> None:
+    """Settings arrive in ROUND_START's body (`train.syncs_per_round`, `model.antialias`): a
+    value out of bounds or of the wrong kind refuses the round, counted, and the device starts
+    nothing; the body as sent starts a round with the half it describes."""
+    model = ModelConfig(widths=(8, 16, 16), cut=1, antialias=antialias)
+    algo = SFLV1(model, TrainConfig(batch_size=16), 0)
     body = algo.round_body("client-00")
     agg = Sequencer("aggregator", "r")
     client = ClientRuntime("client-00", "r", small_synth)
-    for rnd, bad in enumerate((0, 65, 10**12, -1, 4.5, None)):
+    for rnd, bad in enumerate(bad_values):
         hostile = copy.deepcopy(body)
-        hostile["train"]["syncs_per_round"] = bad
+        hostile[section][field] = bad
         msg = agg.make(MsgType.ROUND_START, rnd, hostile, algo.global_tensors())
         assert client.handle_bytes(encode(msg)) == []
         assert client.rejected == rnd + 1 and client.round is None
     # The same body within bounds starts a round: the refusals were the field's.
     ok = agg.make(MsgType.ROUND_START, 5, body, algo.global_tensors())
     assert [m.type for m in client.handle(ok)] == [MsgType.SMASHED]
-
-
-def test_a_round_start_with_a_hostile_antialias_value_is_refused(small_synth) -> None:
-    """`antialias` arrives in ROUND_START's model: a value that is no boolean is refused and
-    counted, and a true one makes the device build the blurred half the aggregator trains."""
-    import copy
-
-    from splitfed.model import BlurPool
-
-    model = ModelConfig(widths=(8, 16, 16), cut=1, antialias=True)
-    algo = SFLV1(model, TrainConfig(batch_size=16), 0)
-    body = algo.round_body("client-00")
-    agg = Sequencer("aggregator", "r")
-    client = ClientRuntime("client-00", "r", small_synth)
-    for rnd, bad in enumerate((2, -1, None, "maybe", [True], {"on": True})):
-        hostile = copy.deepcopy(body)
-        hostile["model"]["antialias"] = bad
-        msg = agg.make(MsgType.ROUND_START, rnd, hostile, algo.global_tensors())
-        assert client.handle_bytes(encode(msg)) == []
-        assert client.rejected == rnd + 1 and client.round is None
-    ok = agg.make(MsgType.ROUND_START, 5, body, algo.global_tensors())
-    assert [m.type for m in client.handle(ok)] == [MsgType.SMASHED]
     assert client.client_net is not None
-    assert any(isinstance(m, BlurPool) for m in client.client_net.modules())
+    blurred = any(isinstance(m, BlurPool) for m in client.client_net.modules())
+    assert blurred is antialias
