@@ -299,6 +299,7 @@ def report(
         f"--jobs {args.jobs} --settings {args.settings} --seed {args.seed}"
         + (f" --input-norm {args.input_norm}" if args.input_norm else "")
         + (f" --camera-jitter {args.camera_jitter}" if args.camera_jitter is not None else "")
+        + (" --antialias" if args.antialias else "")
         + "` on "
         f"{platform.machine()} (1 torch thread per job)"
         + ("" if seconds is None else f", {seconds:.0f} s in all")

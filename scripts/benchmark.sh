@@ -85,10 +85,22 @@ want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(npr
     sflv1:2:16:16:split=1,sflv1:2:16:16:split=1:aa=1,sflv2:2:16:16:lockstep:split=1,sflv2:2:16:16:lockstep:split=1:aa=1 \
     2>/dev/null; echo '```'; } > $B/antialias_fed.md
 want shift && OMP_NUM_THREADS=1 $PY scripts/bench_antialias.py 2>/dev/null > $B/antialias_cost.md
+# Anti-aliasing at ten clients with the root as server lr, paired with centralized with the blur.
+want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
+    centralized:1:16:16:aa=1,sflv1:10:16:16:-:sqrt:split=1:aa=1,sflv2:10:16:16:lockstep:sqrt:split=1:aa=1 \
+    2>/dev/null; echo '```'; } > $B/antialias_ten.md
+# Test-time averaging (`evaluate/predict --tta`): every cell prints it; centralized and SFLV1 x2.
+want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2 --jobs "$(nproc)" \
+    centralized:1:16:16,sflv1:2:16:16:split=1 2>/dev/null; echo '```'; } > $B/tta.md
 want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.md
 # The default input recipe (per-crop norm, camera jitter) against the old inputs, via compare.
 want shift && $PY scripts/bench_input_recipe.py --out $B/input_recipe.md
 want privacy && $PY scripts/bench_privacy.py --section $B/privacy.md
+# The same attack on the anti-aliased network, beside the default one with the same settings.
+for aa in "" --antialias; do
+    want privacy && $PY scripts/bench_privacy.py --settings none,cut-4-noise-2-int8 $aa \
+        --out $B/privacy${aa:+_aa} --section $B/privacy_two${aa:+_aa}.md
+done
 # Accuracy of the defences, cross-validated: the old and new `recommended` and the cut-4 noises.
 want privacy && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
     sflv1:2:16:16,sflv1:2:16:16:defence=cut-3-bottleneck-8-noise-1-int8,sflv1:2:16:16:defence=cut-4-noise-1-int8,sflv1:2:16:16:defence=cut-4-noise-1.5-int8,sflv1:2:16:16:defence=cut-4-noise-2-int8 \
@@ -138,8 +150,12 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "Domain shift: zoom jitter and anti-aliasing, seeds 0 to 2 (\`scripts/probe_cells.py\`)" $B/shift_levers.md
     section "Anti-aliasing in SFLV1 and SFLV2 at two clients, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/antialias_fed.md
     section "What anti-aliasing costs (\`scripts/bench_antialias.py\`)" $B/antialias_cost.md
+    section "Anti-aliasing at ten clients, server lr the root, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/antialias_ten.md
+    section "Test-time averaging, seeds 0 to 2 (\`scripts/probe_cells.py\`)" $B/tta.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
     section "Privacy: leakage of the smashed data by defence (\`scripts/bench_privacy.py\`)" $B/privacy.md
+    section "Privacy: none and recommended, default network" $B/privacy_two.md
+    section "Privacy: none and recommended, anti-aliased network (\`--antialias\`)" $B/privacy_two_aa.md
     section "Privacy: accuracy of the defences, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/defences.md
     section "Privacy: the client half's change between averages (\`scripts/bench_update_privacy.py\`)" $B/update_privacy/results.md
     [ -f $B/export.md ] && cat $B/export.md
