@@ -148,10 +148,13 @@ def photo_folder(tmp_path: Path, astronaut_bgr: np.ndarray, grace_bgr: np.ndarra
     return root
 
 
-def test_predict_folder_as_json(tmp_path: Path, photo_folder: Path) -> None:
+@pytest.mark.parametrize("tta", [(), ("--tta",)])
+def test_predict_folder_as_json(tmp_path: Path, photo_folder: Path, tta: tuple[str, ...]) -> None:
     require_face_model()
     ckpt = biased_checkpoint(tmp_path / "ckpt", "surprised")
-    code, stdout, output = invoke("predict", "--checkpoint", str(ckpt), str(photo_folder), "--json")
+    code, stdout, output = invoke(
+        "predict", "--checkpoint", str(ckpt), str(photo_folder), "--json", *tta
+    )
     assert code == 0, output
     rows = {Path(r["file"]).name: r for r in map(json.loads, stdout.splitlines())}
     assert set(rows) == {"astronaut.png", "grace_hopper.jpg", "wall.png"}
