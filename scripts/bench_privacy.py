@@ -153,7 +153,7 @@ def _attack(args: argparse.Namespace) -> AttackConfig:
 
 
 def _model(args: argparse.Namespace, shape: tuple[int, int, int]) -> ModelConfig:
-    """The network of the base run: the defaults, or the input norm asked for."""
+    """The network of the base run: the defaults, or the input norm and blur asked for."""
     extra: dict[str, Any] = {} if args.input_norm is None else {"input_norm": args.input_norm}
     if args.antialias:
         extra["antialias"] = True

@@ -34,7 +34,7 @@ real surroundings instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import cv2
@@ -268,18 +268,20 @@ def split_halves(model: SplitHalves) -> tuple[nn.Module, nn.Module] | None:
     return client, server
 
 
-def _outputs(
+def _logits(
     client_net: nn.Module, server_net: nn.Module, images: np.ndarray, batch_size: int
-) -> Iterator[torch.Tensor]:
-    """Logits of uint8 crops through both halves in eval mode, a batch at a time (the modes
-    are restored)."""
+) -> torch.Tensor:
+    """(N, classes) logits of N >= 1 uint8 crops through both halves in eval mode, a batch at a
+    time (the modes are restored)."""
     modes = client_net.training, server_net.training
     client_net.eval()
     server_net.eval()
     try:
         with torch.no_grad():
-            for s in range(0, len(images), batch_size):
-                yield server_net(client_net(to_tensor(images[s : s + batch_size])))
+            return torch.cat([
+                server_net(client_net(to_tensor(images[s : s + batch_size])))
+                for s in range(0, len(images), batch_size)
+            ])  # fmt: skip
     finally:
         client_net.train(modes[0])
         server_net.train(modes[1])
@@ -289,18 +291,18 @@ def predict_classes(
     client_net: nn.Module, server_net: nn.Module, images: np.ndarray, batch_size: int = 256
 ) -> np.ndarray:
     """Class indices for uint8 crops, through both halves in eval mode (modes are restored)."""
-    preds = [z.argmax(1).numpy() for z in _outputs(client_net, server_net, images, batch_size)]
-    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+    if len(images) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return _logits(client_net, server_net, images, batch_size).argmax(1).numpy()
 
 
 def predict_probabilities(
     client_net: nn.Module, server_net: nn.Module, images: np.ndarray, batch_size: int = 256
 ) -> np.ndarray:
     """Softmax over the classes for uint8 crops, as `predict_classes` computes them."""
-    probs = [
-        torch.softmax(z, 1).numpy() for z in _outputs(client_net, server_net, images, batch_size)
-    ]
-    return np.concatenate(probs) if probs else np.zeros((0, 0), dtype=np.float32)
+    if len(images) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.softmax(_logits(client_net, server_net, images, batch_size), 1).numpy()
 
 
 def shift_metrics(
