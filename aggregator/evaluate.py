@@ -20,7 +20,7 @@ import torch
 
 from splitfed.checkpoint import MODEL_FILE, load_model
 from splitfed.cliutil import plain_logging, user_errors
-from splitfed.data.batches import iterate_batches, to_tensor
+from splitfed.data.batches import to_tensor
 from splitfed.data.crop import CropConfig, EyeRegionCropper, FaceDetection, crop_transform
 from splitfed.data.dataset import EmotionDataset
 from splitfed.data.tta import average_probabilities
@@ -106,12 +106,9 @@ def confusion_of(model: Model, ds: EmotionDataset, batch_size: int = 256) -> np.
             f"{tuple(model.cfg.input_shape)}"
         )
     conf = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-    if model.tta:
-        np.add.at(conf, (ds.labels, model.probabilities(ds.images).argmax(1)), 1)
-        return conf
-    for x, y in iterate_batches(ds, batch_size, key=(0,), train=False):
-        pred = model.logits(x).argmax(1).numpy()
-        np.add.at(conf, (y.numpy(), pred), 1)
+    for s in range(0, len(ds), batch_size):
+        batch = slice(s, s + batch_size)
+        np.add.at(conf, (ds.labels[batch], model.probabilities(ds.images[batch]).argmax(1)), 1)
     return conf
 
 

@@ -385,10 +385,15 @@ def _start_live(cfg: AgentConfig, agent: Any, stop: threading.Event, train: bool
         c = cfg.crop
         full = OnnxClient(cfg.inference.full_model, cfg.inference,  # type: ignore[arg-type]
                           expected_input=(c.channels, c.height, c.width))  # fmt: skip
-        half = lambda x: np.asarray(full.run(x), dtype=np.float32)  # noqa: E731 - logits
+        half = full.run_crops  # logits
+        if cfg.inference.tta:
+            from splitfed.data.tta import averaged_logits
+
+            half = averaged_logits(full.run_crops)
         publish = agent.local_prediction
-        log.info("live: full ONNX model %s on the device (offline, no aggregator round trip)",
-                 cfg.inference.full_model)  # fmt: skip
+        log.info("live: full ONNX model %s on the device (offline, no aggregator round trip%s)",
+                 cfg.inference.full_model, ", averaged over nine band placements"
+                 if cfg.inference.tta else "")  # fmt: skip
     elif cfg.inference.model is not None:
         half = _onnx_half(cfg, agent)
         log.info("live client half: ONNX model %s", cfg.inference.model)
@@ -460,7 +465,7 @@ def _onnx_half(cfg: AgentConfig, agent: Any) -> Any:
                 holder["rq"].submit(state_to_numpy(net), calibration, str(version))
 
             agent.on_weights = on_weights
-    return lambda x: np.asarray(live.get().run(x), dtype=np.float32)  # type: ignore[union-attr]
+    return lambda crops: np.asarray(live.get().run_crops(crops), dtype=np.float32)  # type: ignore[union-attr]
 
 
 def _calibration_crops(cfg: AgentConfig, agent: Any) -> np.ndarray | None:

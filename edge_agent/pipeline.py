@@ -26,7 +26,7 @@ from splitfed.data.crop import CropConfig, EyeRegionCropper
 
 log = logging.getLogger(__name__)
 
-ClientHalf = Callable[[np.ndarray], np.ndarray | None]  # float32 (N,C,H,W) -> activations
+ClientHalf = Callable[[np.ndarray], np.ndarray | None]  # uint8 (N,C,H,W) crops -> activations
 
 
 @dataclass
@@ -46,12 +46,12 @@ class Smashed:
 def torch_client_half(get_net: Callable[[], torch.nn.Module | None]) -> ClientHalf:
     """The float torch client half; `get_net` returns the latest snapshot of global weights."""
 
-    def run(x: np.ndarray) -> np.ndarray | None:
+    def run(crops: np.ndarray) -> np.ndarray | None:
         net = get_net()
         if net is None:
             return None
         with torch.no_grad():
-            return net(torch.from_numpy(x)).numpy()
+            return net(to_tensor(crops)).numpy()
 
     return run
 
@@ -161,8 +161,7 @@ class LivePipeline:
                     self._forward_end(self.smashed)
                 return
             t0 = time.perf_counter()
-            x = to_tensor(item.crop[None]).numpy()
-            act = self.client_half(x)
+            act = self.client_half(item.crop[None])
             self.stage_seconds["infer"] += time.perf_counter() - t0
             if act is None:
                 self.counts["no_weights"] += 1

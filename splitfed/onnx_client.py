@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from splitfed.errors import UserError
 
@@ -66,6 +66,21 @@ class InferenceConfig(BaseModel):
     calibration_samples: int = Field(
         128, ge=8, le=4096, description="local crops used to calibrate the int8 model"
     )
+    tta: bool = Field(
+        False,
+        description="with `full_model`: average the model's probabilities over nine placements "
+        "of the eye band (`splitfed.data.tta`), nine forward passes a frame. Split inference "
+        "cannot: each frame would cost nine uploads of smashed data",
+    )
+
+    @model_validator(mode="after")
+    def _tta_needs_the_full_model(self) -> InferenceConfig:
+        if self.tta and self.full_model is None:
+            raise ValueError(
+                "inference.tta needs inference.full_model (sfl-export --full-model): through "
+                "the aggregator each frame would cost nine uploads of smashed data"
+            )
+        return self
 
 
 def _session_options(config: InferenceConfig) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from splitfed.client import ClientRuntime
 from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset, SplitKind, default_split
 from splitfed.data.partition import client_shards, default_partition
-from splitfed.data.shift import shift_metrics
+from splitfed.data.shift import shift_metrics, shift_set
 from splitfed.data.tta import tta_metrics
 from splitfed.defences import DefenceConfig
 from splitfed.errors import UserError
@@ -36,6 +37,15 @@ from splitfed.server import ServerIO
 from splitfed.transport import InProcessTransport
 
 log = logging.getLogger(__name__)
+
+
+def proxy_metrics(model: Any, test: EmotionDataset, seed: int) -> dict[str, Any]:
+    """A trained model's `shift_metrics` and `tta_metrics`, on one `other_camera` set."""
+    shifted = shift_set(test.images, "other_camera", seed)
+    return {
+        **shift_metrics(model, test, seed=seed, shifted=shifted),
+        **tta_metrics(model, test, seed, shifted=shifted),
+    }
 
 
 @dataclass
@@ -185,11 +195,7 @@ def simulate_split(data: EmotionDataset, spec: SimSpec, on_round: Any = None) ->
         resume=False,
         data_info=data_info,
         on_round=on_round,
-        final_hook=(
-            lambda a: {**shift_metrics(a, test, seed=spec.seed), **tta_metrics(a, test, spec.seed)}
-        )
-        if spec.report_shift
-        else None,
+        final_hook=partial(proxy_metrics, test=test, seed=spec.seed) if spec.report_shift else None,
     )
     if isinstance(algo, Centralized):
         algo.attach_data(train, test)

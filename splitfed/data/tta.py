@@ -62,12 +62,33 @@ def average_probabilities(
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
+Crops = Callable[[np.ndarray], np.ndarray]  # uint8 (N, C, H, W) crops -> (N, classes)
+
+
+def averaged_logits(logits: Crops) -> Crops:
+    """`logits` (uint8 crops -> (n, classes) logits, an ONNX full model's for instance) made
+    test-time averaged: the returned function gives the log of `average_probabilities`, logits
+    whose softmax is the mean of the placements' probabilities. The device's offline live
+    inference (`inference.tta`) runs it."""
+
+    def probabilities(views: np.ndarray) -> np.ndarray:
+        z = np.asarray(logits(views), dtype=np.float64)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        return p / p.sum(axis=1, keepdims=True)
+
+    return lambda crops: np.log(np.maximum(average_probabilities(probabilities, crops), 1e-30))
+
+
 def tta_metrics(
-    model: SplitHalves, test: EmotionDataset, seed: int = 0, strength: float = 1.0
+    model: SplitHalves,
+    test: EmotionDataset,
+    seed: int = 0,
+    strength: float = 1.0,
+    shifted: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """`tta_in_domain_accuracy` and `tta_shift_accuracy`: `shift_metrics`' two headline
-    accuracies (the same test crops, the same `other_camera` set) with test-time averaging.
-    Returns {} for a model without split halves."""
+    accuracies (the same test crops, the same `other_camera` set, or `shifted` when the caller
+    has built it) with test-time averaging. Returns {} for a model without split halves."""
     halves = split_halves(model)
     if halves is None or len(test) == 0:
         return {}
@@ -76,5 +97,6 @@ def tta_metrics(
         probs = average_probabilities(lambda x: predict_probabilities(*halves, x), images)
         return float(np.mean(probs.argmax(1) == test.labels))
 
-    shifted = shift_set(test.images, "other_camera", seed, strength)
+    if shifted is None:
+        shifted = shift_set(test.images, "other_camera", seed, strength)
     return dict(zip(TTA_KEYS, (acc(test.images), acc(shifted)), strict=True))

@@ -62,3 +62,28 @@ def test_tta_metrics_score_the_halves_on_the_test_and_the_proxy() -> None:
     assert got["tta_in_domain_accuracy"] == pytest.approx(acc(x))
     assert got["tta_shift_accuracy"] == pytest.approx(acc(shift_set(x, "other_camera", 4)))
     assert tta_metrics(SimpleNamespace(client_net=None, server_net=None), test) == {}
+
+
+def test_the_simulators_final_metrics_build_the_proxy_set_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`proxy_metrics` gives both functions' numbers from one `other_camera` set."""
+    import splitfed.data.shift as shift_module
+    import splitfed.data.tta as tta_module
+    import splitfed.simulate as simulate_module
+    from splitfed.data.shift import shift_metrics
+
+    client, server = halves()
+    test = EmotionDataset("t", crops(14, seed=2), np.arange(14) % 7)
+    model = SimpleNamespace(client_net=client, server_net=server)
+    want = {**shift_metrics(model, test, seed=3), **tta_metrics(model, test, seed=3)}
+    built: list[str] = []
+
+    def counting(images: np.ndarray, name: str = "other_camera", *a: object) -> np.ndarray:
+        built.append(name)
+        return shift_set(images, name, *a)  # type: ignore[arg-type]
+
+    for module in (shift_module, tta_module, simulate_module):
+        monkeypatch.setattr(module, "shift_set", counting)
+    assert simulate_module.proxy_metrics(model, test, seed=3) == want
+    assert built.count("other_camera") == 1

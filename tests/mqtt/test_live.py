@@ -278,9 +278,12 @@ def test_the_cards_command_says_what_is_wrong(tmp_path: Path) -> None:
     assert "client_id" not in res.output and "camera 0 (/dev/video0)" in res.output
 
 
+@pytest.mark.parametrize("tta", [False, True], ids=["plain", "tta"])
 def test_offline_predictions_without_a_broker_are_counted_not_logged_per_frame(
-    face_video: Path, tmp_path: Path
+    face_video: Path, tmp_path: Path, tta: bool
 ) -> None:
+    """The full model on the device classifies the video alone, plain or averaged over the
+    band's placements (`inference.tta`)."""
     import subprocess
 
     import yaml
@@ -294,7 +297,7 @@ def test_offline_predictions_without_a_broker_are_counted_not_logged_per_frame(
                   exporter="torchscript")  # fmt: skip
     config = tmp_path / "agent.yaml"
     config.write_text(yaml.safe_dump({
-        "inference": {"full_model": str(tmp_path / "model" / "full_fp32.onnx")},
+        "inference": {"full_model": str(tmp_path / "model" / "full_fp32.onnx"), "tta": tta},
         "state_dir": str(tmp_path / "state"),
     }))  # fmt: skip
     stats = tmp_path / "stats.json"
@@ -305,6 +308,7 @@ def test_offline_predictions_without_a_broker_are_counted_not_logged_per_frame(
     frames = [line for line in run.stdout.splitlines() if line.startswith("frame ")]
     assert len(frames) >= 5, run.stdout  # the device classified the video on its own
     assert run.stderr.count("no MQTT broker connected") == 1
+    assert ("averaged over nine band placements" in run.stderr) == tta
     assert " ERROR " not in run.stderr and "MQTT publish to" not in run.stderr
     counters = json.loads(stats.read_text())
     assert counters["mqtt"]["publish_failures"] >= len(frames), counters
