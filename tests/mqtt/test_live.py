@@ -98,7 +98,10 @@ def test_full_queues_drop_frames_instead_of_blocking(face_video: Path) -> None:
     stop = threading.Event()
     published: list[int] = []
 
-    def slow_half(x: np.ndarray) -> np.ndarray:
+    inputs: list[tuple[Any, tuple[int, ...]]] = []
+
+    def slow_half(crops: np.ndarray) -> np.ndarray:
+        inputs.append((crops.dtype, crops.shape))
         time.sleep(0.15)  # a client half far slower than the camera
         return np.zeros((1, 4, 2, 2), np.float32)
 
@@ -112,6 +115,8 @@ def test_full_queues_drop_frames_instead_of_blocking(face_video: Path) -> None:
     assert s["frames"] == FRAMES and 0 < len(published) < FRAMES
     assert sum(s["drops"].values()) > 0  # counted, not silently lost
     assert published == sorted(published)
+    c = _crop_cfg()  # each half gets the frame's uint8 crop, and normalises it itself
+    assert set(inputs) == {(np.dtype(np.uint8), (1, 1 if c.grayscale else 3, c.height, c.width))}
 
 
 def _crop_cfg() -> Any:
