@@ -506,7 +506,7 @@ def still_rising(m: dict[str, Any], points: float = 0.02) -> bool:
 
 
 def verdict(results: list[dict[str, Any]]) -> list[str]:
-    """Which run is best at each client count and by how much, and which have not converged."""
+    """Which run is best at each client count and by how much, and which still rise."""
     lines: list[str] = []
     central = [m for m in results if m["algo"] == "centralized"]
     for n in sorted({m["clients"] for m in results if m["algo"] != "centralized"}):
@@ -531,7 +531,11 @@ def verdict(results: list[dict[str, Any]]) -> list[str]:
             f"{', '.join(rising)}."
         )
     elif results and len(results[0]["rounds"]) >= 4:
-        lines.append("Every run has reached its plateau (test accuracy flat over the last rounds).")
+        lines.append(
+            "Every run's test accuracy is flat over its last rounds. Under the cosine schedule "
+            "(the default) that holds at any number of rounds, so only a run with more rounds "
+            "shows whether they would help."
+        )
     return lines
 
 

@@ -92,6 +92,14 @@ want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(npr
 # Test-time averaging (`evaluate/predict --tta`): every cell prints it; centralized and SFLV1 x2.
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2 --jobs "$(nproc)" \
     centralized:1:16:16,sflv1:2:16:16:split=1 2>/dev/null; echo '```'; } > $B/tta.md
+# Twice the epochs: centralized at 20, 40 and 80, and the federated cells at 40.
+want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" --curves \
+    centralized:1:16:16:rounds=40,sflv1:10:16:16:-:sqrt:split=1:rounds=40,sflv2:10:16:16:lockstep:sqrt:split=1:rounds=40 \
+    2>/dev/null; echo '```'; } > $B/epochs_ten.md
+want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
+    centralized:1:16:16:rounds=80,sflv1:2:16:16:split=1:rounds=40 2>/dev/null; echo '```'; } > $B/epochs_80.md
+# What test-time averaging costs the device's offline live inference.
+want export && OMP_NUM_THREADS=1 $PY scripts/bench_live_tta.py 2>/dev/null > $B/live_tta.md
 want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.md
 # The default input recipe (per-crop norm, camera jitter) against the old inputs, via compare.
 want shift && $PY scripts/bench_input_recipe.py --out $B/input_recipe.md
@@ -152,6 +160,9 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "What anti-aliasing costs (\`scripts/bench_antialias.py\`)" $B/antialias_cost.md
     section "Anti-aliasing at ten clients, server lr the root, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/antialias_ten.md
     section "Test-time averaging, seeds 0 to 2 (\`scripts/probe_cells.py\`)" $B/tta.md
+    section "Forty epochs: centralized and ten devices, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/epochs_ten.md
+    section "Eighty epochs centralized, SFLV1 x2 at forty, seed 0 (\`scripts/probe_cells.py\`)" $B/epochs_80.md
+    section "Test-time averaging in offline live inference: cost per frame (\`scripts/bench_live_tta.py\`)" $B/live_tta.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
     section "Privacy: leakage of the smashed data by defence (\`scripts/bench_privacy.py\`)" $B/privacy.md
     section "Privacy: none and recommended, default network" $B/privacy_two.md

@@ -3,7 +3,8 @@
 
 The script that printed BENCHMARKS.md's "Sixteen averages a round" table and its probes: the
 matrix's set (40 synthetic people x 3 pictures an emotion), recipe inputs (per-crop, camera
-0.5), 20 epochs, 5 folds by person, two cells at a time through the product's job pool.
+0.5), 20 epochs unless a cell says, 5 folds by person, two cells at a time through the
+product's job pool.
 Each cell is ALGO:CLIENTS:BATCH:SYNCS[:ORDER[:SERVER_LR]] (ORDER "-" keeps interleaving; a
 SERVER_LR, a number, `auto` (the number of copies averaged) or `sqrt` (its square root), runs
 `--server-opt sgd` at that lr), optionally followed by KEY=VALUE options: `partition=iid`
@@ -14,9 +15,9 @@ rate), `warmup=` (rounds of warm-up, `TrainConfig.warmup_rounds`) and `geo=SCALE
 `server=adam` (that server optimizer at SERVER_LR instead of plain SGD), `momentum=` (its
 momentum, `AggregationConfig.server_momentum`) and `defence=` (a registered defence such as
 `recommended`, or CUT/BOTTLENECK/NOISE/COMPRESSION such as `4/8/1/int8`, a `-` keeping the run's
-own value; without it the cells run undefended). BATCH is each device's batch; `split=1` makes
-it the batch the devices share (`TrainConfig.split_batch`, each of K devices stepping on
-BATCH / K), for example
+own value; without it the cells run undefended) and `rounds=` (epochs, 20 unless given).
+BATCH is each device's batch; `split=1` makes it the batch the devices share
+(`TrainConfig.split_batch`, each of K devices stepping on BATCH / K), for example
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/probe_cells.py \
         sflv1:2:16:16,sflv2:2:16:16:sequential,sflv1:10:16:16:-:1.5
@@ -58,7 +59,10 @@ from bench_recipe import cell  # noqa: E402
 def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     words = text.split(":")
     options = dict(w.split("=", 1) for w in words if "=" in w)
-    known = {"partition", "lr", "warmup", "geo", "server", "momentum", "defence", "split", "aa"}
+    known = {
+        "partition", "lr", "warmup", "geo", "server", "momentum", "defence", "split", "aa",
+        "rounds",
+    }  # fmt: skip
     unknown = sorted(set(options) - known)
     if unknown:
         raise SystemExit(f"{text}: unknown option {unknown}")
@@ -86,7 +90,7 @@ def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     if options.get("aa") == "1":
         model = model.model_copy(update={"antialias": True})
     return SimSpec(
-        algo, int(clients), 20, seed=seed, model=model, train=train,
+        algo, int(clients), int(options.get("rounds", 20)), seed=seed, model=model, train=train,
         aggregation=AggregationConfig(**server), report_shift=True,
         partition=options.get("partition"), defence=defence(options.get("defence", "none")),
     ), f"{text} seed {seed}"  # fmt: skip
