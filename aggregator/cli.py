@@ -40,12 +40,8 @@ def main() -> None:
     """Aggregator of splitfed-edge: trains the server half and averages the federation."""
 
 
-@main.command()
-@click.option(
-    "--algo", required=True, help="centralized, fedavg, sl, sflv1, sflv2, pyvertical, fedsl"
-)
-@click.option("--clients", type=int, default=2, show_default=True)
-@click.option(
+# simulate's and compare's epochs
+rounds_option = click.option(
     "--rounds",
     type=int,
     default=40,
@@ -53,6 +49,14 @@ def main() -> None:
     help="rounds, each one epoch of every device's data (40: on 840 synthetic pictures it "
     "scored 6 points above 20, and 80 another 5 above 40; BENCHMARKS.md, 'Twice the epochs')",
 )
+
+
+@main.command()
+@click.option(
+    "--algo", required=True, help="centralized, fedavg, sl, sflv1, sflv2, pyvertical, fedsl"
+)
+@click.option("--clients", type=int, default=2, show_default=True)
+@rounds_option
 @click.option(
     "--out",
     "out_dir",
@@ -96,14 +100,7 @@ def simulate(
     "--algos", default="centralized,fedavg,sl,sflv1,sflv2,pyvertical,fedsl", show_default=True
 )
 @click.option("--clients", "clients_list", default="2,5,10", show_default=True)
-@click.option(
-    "--rounds",
-    type=int,
-    default=40,
-    show_default=True,
-    help="rounds, each one epoch of every device's data (40: on 840 synthetic pictures it "
-    "scored 6 points above 20, and 80 another 5 above 40; BENCHMARKS.md, 'Twice the epochs')",
-)
+@rounds_option
 @click.option(
     "--out",
     "out_dir",

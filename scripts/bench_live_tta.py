@@ -16,8 +16,8 @@ time, so the network is the default one untrained; what averaging gains is measu
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,12 +30,8 @@ from splitfed.model import ModelConfig, build_split_model
 from splitfed.onnx_client import OnnxClient
 from splitfed.quantize import export_client
 
-
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    t = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - t) / repeat
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_antialias import timed  # noqa: E402
 
 
 def main() -> int:

@@ -10,7 +10,8 @@ the nine probability vectors. Nothing is trained differently: any checkpoint can
 Measured over 15 paired runs (3 seeds x 5 folds by person, BENCHMARKS.md): +2.3 ± 0.9 points
 in domain and +1.9 ± 0.9 on the domain-shift proxy centralized, +2.6 ± 0.7 and +2.7 ± 0.8 for
 SFLV1 at two clients, for nine forward passes a crop; less on anti-aliased networks.
-`aggregator evaluate --tta` and `aggregator predict --tta` use it; the simulator reports both
+`aggregator evaluate --tta`, `aggregator predict --tta` and the device's offline live
+inference (`inference.tta`, `averaged_logits`) use it; the simulator reports both
 accuracies with it (`tta_in_domain_accuracy`, `tta_shift_accuracy`) beside the plain ones.
 """
 
