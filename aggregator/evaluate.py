@@ -16,13 +16,12 @@ from typing import Any
 
 import click
 import numpy as np
-import torch
 
 from splitfed.checkpoint import MODEL_FILE, load_model
 from splitfed.cliutil import plain_logging, user_errors
-from splitfed.data.batches import to_tensor
 from splitfed.data.crop import CropConfig, EyeRegionCropper, FaceDetection, crop_transform
 from splitfed.data.dataset import EmotionDataset
+from splitfed.data.shift import predict_probabilities
 from splitfed.data.tta import average_probabilities
 from splitfed.emotions import EMOTIONS, NUM_CLASSES
 from splitfed.errors import UserError
@@ -46,19 +45,16 @@ class Model:
         c, h, w = self.cfg.input_shape
         return CropConfig(height=h, width=w, grayscale=c == 1)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.server(self.client(x))
-
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
-        """Softmax over the emotions for uint8 (N, C, H, W) crops, normalised as in training;
-        with `tta`, the mean over the crops' re-placed views."""
+        """Softmax over the emotions for uint8 (N, C, H, W) crops, as the simulator scores them
+        (`splitfed.data.shift.predict_probabilities`); with `tta`, the mean over the crops'
+        re-placed views."""
         if self.tta:
             return average_probabilities(self._softmax, crops)
         return self._softmax(crops)
 
     def _softmax(self, crops: np.ndarray) -> np.ndarray:
-        return torch.softmax(self.logits(to_tensor(crops)), 1).numpy()
+        return predict_probabilities(self.client, self.server, crops)
 
 
 def resolve_checkpoint(path: Path) -> Path:
