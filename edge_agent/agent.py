@@ -51,6 +51,7 @@ from splitfed.mqtt import (
     topic,
 )
 from splitfed.server import AGGREGATOR_ID
+from splitfed.training import softmax
 from splitfed.wire import (
     FED_SERVER_ID,
     Envelope,
@@ -361,9 +362,7 @@ class Agent:
 
     def local_prediction(self, frame: int, logits: np.ndarray, captured_at: float) -> bool:
         """Offline mode: the full model ran on the device; reported as an aggregator answer."""
-        z = logits.reshape(-1)[:NUM_CLASSES].astype(np.float64)
-        p = np.exp(z - z.max())
-        p /= p.sum()
+        p = softmax(logits.reshape(-1)[:NUM_CLASSES])
         self._report(frame, p, time.perf_counter() - captured_at)
         return True
 

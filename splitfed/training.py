@@ -54,6 +54,13 @@ def unprefixed(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.n
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis of numpy logits, in float64 (the largest subtracted)."""
+    z = np.asarray(logits, dtype=np.float64)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    return p / p.sum(axis=-1, keepdims=True)
+
+
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int = NUM_CLASSES) -> np.ndarray:
     return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
 

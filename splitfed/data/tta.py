@@ -24,6 +24,7 @@ import numpy as np
 
 from splitfed.data.dataset import EmotionDataset
 from splitfed.data.shift import SplitHalves, predict_probabilities, shift_set, split_halves, warp
+from splitfed.training import softmax
 
 TTA_KEYS = ("tta_in_domain_accuracy", "tta_shift_accuracy")  # what `tta_metrics` reports
 
@@ -73,9 +74,7 @@ def averaged_logits(logits: Crops) -> Crops:
     inference (`inference.tta`) runs it."""
 
     def probabilities(views: np.ndarray) -> np.ndarray:
-        z = np.asarray(logits(views), dtype=np.float64)
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax(logits(views))
 
     return lambda crops: np.log(np.maximum(average_probabilities(probabilities, crops), 1e-30))
 
