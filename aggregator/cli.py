@@ -44,10 +44,10 @@ def main() -> None:
 rounds_option = click.option(
     "--rounds",
     type=int,
-    default=40,
+    default=80,
     show_default=True,
-    help="rounds, each one epoch of every device's data (40: on 840 synthetic pictures it "
-    "scored 6 points above 20, and 80 another 5 above 40; BENCHMARKS.md, 'Twice the epochs')",
+    help="rounds, each one epoch of every device's data (80: on 840 synthetic pictures it "
+    "scored 5 points above 40, and 160 no more; BENCHMARKS.md, 'Twice the epochs')",
 )
 
 

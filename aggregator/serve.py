@@ -87,7 +87,7 @@ class ServeConfig(_Strict):
         "sflv1", description="algorithm"
     )
     min_clients: int = Field(2, ge=1, description="agents to wait for before the first round")
-    rounds: int = Field(40, ge=1, description="rounds to train (as `simulate`'s default)")
+    rounds: int = Field(80, ge=1, description="rounds to train (as `simulate`'s default)")
     round_timeout: float = Field(
         600.0, gt=0, description="seconds before a round finishes without stragglers"
     )
@@ -385,7 +385,7 @@ class Dashboard:
 @click.option("--listen", help="HOST:PORT of the embedded broker [default: 127.0.0.1:1883]")
 @click.option("--algo", type=click.Choice(SERVE_ALGOS), help="algorithm [default: sflv1]")
 @click.option("--min-clients", type=int, help="agents to wait for [default: 2]")
-@click.option("--rounds", type=int, help="rounds [default: 40, as simulate]")
+@click.option("--rounds", type=int, help="rounds [default: 80, as simulate]")
 @click.option(
     "--round-timeout", type=float, help="seconds; then the round ends without stragglers [600]"
 )

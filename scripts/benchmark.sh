@@ -92,14 +92,20 @@ want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(npr
 # Test-time averaging (`evaluate/predict --tta`): every cell prints it; centralized and SFLV1 x2.
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2 --jobs "$(nproc)" \
     centralized:1:16:16,sflv1:2:16:16:split=1 2>/dev/null; echo '```'; } > $B/tta.md
-# Twice the epochs: centralized at 20, 40 and 80, and the federated cells at 40.
+# Epochs: centralized at 40, 80 and 160, the federated cells at 40, and at ten devices at 80.
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" --curves \
     centralized:1:16:16:rounds=40,sflv1:10:16:16:-:sqrt:split=1:rounds=40,sflv2:10:16:16:lockstep:sqrt:split=1:rounds=40 \
     2>/dev/null; echo '```'; } > $B/epochs_ten.md
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
-    centralized:1:16:16:rounds=80,sflv1:2:16:16:split=1:rounds=40 2>/dev/null; echo '```'; } > $B/epochs_80.md
+    centralized:1:16:16:rounds=80,centralized:1:16:16:rounds=160,sflv1:2:16:16:split=1:rounds=40,sflv2:2:16:16:lockstep:split=1:rounds=40 \
+    2>/dev/null; echo '```'; } > $B/epochs_80.md
+want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
+    centralized:1:16:16:rounds=40,sflv1:5:16:16:split=1:rounds=40,sflv2:5:16:16:lockstep:split=1:rounds=40 \
+    2>/dev/null; echo '```'; } > $B/epochs_five.md
+# The default of 80 epochs at ten devices.
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
-    sflv1:5:16:16:split=1:rounds=40,sflv2:5:16:16:lockstep:split=1:rounds=40 2>/dev/null; echo '```'; } > $B/epochs_five.md
+    centralized:1:16:16:rounds=80,sflv1:10:16:16:-:sqrt:split=1:rounds=80,sflv2:10:16:16:lockstep:sqrt:split=1:rounds=80 \
+    2>/dev/null; echo '```'; } > $B/epochs_ten_80.md
 # What test-time averaging costs the device's offline live inference.
 want export && OMP_NUM_THREADS=1 $PY scripts/bench_live_tta.py 2>/dev/null > $B/live_tta.md
 want shift && $PY scripts/bench_shift.py --identities 70 --epochs 15 > $B/shift.md
