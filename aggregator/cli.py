@@ -31,6 +31,7 @@ from aggregator.options import (
 )
 from splitfed.algorithms.cnn import SMASHED_ALGORITHMS
 from splitfed.cliutil import user_errors
+from splitfed.config import DEFAULT_ROUNDS
 from splitfed.defences import default_defence, get_defence
 from splitfed.errors import UserError
 
@@ -44,7 +45,7 @@ def main() -> None:
 rounds_option = click.option(
     "--rounds",
     type=int,
-    default=80,
+    default=DEFAULT_ROUNDS,
     show_default=True,
     help="rounds, each one epoch of every device's data (80: on 840 synthetic pictures it "
     "scored 5 points above 40, and 160 no more; BENCHMARKS.md, 'Twice the epochs')",

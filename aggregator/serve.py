@@ -30,9 +30,9 @@ from rich.table import Table
 
 from aggregator.options import recipe_options, server_options
 from splitfed.algorithm_io import AlgorithmIO
-from splitfed.checkpoint import checkpoint_file, read_model_config
+from splitfed.checkpoint import checkpoint_file, planned_rounds, read_model_config
 from splitfed.cliutil import user_errors
-from splitfed.config import SFLV2_ORDERS, AggregationConfig, TrainConfig
+from splitfed.config import DEFAULT_ROUNDS, SFLV2_ORDERS, AggregationConfig, TrainConfig
 from splitfed.defences import DEFAULT_HELP, DEFENCES, DefenceConfig, default_defence, get_defence
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig
@@ -87,7 +87,12 @@ class ServeConfig(_Strict):
         "sflv1", description="algorithm"
     )
     min_clients: int = Field(2, ge=1, description="agents to wait for before the first round")
-    rounds: int = Field(80, ge=1, description="rounds to train (as `simulate`'s default)")
+    rounds: int | None = Field(
+        None,
+        ge=1,
+        description="rounds to train; unset: a resumed run's own plan, else "
+        f"{DEFAULT_ROUNDS} (simulate's default)",
+    )
     round_timeout: float = Field(
         600.0, gt=0, description="seconds before a round finishes without stragglers"
     )
@@ -385,7 +390,11 @@ class Dashboard:
 @click.option("--listen", help="HOST:PORT of the embedded broker [default: 127.0.0.1:1883]")
 @click.option("--algo", type=click.Choice(SERVE_ALGOS), help="algorithm [default: sflv1]")
 @click.option("--min-clients", type=int, help="agents to wait for [default: 2]")
-@click.option("--rounds", type=int, help="rounds [default: 80, as simulate]")
+@click.option(
+    "--rounds",
+    type=int,
+    help=f"rounds [default: a resumed run's own, else {DEFAULT_ROUNDS} as simulate]",
+)
 @click.option(
     "--round-timeout", type=float, help="seconds; then the round ends without stragglers [600]"
 )
@@ -662,7 +671,7 @@ def serve(
             console.print(ROW_BANDS_NOTE.format(frames=metrics["fedsl"]["frames"]) + ".")
         console.print(
             f"wrote {cfg.out}/metrics.json, curves.png, confusion.png; "
-            f"checkpoints in {cfg.checkpoint_dir or cfg.out / 'checkpoint'}"
+            f"checkpoints in {checkpoint_dir(cfg)}"
         )
 
 
@@ -696,6 +705,25 @@ def _start_model(cfg: ServeConfig) -> ServeConfig:
     saved = read_model_config(checkpoint_file(start))
     model = saved if cfg.live_model is not None else saved.model_copy(update={"cut": cfg.model.cut})
     return cfg.model_copy(update={"model": model})
+
+
+def resolve_rounds(cfg: ServeConfig, group: Any = None) -> ServeConfig:
+    """`cfg` with its rounds set: the flag or file's, else the plan of the run it resumes (its
+    learning-rate schedule was laid out for that many rounds, whatever today's default is),
+    else DEFAULT_ROUNDS. Several workers take rank 0's checkpoint, as they resume from it."""
+    if cfg.rounds is not None:
+        return cfg
+    planned = planned_rounds(checkpoint_dir(cfg)) if cfg.resume else None
+    if group is not None:
+        planned = group.broadcast(planned)
+    if planned is not None:
+        log.info("resuming a run planned for %d rounds: training to round %d", planned, planned)
+    return cfg.model_copy(update={"rounds": planned or DEFAULT_ROUNDS})
+
+
+def checkpoint_dir(cfg: ServeConfig) -> Path:
+    """Where `serve` checkpoints every round and resumes from."""
+    return cfg.checkpoint_dir or cfg.out / "checkpoint"
 
 
 def run_serve(
@@ -732,7 +760,7 @@ def run_serve(
     from aggregator.options import console, load_data
     from splitfed.algorithms.cnn import SMASHED_ALGORITHMS, SplitCNN
 
-    cfg = _start_model(cfg)
+    cfg = resolve_rounds(_start_model(cfg), group)
     if cfg.fed_server:
         from aggregator.fed_server import check_fed_serve
 
@@ -842,10 +870,10 @@ def run_serve(
             row["seconds"],
         )
 
-    checkpoint_dir = cfg.checkpoint_dir or cfg.out / "checkpoint"
+    assert cfg.rounds is not None  # resolve_rounds
     opts = RunOptions(
         rounds=cfg.rounds, min_clients=cfg.min_clients, join_timeout=cfg.join_timeout,
-        round_timeout=cfg.round_timeout, out_dir=cfg.out, checkpoint_dir=checkpoint_dir,
+        round_timeout=cfg.round_timeout, out_dir=cfg.out, checkpoint_dir=checkpoint_dir(cfg),
         resume=cfg.resume, data_info=data_info, on_round=on_round, group=group,
     )  # fmt: skip
     metrics: dict[str, Any] | None = None

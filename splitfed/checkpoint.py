@@ -131,6 +131,16 @@ def load_init(path: Path, cfg: ModelConfig) -> tuple[ClientNet, ServerNet]:
     return client, server
 
 
+def planned_rounds(directory: Path) -> int | None:
+    """The rounds the run checkpointed in `directory` was started for (its learning-rate
+    schedule's length), or None: no checkpoint, or one written before the plan was recorded."""
+    try:
+        planned = json.loads((directory / INFO_FILE).read_text()).get("planned_rounds")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return planned if isinstance(planned, int) and planned >= 1 else None
+
+
 def load_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(algorithm state, info) of the last checkpoint in `directory`, or None."""
     info_path = directory / INFO_FILE

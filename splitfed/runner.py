@@ -88,6 +88,13 @@ def run(algo: Strategy, io: ServerIO | None, opts: RunOptions) -> dict[str, Any]
                 rounds = list(info.get("rounds", []))
                 start = int(info["round"]) + 1
                 log.info("resumed %s from round %d of %s", algo.name, start, opts.checkpoint_dir)
+                planned = info.get("planned_rounds")
+                if planned is not None and planned != opts.rounds:
+                    log.warning(
+                        "the checkpointed run was planned for %d rounds and now runs to %d: "
+                        "its learning-rate schedule changes from round %d on",
+                        planned, opts.rounds, start + 1,
+                    )  # fmt: skip
     test_conf = np.zeros((7, 7), dtype=np.int64)
     for rnd in range(start, opts.rounds):
         t0 = time.perf_counter()
@@ -126,7 +133,10 @@ def run(algo: Strategy, io: ServerIO | None, opts: RunOptions) -> dict[str, Any]
         }
         rounds.append(row)
         if opts.checkpoint_dir is not None and main:
-            info = {"algo": algo.name, "round": rnd, "rounds": rounds, "data": opts.data_info}
+            info = {
+                "algo": algo.name, "round": rnd, "planned_rounds": opts.rounds, "rounds": rounds,
+                "data": opts.data_info,
+            }  # fmt: skip
             save_checkpoint(opts.checkpoint_dir, algo, info)
         # (With a fed server, it publishes the client half; this process holds none.)
         if io is not None and algo.uses_clients and algo.mode == "split" and main and not algo.fed:
