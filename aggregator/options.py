@@ -103,8 +103,17 @@ def server_options(fn: F) -> F:
     return _apply(fn, server_option_list(defaults=False))
 
 
+# The geometric jitter's flags and the JitterConfig fields they set.
+GEOMETRY_FLAGS = {
+    "--zoom-jitter": "scale",
+    "--roll-jitter": "rotation",
+    "--offset-jitter": "shift_y",
+}
+
+
 def recipe_option_list() -> list[Callable[[Any], Any]]:
-    """`--input-norm`, `--antialias`, `--camera-jitter`, `--zoom-jitter`, `--syncs-per-round`,
+    """`--input-norm`, `--antialias`, `--camera-jitter`, the geometric jitter (`--zoom-jitter`,
+    `--roll-jitter`, `--offset-jitter`), `--syncs-per-round`,
     `--warmup-rounds`, `--split-batch`: the input recipe, how often halves are averaged, how
     the learning rate starts and whether side-by-side devices share the batch, one definition
     for simulate, compare and serve. Unset, they are None: the model's and training's own
@@ -143,6 +152,22 @@ def recipe_option_list() -> list[Callable[[Any], Any]]:
             "disagree on the band's size; one-crop algorithms only (PyVertical's parts and "
             "FedSL's row bands refuse it) "
             f"[default: {JitterConfig.model_fields['scale'].default}]",
+        ),
+        click.option(
+            "--roll-jitter",
+            type=click.FloatRange(min=0.0),
+            default=None,
+            help="roll each training crop by up to +- this many degrees, as a detector levels "
+            "the band less well; one-crop algorithms only "
+            f"[default: {JitterConfig.model_fields['rotation'].default}]",
+        ),
+        click.option(
+            "--offset-jitter",
+            type=click.FloatRange(min=0.0),
+            default=None,
+            help="move each training crop up or down by up to this fraction of its height, as "
+            "detectors place the band higher or lower; one-crop algorithms only "
+            f"[default: {JitterConfig.model_fields['shift_y'].default}]",
         ),
         click.option(
             "--syncs-per-round",
@@ -414,11 +439,14 @@ def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, T
                 train = train.model_copy(update={key: kw[key]})
         if kw.get("camera_jitter") is not None:
             train = train.with_camera(kw["camera_jitter"])
-        if kw.get("zoom_jitter") is not None:
+        for flag, key in GEOMETRY_FLAGS.items():
+            value = kw.get(flag.removeprefix("--").replace("-", "_"))
+            if value is None:
+                continue
             try:
-                train = train.with_geometry(scale=kw["zoom_jitter"])
+                train = train.with_geometry(**{key: value})
             except ValidationError as e:
-                raise UserError(f"--zoom-jitter: {e.errors()[0]['msg']}") from None
+                raise UserError(f"{flag}: {e.errors()[0]['msg']}") from None
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "--cut"

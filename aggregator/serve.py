@@ -615,6 +615,8 @@ def serve(
         "model.antialias": kw["antialias"],
         "train.jitter.camera.p": kw["camera_jitter"],
         "train.jitter.scale": kw["zoom_jitter"],
+        "train.jitter.rotation": kw["roll_jitter"],
+        "train.jitter.shift_y": kw["offset_jitter"],
         "model.shape": kw["shape"],
         "defence": kw["defence"],
         "out": kw["out"],

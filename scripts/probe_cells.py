@@ -11,6 +11,7 @@ SERVER_LR, a number, `auto` (the number of copies averaged) or `sqrt` (its squar
 (devices holding pictures of everyone instead of their own people), `lr=` (the peak learning
 rate), `warmup=` (rounds of warm-up, `TrainConfig.warmup_rounds`) and `geo=SCALE/DEGREES/SHIFT`
 (geometric jitter of the training crops, `JitterConfig.scale`, `.rotation` and `.shift_y`),
+`cam=` (the chance of each camera change, `CameraConfig.p`, 0.5 unless given),
 `aa=1` (anti-aliased downsampling, `ModelConfig.antialias`), `server=momentum` or
 `server=adam` (that server optimizer at SERVER_LR instead of plain SGD), `momentum=` (its
 momentum, `AggregationConfig.server_momentum`) and `defence=` (a registered defence such as
@@ -61,7 +62,7 @@ def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     options = dict(w.split("=", 1) for w in words if "=" in w)
     known = {
         "partition", "lr", "warmup", "geo", "server", "momentum", "defence", "split", "aa",
-        "rounds",
+        "rounds", "cam",
     }  # fmt: skip
     unknown = sorted(set(options) - known)
     if unknown:
@@ -83,7 +84,7 @@ def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     train = TrainConfig(
         batch_size=int(batch), syncs_per_round=int(syncs), split_batch=split, **order, **tuned
     )
-    train = train.with_camera(0.5)
+    train = train.with_camera(float(options.get("cam", 0.5)))
     if "geo" in options:
         scale, rotation, shift_y = (float(v) for v in options["geo"].split("/"))
         train = train.with_geometry(scale=scale, rotation=rotation, shift_y=shift_y)

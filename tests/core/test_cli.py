@@ -97,13 +97,15 @@ def test_empty_class_folder_is_an_error(tmp_path: Path) -> None:
 def test_the_input_recipe_reaches_the_run(tmp_path: Path) -> None:
     out = tmp_path / "recipe"
     code, text = invoke("simulate", "--algo", "sflv1", *SMALL, "--input-norm", "per-crop",
-                        "--camera-jitter", "0.5", "--zoom-jitter", "0.2", "--warmup-rounds", "1",
-                        "--antialias", "--out", str(out))  # fmt: skip
+                        "--camera-jitter", "0.5", "--zoom-jitter", "0.2", "--roll-jitter", "5",
+                        "--offset-jitter", "0.1", "--warmup-rounds", "1", "--antialias",
+                        "--out", str(out))  # fmt: skip
     assert code == 0, text
     m = json.loads((out / "metrics.json").read_text())
     assert m["model"]["input_norm"] == "per-crop" and m["model"]["antialias"] is True
     assert m["train"]["jitter"]["camera"]["p"] == 0.5
-    assert m["train"]["jitter"]["scale"] == 0.2
+    jitter = m["train"]["jitter"]
+    assert (jitter["scale"], jitter["rotation"], jitter["shift_y"]) == (0.2, 5.0, 0.1)
     assert m["train"]["warmup_rounds"] == 1
     # A pretrained network keeps the norm it learned with; asking for another is an error.
     code, text = invoke("simulate", "--algo", "sflv1", *SMALL, "--init-from", str(out),
@@ -114,3 +116,6 @@ def test_the_input_recipe_reaches_the_run(tmp_path: Path) -> None:
                         "--out", str(tmp_path / "y"))  # fmt: skip
     assert code == 2 and "--zoom-jitter: " in text and "0.5" in text, text
     assert "Traceback" not in text
+    code, text = invoke("simulate", "--algo", "sflv1", *SMALL, "--roll-jitter", "90",
+                        "--out", str(tmp_path / "z"))  # fmt: skip
+    assert code == 2 and "--roll-jitter: " in text and "45" in text, text

@@ -102,11 +102,13 @@ def test_serve_takes_the_input_recipe(parsed: list[Any], tmp_path: Path) -> None
     yaml_path = tmp_path / "serve.yaml"
     yaml_path.write_text("train:\n  batch_size: 8\n  jitter:\n    camera:\n      blur: 2.0\n")
     code, out = invoke("serve", "--config", str(yaml_path), "--input-norm", "per-crop",
-                       "--camera-jitter", "0.25", "--zoom-jitter", "0.1", "--antialias",
+                       "--camera-jitter", "0.25", "--zoom-jitter", "0.1", "--roll-jitter", "3",
+                       "--offset-jitter", "0.05", "--antialias",
                        "--out", str(tmp_path))  # fmt: skip
     assert code == 0, out
     cfg = parsed[-1]
     assert cfg.model.input_norm == "per-crop" and cfg.model.antialias is True
     assert cfg.train.jitter.camera.p == 0.25 and cfg.train.jitter.camera.blur == 2.0
-    assert cfg.train.jitter.scale == 0.1
+    assert (cfg.train.jitter.scale, cfg.train.jitter.rotation) == (0.1, 3.0)
+    assert cfg.train.jitter.shift_y == 0.05
     assert cfg.train.batch_size == 8  # the flags moved only their own keys
