@@ -103,11 +103,23 @@ def server_options(fn: F) -> F:
     return _apply(fn, server_option_list(defaults=False))
 
 
-# The geometric jitter's flags and the JitterConfig fields they set.
+# The geometric jitter's flags: the JitterConfig field each sets, and what it does.
 GEOMETRY_FLAGS = {
-    "--zoom-jitter": "scale",
-    "--roll-jitter": "rotation",
-    "--offset-jitter": "shift_y",
+    "--zoom-jitter": (
+        "scale",
+        "zoom each training crop by a factor drawn from 1 +- this, as face detectors disagree "
+        "on the band's size",
+    ),
+    "--roll-jitter": (
+        "rotation",
+        "roll each training crop by up to +- this many degrees, as a detector levels the band "
+        "less well",
+    ),
+    "--offset-jitter": (
+        "shift_y",
+        "move each training crop up or down by up to this fraction of its height, as detectors "
+        "place the band higher or lower",
+    ),
 }
 
 
@@ -144,30 +156,15 @@ def recipe_option_list() -> list[Callable[[Any], Any]]:
             "resolution, noise, JPEG) is applied to a training crop; 0 turns it off "
             f"[default: {CameraConfig.model_fields['p'].default}]",
         ),
-        click.option(
-            "--zoom-jitter",
-            type=click.FloatRange(min=0.0),
-            default=None,
-            help="zoom each training crop by a factor drawn from 1 +- this, as face detectors "
-            "disagree on the band's size; one-crop algorithms only (PyVertical's parts and "
-            "FedSL's row bands refuse it) "
-            f"[default: {JitterConfig.model_fields['scale'].default}]",
-        ),
-        click.option(
-            "--roll-jitter",
-            type=click.FloatRange(min=0.0),
-            default=None,
-            help="roll each training crop by up to +- this many degrees, as a detector levels "
-            "the band less well; one-crop algorithms only "
-            f"[default: {JitterConfig.model_fields['rotation'].default}]",
-        ),
-        click.option(
-            "--offset-jitter",
-            type=click.FloatRange(min=0.0),
-            default=None,
-            help="move each training crop up or down by up to this fraction of its height, as "
-            "detectors place the band higher or lower; one-crop algorithms only "
-            f"[default: {JitterConfig.model_fields['shift_y'].default}]",
+        *(
+            click.option(
+                flag,
+                type=click.FloatRange(min=0.0),
+                default=None,
+                help=f"{what}; one-crop algorithms only (PyVertical's parts and FedSL's row "
+                f"bands refuse it) [default: {JitterConfig.model_fields[field].default}]",
+            )
+            for flag, (field, what) in GEOMETRY_FLAGS.items()
         ),
         click.option(
             "--syncs-per-round",
@@ -439,7 +436,7 @@ def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, T
                 train = train.model_copy(update={key: kw[key]})
         if kw.get("camera_jitter") is not None:
             train = train.with_camera(kw["camera_jitter"])
-        for flag, key in GEOMETRY_FLAGS.items():
+        for flag, (key, _) in GEOMETRY_FLAGS.items():
             value = kw.get(flag.removeprefix("--").replace("-", "_"))
             if value is None:
                 continue
