@@ -715,7 +715,7 @@ def resolve_rounds(cfg: ServeConfig, group: Any = None) -> ServeConfig:
     else DEFAULT_ROUNDS. Several workers take rank 0's checkpoint, as they resume from it."""
     if cfg.rounds is not None:
         return cfg
-    planned = planned_rounds(checkpoint_dir(cfg)) if cfg.resume else None
+    planned = planned_rounds(checkpoint_dir(cfg), cfg.algo) if cfg.resume else None
     if group is not None:
         planned = group.broadcast(planned)
     if planned is not None:

@@ -131,11 +131,13 @@ def load_init(path: Path, cfg: ModelConfig) -> tuple[ClientNet, ServerNet]:
     return client, server
 
 
-def planned_rounds(directory: Path) -> int | None:
-    """The rounds the run checkpointed in `directory` was started for (its learning-rate
-    schedule's length), or None: no checkpoint, or one written before the plan was recorded."""
+def planned_rounds(directory: Path, algo: str) -> int | None:
+    """The rounds the `algo` run checkpointed in `directory` was started for (its learning-rate
+    schedule's length), or None: no checkpoint, another algorithm's (which a run does not
+    resume), or one written before the plan was recorded."""
     try:
-        planned = json.loads((directory / INFO_FILE).read_text()).get("planned_rounds")
+        info = json.loads((directory / INFO_FILE).read_text())
+        planned = info.get("planned_rounds") if info.get("algo") == algo else None
     except (OSError, ValueError, AttributeError):
         return None
     return planned if isinstance(planned, int) and planned >= 1 else None

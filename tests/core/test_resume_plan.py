@@ -32,7 +32,7 @@ def test_the_checkpoint_records_the_plan_and_a_changed_plan_is_named_on_resume(
 ) -> None:
     ckpt = tmp_path / "checkpoint"
     _, first = centralized_run(ckpt, 2)
-    assert planned_rounds(ckpt) == 2 and len(first["rounds"]) == 2
+    assert planned_rounds(ckpt, "centralized") == 2 and len(first["rounds"]) == 2
     with caplog.at_level(logging.WARNING, logger="splitfed.runner"):
         _, same = centralized_run(ckpt, 2)  # finished: nothing to train, nothing to warn of
     assert not caplog.records and [r["round"] for r in same["rounds"]] == [1, 2]
@@ -41,14 +41,19 @@ def test_the_checkpoint_records_the_plan_and_a_changed_plan_is_named_on_resume(
     assert [r["round"] for r in longer["rounds"]] == [1, 2, 3]
     assert "planned for 2 rounds and now runs to 3" in caplog.text
     assert "changes from round 3" in caplog.text
-    assert planned_rounds(ckpt) == 3  # the new plan is the one checkpointed
+    assert planned_rounds(ckpt, "centralized") == 3  # the new plan is the one checkpointed
     assert algo.total_rounds == 3
 
 
 def test_serve_without_rounds_trains_to_the_resumed_plan(tmp_path: Path) -> None:
     ckpt = tmp_path / "checkpoint"
     centralized_run(ckpt, 2)
-    cfg = ServeConfig(out=tmp_path / "out", checkpoint_dir=ckpt)
+    cfg = ServeConfig(algo="sflv1", out=tmp_path / "out", checkpoint_dir=ckpt)
+    # Another algorithm's checkpoint is not resumed (splitfed.runner), so its plan is not taken.
+    assert resolve_rounds(cfg).rounds == DEFAULT_ROUNDS
+    (ckpt / INFO_FILE).write_text(
+        (ckpt / INFO_FILE).read_text().replace('"centralized"', '"sflv1"')
+    )
     assert cfg.rounds is None
     assert resolve_rounds(cfg).rounds == 2
     assert resolve_rounds(cfg.model_copy(update={"rounds": 5})).rounds == 5  # the flag wins
@@ -58,9 +63,17 @@ def test_serve_without_rounds_trains_to_the_resumed_plan(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
-    "text", ["", "{not json", '{"planned_rounds": "80"}', '{"planned_rounds": 0}', "[1, 2]", "{}"]
+    "text",
+    [
+        "",
+        "{not json",
+        '{"algo": "sflv1", "planned_rounds": "80"}',
+        '{"algo": "sflv1", "planned_rounds": 0}',
+        "[1, 2]",
+        '{"algo": "sflv1"}',
+    ],
 )
 def test_an_unreadable_or_older_checkpoint_has_no_plan(tmp_path: Path, text: str) -> None:
     (tmp_path / INFO_FILE).write_text(text)
-    assert planned_rounds(tmp_path) is None
-    assert planned_rounds(tmp_path / "missing") is None
+    assert planned_rounds(tmp_path, "sflv1") is None
+    assert planned_rounds(tmp_path / "missing", "sflv1") is None
