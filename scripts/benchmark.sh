@@ -93,17 +93,14 @@ want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(npr
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2 --jobs "$(nproc)" \
     centralized:1:16:16,sflv1:2:16:16:split=1 2>/dev/null; echo '```'; } > $B/tta.md
 # Epochs: centralized at 40, 80 and 160, the federated cells at 40, and at ten devices at 80.
-want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" --curves \
+want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2 --jobs "$(nproc)" --curves \
     centralized:1:16:16:rounds=40,sflv1:10:16:16:-:sqrt:split=1:rounds=40,sflv2:10:16:16:lockstep:sqrt:split=1:rounds=40 \
     2>/dev/null; echo '```'; } > $B/epochs_ten.md
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
     centralized:1:16:16:rounds=80,centralized:1:16:16:rounds=160 2>/dev/null; echo '```'; } > $B/epochs_80.md
-want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
+want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2 --jobs "$(nproc)" \
     centralized:1:16:16:rounds=40,sflv1:5:16:16:split=1:rounds=40,sflv2:5:16:16:lockstep:split=1:rounds=40,sflv1:2:16:16:split=1:rounds=40,sflv2:2:16:16:lockstep:split=1:rounds=40 \
     2>/dev/null; echo '```'; } > $B/epochs_two_five.md
-want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 2 --jobs "$(nproc)" \
-    centralized:1:16:16:rounds=40,sflv1:2:16:16:split=1:rounds=40,sflv2:2:16:16:lockstep:split=1:rounds=40 \
-    2>/dev/null; echo '```'; } > $B/epochs_two_seed2.md
 # The shift levers at 80 epochs: every jitter at once with the blur, at 80 and 160 epochs.
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
     centralized:1:16:16:rounds=80,centralized:1:16:16:geo=0.2/5/0.1:aa=1:cam=1:rounds=80,centralized:1:16:16:geo=0.2/5/0.1:aa=1:cam=1:rounds=160 \
