@@ -171,9 +171,11 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "What anti-aliasing costs (\`scripts/bench_antialias.py\`)" $B/antialias_cost.md
     section "Anti-aliasing at ten clients, server lr the root, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/antialias_ten.md
     section "Test-time averaging, seeds 0 to 2 (\`scripts/probe_cells.py\`)" $B/tta.md
-    section "Forty epochs: centralized and ten devices, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/epochs_ten.md
-    section "Eighty epochs centralized, SFLV1 x2 at forty, seed 0 (\`scripts/probe_cells.py\`)" $B/epochs_80.md
-    section "Forty epochs at five devices, seed 0 (\`scripts/probe_cells.py\`)" $B/epochs_two_five.md
+    section "Forty epochs: centralized and ten devices, seeds 0 to 2 (\`scripts/probe_cells.py\`)" $B/epochs_ten.md
+    section "Eighty and 160 epochs centralized, seed 0 (\`scripts/probe_cells.py\`)" $B/epochs_80.md
+    section "Forty epochs at two and five devices, seeds 0 to 2 (\`scripts/probe_cells.py\`)" $B/epochs_two_five.md
+    section "Every jitter with the blur at 80 and 160 epochs, seed 0 (\`scripts/probe_cells.py\`)" $B/shift_80.md
+    section "Eighty epochs at ten devices, seed 0 (\`scripts/probe_cells.py\`)" $B/epochs_ten_80.md
     section "Test-time averaging in offline live inference: cost per frame (\`scripts/bench_live_tta.py\`)" $B/live_tta.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
     section "Privacy: leakage of the smashed data by defence (\`scripts/bench_privacy.py\`)" $B/privacy.md
