@@ -123,6 +123,14 @@ GEOMETRY_FLAGS = {
 }
 
 
+def geometry_settings(kw: dict[str, Any]) -> dict[str, tuple[str, float | None]]:
+    """Each geometric-jitter flag's JitterConfig field and its parsed value (None: unset)."""
+    return {
+        flag: (field, kw.get(flag.removeprefix("--").replace("-", "_")))
+        for flag, (field, _) in GEOMETRY_FLAGS.items()
+    }
+
+
 def recipe_option_list() -> list[Callable[[Any], Any]]:
     """`--input-norm`, `--antialias`, `--camera-jitter`, the geometric jitter (`--zoom-jitter`,
     `--roll-jitter`, `--offset-jitter`), `--syncs-per-round`,
@@ -436,8 +444,7 @@ def make_configs(kw: dict[str, Any], ds: EmotionDataset) -> tuple[ModelConfig, T
                 train = train.model_copy(update={key: kw[key]})
         if kw.get("camera_jitter") is not None:
             train = train.with_camera(kw["camera_jitter"])
-        for flag, (key, _) in GEOMETRY_FLAGS.items():
-            value = kw.get(flag.removeprefix("--").replace("-", "_"))
+        for flag, (key, value) in geometry_settings(kw).items():
             if value is None:
                 continue
             try:

@@ -28,7 +28,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from aggregator.options import recipe_options, server_options
+from aggregator.options import geometry_settings, recipe_options, server_options
 from splitfed.algorithm_io import AlgorithmIO
 from splitfed.checkpoint import checkpoint_file, planned_rounds, read_model_config
 from splitfed.cliutil import user_errors
@@ -614,9 +614,7 @@ def serve(
         "model.input_norm": kw["input_norm"],
         "model.antialias": kw["antialias"],
         "train.jitter.camera.p": kw["camera_jitter"],
-        "train.jitter.scale": kw["zoom_jitter"],
-        "train.jitter.rotation": kw["roll_jitter"],
-        "train.jitter.shift_y": kw["offset_jitter"],
+        **{f"train.jitter.{key}": value for key, value in geometry_settings(kw).values()},
         "model.shape": kw["shape"],
         "defence": kw["defence"],
         "out": kw["out"],
