@@ -26,7 +26,7 @@ from splitfed.client import ClientRuntime
 from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.dataset import EmotionDataset, SplitKind, default_split
 from splitfed.data.partition import client_shards, default_partition
-from splitfed.data.shift import shift_metrics, shift_set
+from splitfed.data.shift import OtherCamera, shift_metrics
 from splitfed.data.tta import tta_metrics
 from splitfed.defences import DefenceConfig
 from splitfed.errors import UserError
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 def proxy_metrics(model: Any, test: EmotionDataset, seed: int) -> dict[str, Any]:
     """A trained model's `shift_metrics` and `tta_metrics`, on one `other_camera` set."""
-    shifted = shift_set(test.images, "other_camera", seed)
+    shifted = OtherCamera.of(test.images, seed)
     return {
         **shift_metrics(model, test, seed=seed, shifted=shifted),
         **tta_metrics(model, test, seed, shifted=shifted),

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import cv2
@@ -249,6 +250,32 @@ def shift_set(
     return fn(images, np.random.default_rng([seed, *name.encode()]), strength)
 
 
+@dataclass(frozen=True)
+class OtherCamera:
+    """One `other_camera` rendering of a test set, with the draw it came from, so that several
+    metrics can share it (it is the slow part) and each can check it is the set it asked for."""
+
+    images: np.ndarray
+    seed: int
+    strength: float
+
+    @classmethod
+    def of(cls, images: np.ndarray, seed: int = 0, strength: float = 1.0) -> OtherCamera:
+        return cls(shift_set(images, "other_camera", seed, strength), seed, strength)
+
+    def check(self, test: EmotionDataset, seed: int, strength: float) -> np.ndarray:
+        """The images, after checking they render `test` at this seed and strength: a mismatch
+        would pair one proxy with another draw's per-perturbation accuracies."""
+        drawn = (len(self.images), self.seed, self.strength)
+        if drawn != (len(test), seed, strength):
+            raise ValueError(
+                f"the other_camera set holds {drawn[0]} crops drawn at seed {self.seed}, strength "
+                f"{self.strength}; these metrics are for {len(test)} crops at seed {seed}, "
+                f"strength {strength}"
+            )
+        return self.images
+
+
 # ---- accuracy of a trained model on the proxy -------------------------------------------------
 
 
@@ -310,12 +337,12 @@ def shift_metrics(
     test: EmotionDataset,
     seed: int = 0,
     strength: float = 1.0,
-    shifted: np.ndarray | None = None,
+    shifted: OtherCamera | None = None,
 ) -> dict[str, Any]:
     """In-domain accuracy, accuracy on the domain-shift proxy and on each perturbation.
 
-    Keys: `in_domain_accuracy`, `shift_accuracy` (the `other_camera` set; `shifted` when the
-    caller has built it with the same seed and strength), `shift_gap` (their difference) and
+    Keys: `in_domain_accuracy`, `shift_accuracy` (the `other_camera` set, or `shifted`, which
+    must have been drawn for `test` at this seed and strength), `shift_gap` (their difference) and
     `shift_by_perturbation` (accuracy per single perturbation at `strength`).
     Returns {} for a model without split halves (the vertical and clip algorithms).
     """
@@ -326,10 +353,9 @@ def shift_metrics(
     def acc(images: np.ndarray) -> float:
         return float(np.mean(predict_classes(*halves, images) == test.labels))
 
+    camera = shifted or OtherCamera.of(test.images, seed, strength)
+    on_shift = acc(camera.check(test, seed, strength))
     clean = acc(test.images)
-    if shifted is None:
-        shifted = shift_set(test.images, "other_camera", seed, strength)
-    on_shift = acc(shifted)
     return {
         "in_domain_accuracy": clean,
         "shift_accuracy": on_shift,

@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 
 from splitfed.data.dataset import EmotionDataset
-from splitfed.data.shift import SplitHalves, predict_probabilities, shift_set, split_halves, warp
+from splitfed.data.shift import (
+    OtherCamera,
+    SplitHalves,
+    predict_probabilities,
+    split_halves,
+    warp,
+)
 from splitfed.training import softmax
 
 TTA_KEYS = ("tta_in_domain_accuracy", "tta_shift_accuracy")  # what `tta_metrics` reports
@@ -84,11 +90,12 @@ def tta_metrics(
     test: EmotionDataset,
     seed: int = 0,
     strength: float = 1.0,
-    shifted: np.ndarray | None = None,
+    shifted: OtherCamera | None = None,
 ) -> dict[str, Any]:
     """`tta_in_domain_accuracy` and `tta_shift_accuracy`: `shift_metrics`' two headline
-    accuracies (the same test crops, the same `other_camera` set, or `shifted` when the caller
-    has built it) with test-time averaging. Returns {} for a model without split halves."""
+    accuracies (the same test crops, the same `other_camera` set, or `shifted`, drawn for `test`
+    at this seed and strength) with test-time averaging. Returns {} for a model without split
+    halves."""
     halves = split_halves(model)
     if halves is None or len(test) == 0:
         return {}
@@ -97,6 +104,6 @@ def tta_metrics(
         probs = average_probabilities(lambda x: predict_probabilities(*halves, x), images)
         return float(np.mean(probs.argmax(1) == test.labels))
 
-    if shifted is None:
-        shifted = shift_set(test.images, "other_camera", seed, strength)
-    return dict(zip(TTA_KEYS, (acc(test.images), acc(shifted)), strict=True))
+    camera = shifted or OtherCamera.of(test.images, seed, strength)
+    on_shift = acc(camera.check(test, seed, strength))
+    return dict(zip(TTA_KEYS, (acc(test.images), on_shift), strict=True))

@@ -69,7 +69,6 @@ def test_the_simulators_final_metrics_build_the_proxy_set_once(
 ) -> None:
     """`proxy_metrics` gives both functions' numbers from one `other_camera` set."""
     import splitfed.data.shift as shift_module
-    import splitfed.data.tta as tta_module
     import splitfed.simulate as simulate_module
     from splitfed.data.shift import shift_metrics
 
@@ -83,7 +82,26 @@ def test_the_simulators_final_metrics_build_the_proxy_set_once(
         built.append(name)
         return shift_set(images, name, *a)  # type: ignore[arg-type]
 
-    for module in (shift_module, tta_module, simulate_module):
-        monkeypatch.setattr(module, "shift_set", counting)
+    monkeypatch.setattr(shift_module, "shift_set", counting)
     assert simulate_module.proxy_metrics(model, test, seed=3) == want
     assert built.count("other_camera") == 1
+
+
+def test_a_proxy_set_from_another_draw_is_refused() -> None:
+    """A shared `other_camera` set must be the one the metrics would draw: another seed, strength
+    or test set would pair its accuracy with other per-perturbation figures."""
+    from splitfed.data.shift import OtherCamera, shift_metrics
+
+    client, server = halves()
+    test = EmotionDataset("t", crops(14, seed=2), np.arange(14) % 7)
+    model = SimpleNamespace(client_net=client, server_net=server)
+    same = OtherCamera.of(test.images, seed=3)
+    assert shift_metrics(model, test, seed=3, shifted=same) == shift_metrics(model, test, seed=3)
+    for wrong in (
+        OtherCamera.of(test.images, seed=4),
+        OtherCamera.of(test.images, seed=3, strength=0.5),
+        OtherCamera.of(test.images[:7], seed=3),
+    ):
+        for metrics in (shift_metrics, tta_metrics):
+            with pytest.raises(ValueError, match="other_camera set holds"):
+                metrics(model, test, seed=3, shifted=wrong)
