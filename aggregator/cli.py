@@ -14,6 +14,7 @@ from aggregator import privacy as privacy_commands
 from aggregator.jobs import run_tasks
 from aggregator.options import (
     COLUMNS,
+    apply_recipe,
     compare_defence_options,
     console,
     data_options,
@@ -44,12 +45,18 @@ def main() -> None:
 # simulate's and compare's epochs
 rounds_option = click.option(
     "--rounds",
-    type=int,
-    default=DEFAULT_ROUNDS,
-    show_default=True,
-    help="rounds, each one epoch of every device's data (80: on 840 synthetic pictures it "
-    "scored 5 points above 40, and 160 no more; BENCHMARKS.md, 'Twice the epochs')",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"rounds, each one epoch of every device's data ({DEFAULT_ROUNDS}: on 840 synthetic "
+    "pictures it scored 5 points above 40, and 160 no more; BENCHMARKS.md, 'Twice the "
+    f"epochs') [default: {DEFAULT_ROUNDS}, or --recipe's]",
 )
+
+
+def with_recipe(rounds: int | None, kw: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """The rounds and options once `--recipe` has filled in what the flags left unset."""
+    kw = apply_recipe({**kw, "rounds": rounds})
+    return kw.pop("rounds") or DEFAULT_ROUNDS, kw
 
 
 @main.command()
@@ -70,11 +77,18 @@ rounds_option = click.option(
 @data_options
 @user_errors
 def simulate(
-    algo: str, clients: int, rounds: int, out_dir: Path, folds: int | None, shift: bool, **kw: Any
+    algo: str,
+    clients: int,
+    rounds: int | None,
+    out_dir: Path,
+    folds: int | None,
+    shift: bool,
+    **kw: Any,
 ) -> None:
     """Run one algorithm in-process on the same code the MQTT deployment runs."""
     from splitfed.simulate import SimSpec, algorithm_names
 
+    rounds, kw = with_recipe(rounds, kw)
     setup_logging(kw["verbose"])
     quiet_simulation(kw["verbose"])
     set_threads(kw["threads"])
@@ -125,7 +139,7 @@ def simulate(
 def compare(
     algos: str,
     clients_list: str,
-    rounds: int,
+    rounds: int | None,
     out_dir: Path,
     folds: int | None,
     shift: bool,
@@ -136,6 +150,7 @@ def compare(
     from splitfed.metrics import plot_comparison
     from splitfed.simulate import SimSpec, algorithm_names
 
+    rounds, kw = with_recipe(rounds, kw)
     setup_logging(kw["verbose"])
     quiet_simulation(kw["verbose"])
     set_threads(kw["threads"])

@@ -131,6 +131,44 @@ def geometry_settings(kw: dict[str, Any]) -> dict[str, tuple[str, float | None]]
     }
 
 
+# Named recipes: settings one `--recipe` turns on together, each still overridden by its own
+# flag. `other-cameras` is README's "For cameras unlike the training photos" (BENCHMARKS.md,
+# "The shift levers at 80 epochs"): every jitter and the blur, with the twice longer training
+# that heavy jitter needs.
+RECIPES: dict[str, dict[str, Any]] = {
+    "other-cameras": {
+        "antialias": True,
+        "camera_jitter": 1.0,
+        "zoom_jitter": 0.2,
+        "roll_jitter": 5.0,
+        "offset_jitter": 0.1,
+        "rounds": 160,
+    },
+}
+
+
+def recipe_help(name: str) -> str:
+    """A recipe's settings as the flags a user would type."""
+    words = []
+    for key, value in RECIPES[name].items():
+        flag = "--" + key.replace("_", "-")
+        words.append(flag if value is True else f"{flag} {value:g}")
+    return " ".join(words)
+
+
+def apply_recipe(kw: dict[str, Any]) -> dict[str, Any]:
+    """`kw` with `--recipe`'s settings where their own flags are unset (None). A pretrained
+    start (`--init-from`) keeps its checkpoint's anti-aliasing: the architecture is its own."""
+    name = kw.get("recipe")
+    if not name:
+        return kw
+    out = dict(kw)
+    for key, value in RECIPES[name].items():
+        if out.get(key) is None and not (key == "antialias" and out.get("init_from")):
+            out[key] = value
+    return out
+
+
 def recipe_option_list() -> list[Callable[[Any], Any]]:
     """`--input-norm`, `--antialias`, `--camera-jitter`, the geometric jitter (`--zoom-jitter`,
     `--roll-jitter`, `--offset-jitter`), `--syncs-per-round`,
@@ -138,8 +176,16 @@ def recipe_option_list() -> list[Callable[[Any], Any]]:
     the learning rate starts and whether side-by-side devices share the batch, one definition
     for simulate, compare and serve. Unset, they are None: the model's and training's own
     defaults stand (serve: the YAML's), and a pretrained checkpoint (`--init-from`) keeps the
-    norm it was trained with."""
+    norm it was trained with. `--recipe` names a set of them (`RECIPES`, `apply_recipe`)."""
     return [
+        click.option(
+            "--recipe",
+            type=click.Choice(list(RECIPES)),
+            default=None,
+            help="a named set of the flags below, each of which still overrides it; "
+            f"other-cameras: {recipe_help('other-cameras')} (README, 'For cameras unlike the "
+            "training photos')",
+        ),
         click.option(
             "--input-norm",
             type=click.Choice(list(get_args(ModelConfig.model_fields["input_norm"].annotation))),

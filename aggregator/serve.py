@@ -28,7 +28,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from aggregator.options import geometry_settings, recipe_options, server_options
+from aggregator.options import apply_recipe, geometry_settings, recipe_options, server_options
 from splitfed.algorithm_io import AlgorithmIO
 from splitfed.checkpoint import checkpoint_file, planned_rounds, read_model_config
 from splitfed.cliutil import user_errors
@@ -511,7 +511,7 @@ class Dashboard:
     help="no training: publish --checkpoint's client weights and answer live predictions",
 )
 @server_options  # as simulate's, unset = the config's (aggregator.options)
-@recipe_options  # --input-norm, --camera-jitter, --syncs-per-round: as simulate's
+@recipe_options  # --recipe, --input-norm, --camera-jitter, --syncs-per-round: as simulate's
 @click.option(
     "--sflv2-order",
     type=click.Choice(SFLV2_ORDERS),
@@ -579,6 +579,7 @@ def serve(
     from aggregator.options import setup_logging
 
     setup_logging(verbose)
+    kw = apply_recipe(kw)
     overrides = {
         "broker.url": kw["broker"],
         "broker.listen": kw["listen"],

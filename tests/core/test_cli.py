@@ -119,3 +119,30 @@ def test_the_input_recipe_reaches_the_run(tmp_path: Path) -> None:
     code, text = invoke("simulate", "--algo", "sflv1", *SMALL, "--roll-jitter", "90",
                         "--out", str(tmp_path / "z"))  # fmt: skip
     assert code == 2 and "--roll-jitter: " in text and "45" in text, text
+
+
+def test_a_named_recipe_sets_its_flags_and_each_own_flag_wins(tmp_path: Path) -> None:
+    out = tmp_path / "cameras"
+    code, text = invoke("simulate", "--algo", "sflv1", *SMALL, "--recipe", "other-cameras",
+                        "--roll-jitter", "2", "--out", str(out))  # fmt: skip
+    assert code == 0, text
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"]["antialias"] is True and m["train"]["jitter"]["camera"]["p"] == 1.0
+    jitter = m["train"]["jitter"]
+    assert (jitter["scale"], jitter["rotation"], jitter["shift_y"]) == (0.2, 2.0, 0.1)
+    assert len(m["rounds"]) == 2  # --rounds given: the recipe's 160 does not apply
+
+
+def test_the_recipe_fills_only_unset_flags() -> None:
+    from aggregator.cli import with_recipe
+    from aggregator.options import RECIPES, apply_recipe
+    from splitfed.config import DEFAULT_ROUNDS
+
+    assert with_recipe(None, {"recipe": None})[0] == DEFAULT_ROUNDS
+    rounds, kw = with_recipe(None, {"recipe": "other-cameras", "antialias": False})
+    assert rounds == RECIPES["other-cameras"]["rounds"] and "rounds" not in kw
+    assert kw["antialias"] is False and kw["zoom_jitter"] == 0.2  # --no-antialias wins
+    assert with_recipe(40, {"recipe": "other-cameras"})[0] == 40
+    # A pretrained start keeps its checkpoint's architecture, anti-aliased or not.
+    pretrained = apply_recipe({"recipe": "other-cameras", "init_from": Path("ckpt")})
+    assert pretrained.get("antialias") is None and pretrained["camera_jitter"] == 1.0

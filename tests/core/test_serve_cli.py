@@ -112,3 +112,14 @@ def test_serve_takes_the_input_recipe(parsed: list[Any], tmp_path: Path) -> None
     assert (cfg.train.jitter.scale, cfg.train.jitter.rotation) == (0.1, 3.0)
     assert cfg.train.jitter.shift_y == 0.05
     assert cfg.train.batch_size == 8  # the flags moved only their own keys
+
+
+def test_serve_takes_a_named_recipe_under_its_own_flags(parsed: list[Any], tmp_path: Path) -> None:
+    code, out = invoke("serve", "--recipe", "other-cameras", "--camera-jitter", "0.5",
+                       "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, out
+    cfg = parsed[-1]
+    assert cfg.model.antialias is True and cfg.train.jitter.camera.p == 0.5
+    jitter = cfg.train.jitter
+    assert (jitter.scale, jitter.rotation, jitter.shift_y) == (0.2, 5.0, 0.1)
+    assert cfg.rounds == 160
