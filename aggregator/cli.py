@@ -148,7 +148,7 @@ def compare(
 ) -> None:
     """Run several algorithms and client counts on one split; write a table and a plot."""
     from splitfed.metrics import plot_comparison
-    from splitfed.simulate import SimSpec, algorithm_names
+    from splitfed.simulate import SimSpec, algorithm_names, preflight
 
     rounds, kw = with_recipe(rounds, kw)
     setup_logging(kw["verbose"])
@@ -196,6 +196,11 @@ def compare(
                            init_from=init, frames=kw["frames"], segments=kw["segments"],
                            defence=defence if smashed else None)  # fmt: skip
             tasks.append((spec, label))
+    for spec, label in tasks:  # every refusal before the first run trains
+        try:
+            preflight(ds, spec)
+        except UserError as e:
+            raise UserError(f"{label}: {e} (or leave {spec.algo} out of --algos)") from None
     results = run_tasks(ds, tasks, folds, parallel, kw["threads"], kw["verbose"])
     out_dir.mkdir(parents=True, exist_ok=True)
     write_results(results, out_dir)

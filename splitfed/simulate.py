@@ -15,9 +15,9 @@ from splitfed.algorithms.base import Strategy
 from splitfed.algorithms.centralized import Centralized
 from splitfed.algorithms.cnn import SMASHED_ALGORITHMS, SplitCNN
 from splitfed.algorithms.fedavg import FedAvg
-from splitfed.algorithms.fedsl.simulate import simulate_fedsl
+from splitfed.algorithms.fedsl.simulate import check_fedsl, simulate_fedsl
 from splitfed.algorithms.fedsl.strategy import FedSL
-from splitfed.algorithms.pyvertical.simulate import simulate_pyvertical
+from splitfed.algorithms.pyvertical.simulate import check_pyvertical, simulate_pyvertical
 from splitfed.algorithms.pyvertical.strategy import PyVertical
 from splitfed.algorithms.sflv1 import SFLV1
 from splitfed.algorithms.sflv2 import SFLV2
@@ -99,6 +99,8 @@ class Entry:
     strategy: type[Strategy]
     simulate: Simulator | None = None  # None: one crop per sample, `simulate_split` runs it
     served: bool = False
+    # The simulator's own refusals before its first round (a UserError), for `preflight`.
+    check: Callable[[EmotionDataset, SimSpec], None] | None = None
 
 
 # The one list of algorithms. Those whose data differ from one crop per sample (vertical
@@ -109,8 +111,8 @@ REGISTRY: dict[str, Entry] = {
     "sl": Entry(SplitLearning, served=True),
     "sflv1": Entry(SFLV1, served=True),
     "sflv2": Entry(SFLV2, served=True),
-    "pyvertical": Entry(PyVertical, simulate_pyvertical, served=True),
-    "fedsl": Entry(FedSL, simulate_fedsl, served=True),
+    "pyvertical": Entry(PyVertical, simulate_pyvertical, served=True, check=check_pyvertical),
+    "fedsl": Entry(FedSL, simulate_fedsl, served=True, check=check_fedsl),
 }
 
 
@@ -131,6 +133,23 @@ def strategy_class(name: str) -> type[Strategy]:
 
 def simulate(data: EmotionDataset, spec: SimSpec, on_round: Any = None) -> dict[str, Any]:
     """Run `spec` in-process and return its metrics (also written to spec.out_dir)."""
+    entry = _refuse(spec)
+    if entry.simulate is not None:
+        return entry.simulate(data, spec, on_round)
+    return simulate_split(data, spec, on_round)
+
+
+def preflight(data: EmotionDataset, spec: SimSpec) -> None:
+    """Raise the UserError `simulate(data, spec)` would raise before its first round, if any:
+    `compare` asks every run before it starts the first, so that the seventh run's refusal of
+    a flag does not come after the first six have trained."""
+    entry = _refuse(spec)
+    if entry.check is not None:
+        entry.check(data, spec)
+
+
+def _refuse(spec: SimSpec) -> Entry:
+    """`spec`'s algorithm, after the refusals its settings alone decide."""
     if spec.algo not in REGISTRY:
         raise UserError(
             f"unknown algorithm {spec.algo!r}: choose from {', '.join(algorithm_names())}"
@@ -146,14 +165,12 @@ def simulate(data: EmotionDataset, spec: SimSpec, on_round: Any = None) -> dict[
             f"--defence acts on smashed data, which only {', '.join(SMASHED_ALGORITHMS)} send; "
             f"use --defence none with {spec.algo}"
         )
-    if entry.simulate is not None:
-        if spec.model is not None and spec.model.shape == "u":
-            raise UserError(
-                f"--shape u needs an algorithm with smashed data: {', '.join(SMASHED_ALGORITHMS)}"
-                f" (not {spec.algo})"
-            )
-        return entry.simulate(data, spec, on_round)
-    return simulate_split(data, spec, on_round)
+    if entry.simulate is not None and spec.model is not None and spec.model.shape == "u":
+        raise UserError(
+            f"--shape u needs an algorithm with smashed data: {', '.join(SMASHED_ALGORITHMS)}"
+            f" (not {spec.algo})"
+        )
+    return entry
 
 
 def simulate_split(data: EmotionDataset, spec: SimSpec, on_round: Any = None) -> dict[str, Any]:

@@ -146,3 +146,13 @@ def test_the_recipe_fills_only_unset_flags() -> None:
     # A pretrained start keeps its checkpoint's architecture, anti-aliased or not.
     pretrained = apply_recipe({"recipe": "other-cameras", "init_from": Path("ckpt")})
     assert pretrained.get("antialias") is None and pretrained["camera_jitter"] == 1.0
+
+
+def test_compare_refuses_before_the_first_run_trains(tmp_path: Path) -> None:
+    """PyVertical's parts refuse geometric jitter: compare says so before centralized trains."""
+    out = tmp_path / "cmp"
+    code, text = invoke("compare", "--algos", "centralized,pyvertical", "--clients", "2", *SMALL,
+                        "--zoom-jitter", "0.1", "--no-shift", "--out", str(out))  # fmt: skip
+    assert code == 2 and "pyvertical x2: pyvertical cannot jitter the geometry" in text, text
+    assert "leave pyvertical out of --algos" in text
+    assert not (out / "centralized").exists()

@@ -12,8 +12,14 @@ from splitfed.algorithms.fedsl.model import (
     DEFAULT_FRAMES,
     DEFAULT_SEGMENTS,
     SeqModelConfig,
+    jitter_problem,
 )
-from splitfed.algorithms.fedsl.parties import SegmentSpec, seq_model_config, sequence_shards
+from splitfed.algorithms.fedsl.parties import (
+    SegmentSpec,
+    SequenceShards,
+    seq_model_config,
+    sequence_shards,
+)
 from splitfed.algorithms.fedsl.strategy import FedSL
 from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.clips import ClipDataset
@@ -66,6 +72,28 @@ def build_federation(
     return algo, io, runtimes
 
 
+def _federation_inputs(
+    data: EmotionDataset, spec: Any, frames: int = DEFAULT_FRAMES, segments: int = DEFAULT_SEGMENTS
+) -> tuple[SequenceShards, SeqModelConfig, TrainConfig]:
+    """The sequences, shards and configs of `spec`'s run (`spec.frames` and `spec.segments`,
+    when it has them, over the defaults), or a UserError naming why not."""
+    frames = getattr(spec, "frames", None) or frames
+    segments = getattr(spec, "segments", None) or segments
+    sh = sequence_shards(
+        data, SegmentSpec(spec.clients, frames, segments, spec.seed, spec.partition, spec.split)
+    )
+    return sh, seq_model_config(sh.clips, segments, spec.model), spec.train or TrainConfig()
+
+
+def check_fedsl(data: EmotionDataset, spec: Any) -> None:
+    """Raise the UserError `simulate_fedsl` would raise before its first round, if any
+    (`compare` asks every run before it starts the first)."""
+    _, model_cfg, train_cfg = _federation_inputs(data, spec)
+    problem = jitter_problem(model_cfg, train_cfg)
+    if problem:
+        raise UserError(problem)
+
+
 def simulate_fedsl(
     data: EmotionDataset,
     spec: Any,
@@ -76,15 +104,10 @@ def simulate_fedsl(
     """`aggregator simulate --algo fedsl`: spec.clients client groups of `segments` devices each.
 
     `spec.frames` and `spec.segments`, when the spec has them, override the defaults."""
-    frames = getattr(spec, "frames", None) or frames
-    segments = getattr(spec, "segments", None) or segments
-    sh = sequence_shards(
-        data, SegmentSpec(spec.clients, frames, segments, spec.seed, spec.partition, spec.split)
-    )
+    sh, model_cfg, train_cfg = _federation_inputs(data, spec, frames, segments)
+    segments = model_cfg.segments
     clips, train_idx, test_idx, shards = sh.clips, sh.train_idx, sh.test_idx, sh.shards
     split, partition = sh.split, sh.partition
-    model_cfg = seq_model_config(clips, segments, spec.model)
-    train_cfg = spec.train or TrainConfig()
     if train_cfg.compression == "int8":
         log.info("fedsl sends hidden states as fp16 (int8 is for conv feature maps)")
     algo, io, _ = build_federation(

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from splitfed.algorithm_io import AlgorithmIO
+from splitfed.algorithms.pyvertical.augment import jitter_problem
 from splitfed.algorithms.pyvertical.model import VerticalModelConfig
 from splitfed.algorithms.pyvertical.parties import (
     MAX_OWNERS,
@@ -27,7 +28,14 @@ from splitfed.transport import InProcessTransport
 log = logging.getLogger(__name__)
 
 
-__all__ = ["MAX_OWNERS", "build_federation", "model_config_for", "owner_id", "simulate_pyvertical"]
+__all__ = [
+    "MAX_OWNERS",
+    "build_federation",
+    "check_pyvertical",
+    "model_config_for",
+    "owner_id",
+    "simulate_pyvertical",
+]
 
 
 def owner_id(i: int) -> str:
@@ -48,11 +56,11 @@ def build_federation(
     return algo, io, runtimes
 
 
-def simulate_pyvertical(data: EmotionDataset, spec: Any, on_round: Any = None) -> dict[str, Any]:
-    """`aggregator simulate --algo pyvertical`: spec.clients data owners, one part each."""
+def _federation_inputs(
+    data: EmotionDataset, spec: Any
+) -> tuple[VerticalData, VerticalModelConfig, TrainConfig]:
+    """The owners' parts and the configs of `spec`'s run, or a UserError naming why not."""
     base = base_model(data.input_shape, spec.model)
-    if spec.partition not in (None, "vertical"):
-        log.info("pyvertical partitions vertically; --partition %s is not used", spec.partition)
     if not 1 <= spec.clients <= MAX_OWNERS:
         raise UserError(
             f"pyvertical takes 1 to {MAX_OWNERS} data owners (--clients), got {spec.clients}"
@@ -61,9 +69,24 @@ def simulate_pyvertical(data: EmotionDataset, spec: Any, on_round: Any = None) -
         vdata = views_partition(data, split=spec.split, seed=spec.seed)
     else:
         vdata = vertical_parties(data, PartySpec(spec.clients, spec.seed, spec.split, base))
+    return vdata, model_config_for(vdata, base), spec.train or TrainConfig()
+
+
+def check_pyvertical(data: EmotionDataset, spec: Any) -> None:
+    """Raise the UserError `simulate_pyvertical` would raise before its first round, if any
+    (`compare` asks every run before it starts the first)."""
+    _, model_cfg, train_cfg = _federation_inputs(data, spec)
+    problem = jitter_problem(model_cfg, train_cfg)
+    if problem:
+        raise UserError(problem)
+
+
+def simulate_pyvertical(data: EmotionDataset, spec: Any, on_round: Any = None) -> dict[str, Any]:
+    """`aggregator simulate --algo pyvertical`: spec.clients data owners, one part each."""
+    if spec.partition not in (None, "vertical"):
+        log.info("pyvertical partitions vertically; --partition %s is not used", spec.partition)
+    vdata, model_cfg, train_cfg = _federation_inputs(data, spec)
     owners = len(vdata.owners)
-    model_cfg = model_config_for(vdata, base)
-    train_cfg = spec.train or TrainConfig()
     algo, io, _ = build_federation(vdata, model_cfg, train_cfg, spec.seed, spec.run_id)
     data_info: dict[str, Any] = {
         "name": data.name,
