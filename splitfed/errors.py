@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """A problem with the user's input (path, data, config), reported without a traceback."""
+
+
+def refuse(problem: str | None) -> None:
+    """Raise `problem` as a UserError; None (no problem) passes."""
+    if problem:
+        raise UserError(problem)

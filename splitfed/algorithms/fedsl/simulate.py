@@ -25,7 +25,7 @@ from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.clips import ClipDataset
 from splitfed.data.dataset import EmotionDataset
 from splitfed.devices.segment import SegmentRuntime
-from splitfed.errors import UserError
+from splitfed.errors import UserError, refuse
 from splitfed.runner import RunOptions, run, write_outputs
 from splitfed.transport import InProcessTransport
 
@@ -89,9 +89,7 @@ def check_fedsl(data: EmotionDataset, spec: Any) -> None:
     """Raise the UserError `simulate_fedsl` would raise before its first round, if any
     (`compare` asks every run before it starts the first)."""
     _, model_cfg, train_cfg = _federation_inputs(data, spec)
-    problem = jitter_problem(model_cfg, train_cfg)
-    if problem:
-        raise UserError(problem)
+    refuse(jitter_problem(model_cfg, train_cfg))
 
 
 def simulate_fedsl(

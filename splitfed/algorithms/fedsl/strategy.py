@@ -42,7 +42,7 @@ from splitfed.algorithms.fedsl.model import (
 )
 from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.emotions import NUM_CLASSES
-from splitfed.errors import UserError
+from splitfed.errors import UserError, refuse
 from splitfed.server import ServerIO
 from splitfed.training import (
     prefixed,
@@ -78,9 +78,7 @@ class FedSL(Strategy):
         seed: int,
         aggregation: AggregationConfig | None = None,
     ) -> None:
-        problem = jitter_problem(model_cfg, train_cfg)
-        if problem:
-            raise UserError(problem)
+        refuse(jitter_problem(model_cfg, train_cfg))
         super().__init__(train_cfg, seed, aggregation)
         # The model is the segmented recurrent network, all of it on the devices.
         self.model_cfg: SeqModelConfig = model_cfg

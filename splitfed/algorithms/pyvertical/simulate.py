@@ -21,7 +21,7 @@ from splitfed.data.dataset import EmotionDataset
 from splitfed.data.vertical import VerticalData
 from splitfed.data.views import views_partition
 from splitfed.devices.owner import OwnerRuntime
-from splitfed.errors import UserError
+from splitfed.errors import UserError, refuse
 from splitfed.runner import RunOptions, run, write_outputs
 from splitfed.transport import InProcessTransport
 
@@ -76,9 +76,7 @@ def check_pyvertical(data: EmotionDataset, spec: Any) -> None:
     """Raise the UserError `simulate_pyvertical` would raise before its first round, if any
     (`compare` asks every run before it starts the first)."""
     _, model_cfg, train_cfg = _federation_inputs(data, spec)
-    problem = jitter_problem(model_cfg, train_cfg)
-    if problem:
-        raise UserError(problem)
+    refuse(jitter_problem(model_cfg, train_cfg))
 
 
 def simulate_pyvertical(data: EmotionDataset, spec: Any, on_round: Any = None) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from splitfed.algorithms.pyvertical.model import (
 from splitfed.config import TrainConfig
 from splitfed.data.vertical import LabelTable, batch_flips, batch_plan
 from splitfed.emotions import NUM_CLASSES
-from splitfed.errors import UserError
+from splitfed.errors import UserError, refuse
 from splitfed.model import seeded
 from splitfed.psi import PsiQuerier, encode_ids, from_wire, to_wire
 from splitfed.server import ServerIO
@@ -98,9 +98,7 @@ class PyVertical(Strategy):
     def __init__(
         self, model_cfg: VerticalModelConfig, train_cfg: TrainConfig, seed: int, labels: LabelTable
     ) -> None:
-        problem = jitter_problem(model_cfg, train_cfg)
-        if problem:
-            raise UserError(problem)
+        refuse(jitter_problem(model_cfg, train_cfg))
         super().__init__(train_cfg, seed)
         # The model is the multi-head network: the trunk here, the heads with their owners.
         self.model_cfg: VerticalModelConfig = model_cfg
