@@ -105,6 +105,16 @@ want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2 --jobs "$(n
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
     centralized:1:16:16:rounds=80,centralized:1:16:16:geo=0.2/5/0.1:aa=1:cam=1:rounds=80,centralized:1:16:16:geo=0.2/5/0.1:aa=1:cam=1:rounds=160 \
     2>/dev/null; echo '```'; } > $B/shift_80.md
+# `--recipe other-cameras` (every jitter with the blur, 160 epochs): SFLV1 and SFLV2 at two
+# devices on seed 0 (paired with shift_80's centralized cell by hand), and seed 1 centralized
+# against the default and against the recipe without the blur.
+OTHER_CAMERAS=geo=0.2/5/0.1:aa=1:cam=1:rounds=160
+want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
+    sflv1:2:16:16:split=1:$OTHER_CAMERAS,sflv2:2:16:16:lockstep:split=1:$OTHER_CAMERAS 2>/dev/null; echo '```'; } \
+    > $B/recipe_fed.md
+want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 1 --jobs "$(nproc)" \
+    centralized:1:16:16:rounds=80,centralized:1:16:16:$OTHER_CAMERAS,centralized:1:16:16:geo=0.2/5/0.1:cam=1:rounds=160 \
+    2>/dev/null; echo '```'; } > $B/recipe_s1.md
 # The default of 80 epochs at ten devices.
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
     centralized:1:16:16:rounds=80,sflv1:10:16:16:-:sqrt:split=1:rounds=80,sflv2:10:16:16:lockstep:sqrt:split=1:rounds=80 \
@@ -175,6 +185,8 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "Eighty and 160 epochs centralized, seed 0 (\`scripts/probe_cells.py\`)" $B/epochs_80.md
     section "Forty epochs at two and five devices, seeds 0 to 2 (\`scripts/probe_cells.py\`)" $B/epochs_two_five.md
     section "Every jitter with the blur at 80 and 160 epochs, seed 0 (\`scripts/probe_cells.py\`)" $B/shift_80.md
+    section "The other-cameras recipe at two devices, seed 0 (\`scripts/probe_cells.py\`)" $B/recipe_fed.md
+    section "The other-cameras recipe, with and without the blur, seed 1 (\`scripts/probe_cells.py\`)" $B/recipe_s1.md
     section "Eighty epochs at ten devices, seed 0 (\`scripts/probe_cells.py\`)" $B/epochs_ten_80.md
     section "Test-time averaging in offline live inference: cost per frame (\`scripts/bench_live_tta.py\`)" $B/live_tta.md
     section "Domain shift: input recipes (\`scripts/bench_shift.py\`)" $B/shift.md
