@@ -101,14 +101,15 @@ want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1,2 --jobs "$(nproc)" \
     centralized:1:16:16:rounds=40,sflv1:5:16:16:split=1:rounds=40,sflv2:5:16:16:lockstep:split=1:rounds=40,sflv1:2:16:16:split=1:rounds=40,sflv2:2:16:16:lockstep:split=1:rounds=40 \
     2>/dev/null; echo '```'; } > $B/epochs_two_five.md
-# The shift levers at 80 epochs: every jitter at once with the blur, at 80 and 160 epochs.
+# The shift levers at 80 epochs: every jitter at once with the blur (ALL_JITTER), at 80 and
+# 160 epochs; at 160 it is `--recipe other-cameras` (aggregator.options.RECIPES).
+ALL_JITTER=geo=0.2/5/0.1:aa=1:cam=1
+OTHER_CAMERAS=$ALL_JITTER:rounds=160
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
-    centralized:1:16:16:rounds=80,centralized:1:16:16:geo=0.2/5/0.1:aa=1:cam=1:rounds=80,centralized:1:16:16:geo=0.2/5/0.1:aa=1:cam=1:rounds=160 \
+    centralized:1:16:16:rounds=80,centralized:1:16:16:$ALL_JITTER:rounds=80,centralized:1:16:16:$OTHER_CAMERAS \
     2>/dev/null; echo '```'; } > $B/shift_80.md
-# `--recipe other-cameras` (every jitter with the blur, 160 epochs): SFLV1 and SFLV2 at two
-# devices on seed 0 (paired with shift_80's centralized cell by hand), and seed 1 centralized
-# against the default and against the recipe without the blur.
-OTHER_CAMERAS=geo=0.2/5/0.1:aa=1:cam=1:rounds=160
+# The recipe's SFLV1 and SFLV2 at two devices on seed 0 (paired with shift_80's centralized cell
+# by hand), and seed 1 centralized against the default and against the recipe without the blur.
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
     sflv1:2:16:16:split=1:$OTHER_CAMERAS,sflv2:2:16:16:lockstep:split=1:$OTHER_CAMERAS 2>/dev/null; echo '```'; } \
     > $B/recipe_fed.md
