@@ -18,299 +18,33 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import click
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
 from aggregator.options import apply_recipe, geometry_settings, recipe_options, server_options
-from splitfed.algorithm_io import AlgorithmIO
+from aggregator.serve_config import (
+    OWN_DATA_ALGOS,
+    SERVE_ALGOS,
+    SERVE_SPLIT_ALGOS,
+    ServeConfig,
+    load_allow_list,
+    load_serve_config,
+)
+from aggregator.serve_io import ServeAlgorithmIO, ServeIO
 from splitfed.checkpoint import checkpoint_file, planned_rounds, read_model_config
 from splitfed.cliutil import user_errors
-from splitfed.config import DEFAULT_ROUNDS, SFLV2_ORDERS, AggregationConfig, TrainConfig
+from splitfed.config import DEFAULT_ROUNDS, SFLV2_ORDERS, TrainConfig
 from splitfed.defences import DEFAULT_HELP, DEFENCES, DefenceConfig, default_defence, get_defence
 from splitfed.errors import UserError
-from splitfed.model import ModelConfig
-from splitfed.mqtt import ID_RE, MqttSettings
-from splitfed.server import AGGREGATOR_ID, Presence, ServerIO
-from splitfed.transport import Incoming
+from splitfed.server import ServerIO
 from splitfed.wire import Message
 
 log = logging.getLogger("aggregator.serve")
-
-# What `serve` deploys (splitfed.simulate.served_names(); a test keeps the two in step).
-SERVE_ALGOS = ("fedavg", "sl", "sflv1", "sflv2", "pyvertical", "fedsl")
-SERVE_SPLIT_ALGOS = ("fedavg", "sl", "sflv1", "sflv2")  # one split CNN: --init-from, --live
-# Algorithms whose devices hold other data than whole crops (owners' parts, clip segments).
-OWN_DATA_ALGOS = ("pyvertical", "fedsl")
-NOT_ENROLLED = "client not enrolled"  # the counted reason for ids outside --allow-clients
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ServeBroker(MqttSettings):
-    """The aggregator's broker: the shared MQTT settings, or the embedded broker's own."""
-
-    url: str | None = Field(
-        None,
-        description="mqtt[s]://HOST:PORT of Mosquitto (or any MQTT broker); "
-        "None = start the embedded broker",
-    )
-    listen: str = Field("127.0.0.1:1883", description="HOST:PORT of the embedded broker")
-    users_file: Path | None = Field(
-        None,
-        description="embedded broker: USER:HASH lines it accepts logins from "
-        "(python -m splitfed.broker add-user); required beyond loopback unless insecure",
-    )
-    insecure: bool = Field(
-        False, description="embedded broker: allow listening beyond loopback without logins"
-    )
-    shared_group: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z0-9_-]{1,64}$",
-        description="subscribe as MQTT 5 shared subscriptions $share/GROUP/... (a broker "
-        "cluster may then serve them from any node); None = plain subscriptions",
-    )
-
-
-class ServeConfig(_Strict):
-    """Everything `serve` needs; a YAML file with these keys, overridden by the flags."""
-
-    algo: Literal["fedavg", "sl", "sflv1", "sflv2", "pyvertical", "fedsl"] = Field(
-        "sflv1", description="algorithm"
-    )
-    min_clients: int = Field(2, ge=1, description="agents to wait for before the first round")
-    rounds: int | None = Field(
-        None,
-        ge=1,
-        description="rounds to train; unset: a resumed run's own plan, else "
-        f"{DEFAULT_ROUNDS} (simulate's default)",
-    )
-    round_timeout: float = Field(
-        600.0, gt=0, description="seconds before a round finishes without stragglers"
-    )
-    join_timeout: float = Field(3600.0, gt=0, description="seconds to wait for min_clients agents")
-    seed: int = Field(0, description="run seed (reaches the agents in every round configuration)")
-    broker: ServeBroker = Field(default_factory=ServeBroker, description="MQTT")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="split network")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="training settings")
-    out: Path = Field(Path("runs/serve"), description="metrics.json, plots")
-    checkpoint_dir: Path | None = Field(None, description="checkpoints (default OUT/checkpoint)")
-    resume: bool = Field(True, description="resume from the checkpoint when there is one")
-    eval_data: str | None = Field(
-        None, description="evaluation set held by the aggregator (path or synth)"
-    )
-    presence_grace: float = Field(
-        5.0,
-        ge=0,
-        description="seconds an agent's last will waits for it to reconnect before it counts",
-    )
-    rejoin_grace: float = Field(
-        5.0, ge=0, description="seconds a round waits for agents that dropped out to reconnect"
-    )
-    serve_forever: bool = Field(False, description="keep answering live predictions after training")
-    init_from: Path | None = Field(
-        None,
-        description="start both halves from this checkpoint (e.g. pretrained centrally on a "
-        "public set); its architecture is used, and the cut must match",
-    )
-    live_model: Path | None = Field(
-        None,
-        description="serve this trained checkpoint live, without training: publish its client "
-        "weights and answer the agents' predictions (agents need no training data)",
-    )
-    allow_clients: Path | None = Field(
-        None,
-        description="file of client ids (one a line, # comments) allowed to join; None = any",
-    )
-    threads: int | None = Field(None, ge=1, description="torch threads")
-    aggregation: AggregationConfig = Field(
-        default_factory=AggregationConfig, description="how the devices' copies are combined"
-    )
-    defence: str | None = Field(
-        None,
-        description="defence the agents apply to their smashed data (splitfed/defences.py); "
-        "its cut, bottleneck and compression override model and train. None: `recommended` "
-        "for sl, sflv1 and sflv2, `none` for the algorithms that send no smashed data",
-    )
-    step_timeout: float | None = Field(
-        None,
-        gt=0,
-        description="SL, SFLV2: seconds the round waits on one agent that stays connected but "
-        "stops answering before it goes on without it (None: only the round timeout)",
-    )
-    data: str = Field(
-        "synth",
-        description="pyvertical: the data set whose labels the aggregator holds (the label "
-        "holder's table of simulate's vertical partition, --min-clients owners); fedsl: the "
-        "data set whose sequences' frame shape the network takes",
-    )
-    data_format: Literal["synth", "kdef", "folder", "fer2013"] | None = Field(
-        None, description="format of `data` (None: detected)"
-    )
-    split: Literal["subject", "random"] | None = Field(
-        None, description="pyvertical: held-out split of `data` (as simulate)"
-    )
-    frames: int = Field(4, ge=2, le=64, description="fedsl: time steps per sequence")
-    views: str | None = Field(
-        None,
-        description="pyvertical: KDEF camera angles, one data owner (camera) each, e.g. S,HL,HR "
-        "(agents `--role owner --views` the same list); `data` is the KDEF tree of the labels",
-    )
-    record_salt: str = Field(
-        "splitfed-views",
-        min_length=1,
-        max_length=256,
-        description="pyvertical views: the federation's shared salt of the record ids",
-    )
-    segments: int = Field(2, ge=1, le=64, description="fedsl: devices per client group")
-    fed_server: bool = Field(
-        False,
-        description="sflv1, sflv2: a separate fed server (`aggregator fed-server`) averages the "
-        "client halves; this main server trains the server half and never holds a client half",
-    )
-
-
-class ServeIO(ServerIO):
-    """ServerIO for a live federation.
-
-    Only agents that hold training data train (camera-only agents just ask for predictions).
-    With an allow list (`allowed`), a message from any other id is dropped before it is
-    parsed and counted as "client not enrolled"; with the shipped Mosquitto ACL the topic a
-    message arrives on is the sender's authenticated identity, so this is enrolment.
-    After an outage (a broker restart fires every agent's last will) the next round waits for
-    the agents to reconnect: up to `grace` seconds while fewer than `min_clients` are back, up
-    to `outage_timeout` while none is.
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        data_info: dict[str, Any] | None = None,
-        min_clients: int = 1,
-        grace: float = 5.0,
-        outage_timeout: float = 600.0,
-        allowed: frozenset[str] | None = None,
-        **kw: Any,
-    ) -> None:
-        super().__init__(*args, **kw)
-        self.allowed = allowed
-        self._warned: set[str] = set()  # un-enrolled ids already logged (bounded)
-        self.data_info = data_info if data_info is not None else {}
-        self.min_clients = min_clients
-        self.grace = grace
-        self.outage_timeout = outage_timeout
-        self.last_poll = time.monotonic()  # the systemd watchdog checks that rounds progress
-
-    def next(self, deadline: float) -> Any:
-        self.last_poll = time.monotonic()
-        return super().next(deadline)
-
-    def _accept(self, ev: Incoming) -> Message | Presence | None:
-        if self.allowed is not None and ev.client_id not in self.allowed:
-            if ev.data is None:
-                return None  # a stranger's presence is no event of this run
-            self.rejected[NOT_ENROLLED] += 1
-            if ev.client_id not in self._warned and len(self._warned) < 1000:
-                self._warned.add(ev.client_id)
-                log.warning("dropped messages from %s: %s (logged once)", ev.client_id,
-                            NOT_ENROLLED)  # fmt: skip
-            return None
-        return super()._accept(ev)
-
-    def trainers(self) -> list[str]:
-        return sorted(c for c, i in self.clients.items() if i.online and i.n_train > 0)
-
-    def online(self) -> list[str]:
-        now = self.trainers()
-        if len(now) >= self.min_clients or not self.clients:
-            return now
-        wait = self.grace if now else self.outage_timeout
-        log.info("%d of %d agents online; waiting up to %.0f s for the others", len(now),
-                 self.min_clients, wait)  # fmt: skip
-        deadline = time.monotonic() + wait
-        while len(now) < self.min_clients and time.monotonic() < deadline:
-            self.next(min(deadline, time.monotonic() + 0.5))
-            now = self.trainers()
-        return now
-
-    def wait_for_clients(self, n: int, timeout: float) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while len(self.trainers()) < n and time.monotonic() < deadline:
-            self.next(min(deadline, time.monotonic() + 1.0))
-        online = self.trainers()
-        info = [self.clients[c] for c in online]
-        self.data_info.update({
-            "name": "agents",
-            "n_train": sum(i.n_train for i in info),
-            "n_test": sum(i.n_test for i in info),
-            "clients_samples": [i.n_train for i in info],
-        })  # fmt: skip
-        return online
-
-
-class ServeAlgorithmIO(ServeIO, AlgorithmIO):
-    """ServeIO's live-federation behaviour with AlgorithmIO's checks for owners and segments.
-
-    Build it as AlgorithmIO: (transport, run_id, train_cfg, specs, ...ServeIO's keywords)."""
-
-
-def load_allow_list(path: Path) -> frozenset[str]:
-    """Client ids from a file: one a line, `#` starts a comment; a bad id names its line."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read the allow list {path}: {e.strerror}") from None
-    ids: set[str] = set()
-    for n, raw in enumerate(lines, 1):
-        cid = raw.split("#", 1)[0].strip()
-        if not cid:
-            continue
-        if not ID_RE.match(cid) or cid == AGGREGATOR_ID:
-            raise UserError(f"{path} line {n}: bad client id {cid!r} (1-64 of A-Z a-z 0-9 _ -)")
-        ids.add(cid)
-    if not ids:
-        raise UserError(f"the allow list {path} names no client: nobody could train")
-    return frozenset(ids)
-
-
-def _set(d: dict[str, Any], path: str, value: Any) -> None:
-    keys = path.split(".")
-    for k in keys[:-1]:
-        if not isinstance(d.get(k), dict):
-            d[k] = {}
-        d = d[k]
-    d[keys[-1]] = value
-
-
-def load_serve_config(path: Path | None, overrides: dict[str, Any]) -> ServeConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as e:
-            raise UserError(f"cannot read config {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({e})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserError(f"{path}: the top level must be a mapping of settings")
-        data = loaded or {}
-    for k, v in overrides.items():
-        if v is not None:
-            _set(data, k, v)
-    try:
-        return ServeConfig.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = f"{path}: " if path else ""
-        raise UserError(f"{where}{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 def evaluate_on(algo: Any, ds: Any) -> dict[str, float]:
@@ -1048,7 +782,7 @@ def add_own_report(algo: Any, io: ServeIO, metrics: dict[str, Any], info: dict[s
 
 def serve_predictions(algo: Any, io: ServerIO, stop: threading.Event) -> None:
     """After training: answer PREDICT messages (agents keep joining and leaving) until `stop`."""
-    from splitfed.wire import Message, MsgType
+    from splitfed.wire import MsgType
 
     while not stop.is_set():
         ev = io.next(time.monotonic() + 0.5)

@@ -27,7 +27,7 @@ from splitfed.distributed import Group, check_algo, free_master, torch_threads_p
 from splitfed.errors import UserError
 
 if TYPE_CHECKING:
-    from aggregator.serve import ServeConfig
+    from aggregator.serve_config import ServeConfig
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.serve import ServeConfig, resolve_rounds
+from aggregator.serve import resolve_rounds
+from aggregator.serve_config import ServeConfig
 from splitfed.algorithms.centralized import Centralized
 from splitfed.checkpoint import INFO_FILE, planned_rounds
 from splitfed.config import DEFAULT_ROUNDS, TrainConfig

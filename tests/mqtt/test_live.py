@@ -20,7 +20,8 @@ import pytest
 import skimage.data
 from click.testing import CliRunner
 
-from aggregator.serve import ServeBroker, ServeConfig, run_serve
+from aggregator.serve import run_serve
+from aggregator.serve_config import ServeBroker, ServeConfig
 from edge_agent.agent import Agent
 from edge_agent.camera import Camera
 from edge_agent.cli import main as agent_main

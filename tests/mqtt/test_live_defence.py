@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.serve import ServeBroker, ServeConfig, run_serve
+from aggregator.serve import run_serve
+from aggregator.serve_config import ServeBroker, ServeConfig
 from edge_agent.agent import Agent, Prediction
 from splitfed.checkpoint import load_model
 from splitfed.client import ClientRuntime

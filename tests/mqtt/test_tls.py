@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from aggregator.serve import NOT_ENROLLED
+from aggregator.serve_io import NOT_ENROLLED
 from splitfed.model import ModelConfig
 from splitfed.mqtt import parse_topic
 from splitfed.wire import MsgType, Sequencer, decode, encode

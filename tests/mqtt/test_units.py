@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from aggregator.serve import NOT_ENROLLED, ServeIO, load_allow_list, serve
+from aggregator.serve import serve
+from aggregator.serve_config import load_allow_list
+from aggregator.serve_io import NOT_ENROLLED, ServeIO
 from edge_agent.agent import Agent
 from edge_agent.cli import main as agent_main
 from edge_agent.config import load_config

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from aggregator.cli import main
-from aggregator.serve import ServeConfig
+from aggregator.serve_config import ServeConfig
 from splitfed.defences import DEFENCES, DefenceConfig, default_defence
 
 SMALL = ["--synth-identities", "8", "--rounds", "1", "--batch-size", "16", "--no-shift"]

@@ -62,7 +62,8 @@ def test_report_on_a_simulated_u_checkpoint(u_run: Path, tmp_path: Path) -> None
 @pytest.mark.mqtt
 def test_report_on_a_served_u_checkpoint(mosquitto: Mosquitto, tmp_path: Path) -> None:
     """`serve --shape u` over Mosquitto with one in-process agent, one round, then the report."""
-    from aggregator.serve import ServeBroker, ServeConfig, run_serve
+    from aggregator.serve import run_serve
+    from aggregator.serve_config import ServeBroker, ServeConfig
     from edge_agent.agent import Agent
     from splitfed.client import ClientRuntime
     from splitfed.data.partition import client_shards
