@@ -16,7 +16,9 @@ rate), `warmup=` (rounds of warm-up, `TrainConfig.warmup_rounds`) and `geo=SCALE
 `server=adam` (that server optimizer at SERVER_LR instead of plain SGD), `momentum=` (its
 momentum, `AggregationConfig.server_momentum`) and `defence=` (a registered defence such as
 `recommended`, or CUT/BOTTLENECK/NOISE/COMPRESSION such as `4/8/1/int8`, a `-` keeping the run's
-own value; without it the cells run undefended) and `rounds=` (epochs, 20 unless given).
+own value; without it the cells run undefended), `rounds=` (epochs, 20 unless given) and
+`recipe=` (one of `--recipe`'s named sets, as these options; each option given beside it
+wins, so `recipe=other-cameras:aa=0` is that recipe without the blur).
 BATCH is each device's batch; `split=1` makes it the batch the devices share
 (`TrainConfig.split_batch`, each of K devices stepping on BATCH / K), for example
 
@@ -46,6 +48,7 @@ import numpy as np
 import torch
 
 from aggregator.jobs import run_tasks
+from aggregator.options import RECIPES
 from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.data.synth import SynthConfig, generate_synth
 from splitfed.data.tta import TTA_KEYS
@@ -59,7 +62,7 @@ from bench_recipe import cell  # noqa: E402
 
 def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
     words = text.split(":")
-    options = dict(w.split("=", 1) for w in words if "=" in w)
+    options = with_recipe(dict(w.split("=", 1) for w in words if "=" in w))
     known = {
         "partition", "lr", "warmup", "geo", "server", "momentum", "defence", "split", "aa",
         "rounds", "cam",
@@ -95,6 +98,24 @@ def spec(text: str, model: ModelConfig, seed: int) -> tuple[SimSpec, str]:
         aggregation=AggregationConfig(**server), report_shift=True,
         partition=options.get("partition"), defence=defence(options.get("defence", "none")),
     ), f"{text} seed {seed}"  # fmt: skip
+
+
+def with_recipe(options: dict[str, str]) -> dict[str, str]:
+    """`recipe=NAME` (aggregator.options.RECIPES, `--recipe`) as this script's options; an
+    option given beside it wins, as a flag does beside `--recipe` (`aa=0`: without the blur)."""
+    name = options.pop("recipe", None)
+    if name is None:
+        return options
+    if name not in RECIPES:
+        raise SystemExit(f"recipe={name}: choose from {', '.join(RECIPES)}")
+    r = RECIPES[name]
+    expanded = {
+        "aa": "1" if r["antialias"] else "0",
+        "cam": f"{r['camera_jitter']:g}",
+        "geo": f"{r['zoom_jitter']:g}/{r['roll_jitter']:g}/{r['offset_jitter']:g}",
+        "rounds": str(r["rounds"]),
+    }
+    return {**expanded, **options}
 
 
 def defence(text: str) -> DefenceConfig:
