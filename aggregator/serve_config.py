@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from splitfed.config import DEFAULT_ROUNDS, AggregationConfig, TrainConfig
 from splitfed.errors import UserError
 from splitfed.model import ModelConfig
 from splitfed.mqtt import ID_RE, MqttSettings
 from splitfed.server import AGGREGATOR_ID
+from splitfed.yaml_config import load_yaml_config
 
 # What `serve` deploys: splitfed.simulate.served_names() (test_serve_config keeps them in step).
 SERVE_ALGOS = ("fedavg", "sl", "sflv1", "sflv2", "pyvertical", "fedsl")
@@ -166,33 +166,7 @@ def load_allow_list(path: Path) -> frozenset[str]:
     return frozenset(ids)
 
 
-def _set(d: dict[str, Any], path: str, value: Any) -> None:
-    keys = path.split(".")
-    for k in keys[:-1]:
-        if not isinstance(d.get(k), dict):
-            d[k] = {}
-        d = d[k]
-    d[keys[-1]] = value
-
-
 def load_serve_config(path: Path | None, overrides: dict[str, Any]) -> ServeConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as e:
-            raise UserError(f"cannot read config {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({e})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserError(f"{path}: the top level must be a mapping of settings")
-        data = loaded or {}
-    for k, v in overrides.items():
-        if v is not None:
-            _set(data, k, v)
-    try:
-        return ServeConfig.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = f"{path}: " if path else ""
-        raise UserError(f"{where}{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    """The YAML at `path` (optional) with the flags' overrides laid over it, validated; a bad
+    field is named with its file and line (a UserError)."""
+    return load_yaml_config(ServeConfig, path, overrides)

@@ -1,9 +1,10 @@
 """The edge agent's configuration: one pydantic model per concern, YAML file + CLI overrides.
 
 `load_config` reads the YAML, lays the command-line overrides over it and validates the
-result; a bad field is reported with its dotted path and, when it came from the file, its
-line. Passwords never live in the YAML: `broker.password_file` names a file, and a relative
-name resolves in `$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`).
+result (`splitfed.yaml_config`, as the aggregator's); a bad field is reported with its dotted
+path and, when it came from the file, its line. Passwords never live in the YAML:
+`broker.password_file` names a file, and a relative name resolves in `$CREDENTIALS_DIRECTORY`
+(systemd's `LoadCredential=`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from splitfed.data.crop import CropConfig
 from splitfed.errors import UserError
 from splitfed.mqtt import MqttSettings
 from splitfed.onnx_client import InferenceConfig
+from splitfed.yaml_config import load_yaml_config
 
 ID = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -232,85 +233,11 @@ class AgentConfig(_Strict):
 # ---- loading -----------------------------------------------------------------------------------
 
 
-def _set(d: dict[str, Any], path: str, value: Any) -> None:
-    keys = path.split(".")
-    for k in keys[:-1]:
-        nxt = d.get(k)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            d[k] = nxt
-        d = nxt
-    d[keys[-1]] = value
-
-
-def yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
-    """1-based line of the YAML node at `loc` (or of its nearest parent that exists)."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for key in loc:
-        if isinstance(node, yaml.MappingNode):
-            hit = next(((k, v) for k, v in node.value if k.value == str(key)), None)
-            if hit is None:
-                break
-            line = hit[0].start_mark.line + 1
-            node = hit[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
+def _client_id_hint(loc: tuple[object, ...], error_type: str) -> str:
+    missing = loc == ("client_id",) and error_type == "missing"
+    return " (give --client-id or set client_id)" if missing else ""
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> AgentConfig:
     """YAML file (optional) + dotted-path overrides -> validated config, or a UserError."""
-    text = ""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise UserError(f"cannot read config {path}: {e.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"{path}: the top level must be a mapping of settings")
-        data = loaded
-        broker = data.get("broker")
-        if isinstance(broker, dict) and "password" in broker:
-            line = yaml_line(text, ("broker", "password"))
-            raise UserError(
-                f"{path} line {line}: broker.password: passwords do not belong in the YAML; "
-                "put it in a file and set broker.password_file"
-            )
-    from_file = {k for k in data}
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set(data, key, value)
-    try:
-        return AgentConfig.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(err["loc"])
-        field_name = ".".join(map(str, loc)) or "config"
-        where = ""
-        if path is not None and loc and loc[0] in from_file:
-            line = yaml_line(text, loc)
-            where = f"{path} line {line}: " if line else f"{path}: "
-        elif path is not None:
-            where = f"{path}: "
-        hint = (
-            " (give --client-id or set client_id)"
-            if loc == ("client_id",) and err["type"] == "missing"
-            else ""
-        )
-        raise UserError(f"{where}{field_name}: {err['msg']}{hint}") from None
+    return load_yaml_config(AgentConfig, path, overrides, hint=_client_id_hint)
