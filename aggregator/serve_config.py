@@ -13,13 +13,15 @@ from splitfed.errors import UserError
 from splitfed.model import ModelConfig
 from splitfed.mqtt import ID_RE, MqttSettings
 from splitfed.server import AGGREGATOR_ID
+from splitfed.simulate import REGISTRY, served_names
 from splitfed.yaml_config import load_yaml_config
 
-# What `serve` deploys: splitfed.simulate.served_names() (test_serve_config keeps them in step).
-SERVE_ALGOS = ("fedavg", "sl", "sflv1", "sflv2", "pyvertical", "fedsl")
-SERVE_SPLIT_ALGOS = ("fedavg", "sl", "sflv1", "sflv2")  # one split CNN: --init-from, --live
-# Algorithms whose devices hold other data than whole crops (owners' parts, clip segments).
-OWN_DATA_ALGOS = ("pyvertical", "fedsl")
+# What `serve` deploys: the registry's served algorithms. Those without a simulator of their own
+# train one split CNN on whole crops (--init-from, --live); the others' devices hold other data
+# (owners' parts, clip segments).
+SERVE_ALGOS = tuple(served_names())
+SERVE_SPLIT_ALGOS = tuple(n for n in SERVE_ALGOS if REGISTRY[n].simulate is None)
+OWN_DATA_ALGOS = tuple(n for n in SERVE_ALGOS if n not in SERVE_SPLIT_ALGOS)
 
 
 class _Strict(BaseModel):

@@ -233,11 +233,6 @@ class AgentConfig(_Strict):
 # ---- loading -----------------------------------------------------------------------------------
 
 
-def _client_id_hint(loc: tuple[object, ...], error_type: str) -> str:
-    missing = loc == ("client_id",) and error_type == "missing"
-    return " (give --client-id or set client_id)" if missing else ""
-
-
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> AgentConfig:
     """YAML file (optional) + dotted-path overrides -> validated config, or a UserError."""
-    return load_yaml_config(AgentConfig, path, overrides, hint=_client_id_hint)
+    return load_yaml_config(AgentConfig, path, overrides)

@@ -7,7 +7,6 @@ dotted path and, when it came from the file, its line. Passwords never live in t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,11 +56,9 @@ def load_yaml_config(
     model: type[M],
     path: Path | None,
     overrides: dict[str, Any] | None = None,
-    hint: Callable[[tuple[Any, ...], str], str] | None = None,
 ) -> M:
     """`model` from the YAML at `path` (optional) with the dotted-path `overrides` that are not
-    None laid over it, or a UserError naming the file, line and field. `hint(loc, error_type)`
-    may add a fix to a field's error."""
+    None laid over it, or a UserError naming the file, line and field."""
     text = ""
     data: dict[str, Any] = {}
     if path is not None:
@@ -103,5 +100,4 @@ def load_yaml_config(
             where = f"{path} line {line}: " if line else f"{path}: "
         elif path is not None:
             where = f"{path}: "
-        extra = hint(loc, err["type"]) if hint is not None else ""
-        raise UserError(f"{where}{field_name}: {err['msg']}{extra}") from None
+        raise UserError(f"{where}{field_name}: {err['msg']}") from None
