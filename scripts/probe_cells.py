@@ -34,14 +34,19 @@ hundred test pictures a fold's own noise is several points and only paired diffe
 many runs can tell one point from zero. Each cell also prints its accuracy on every single
 perturbation of the proxy (`splitfed.data.shift.PERTURBATIONS`), averaged over the folds, and
 at the end, for every cell, what test-time averaging (`splitfed.data.tta`) changes in domain and
-on the proxy, paired with the same models without it.
+on the proxy, paired with the same models without it. The table prints when every cell is done;
+`--out DIR` also keeps each fold's metrics.json as the fold ends
+(`DIR/seed-S-CELL/fold-I/metrics.json`), so a run cut short loses only its unfinished folds.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -161,6 +166,7 @@ def main() -> int:
     ap.add_argument(
         "--curves", action="store_true", help="also print each fold's test accuracy per round"
     )
+    ap.add_argument("--out", type=Path, help="keep each fold's metrics.json under this folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = generate_synth(SynthConfig(identities=40, per_emotion=3))
@@ -169,6 +175,11 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     cells = [(t, seed) for seed in seeds for t in texts]
     tasks = [spec(t, model, seed) for t, seed in cells]
+    if args.out is not None:
+        tasks = [
+            (replace(s, out_dir=args.out / re.sub(r"[^\w=.-]", "_", f"seed-{seed}-{t}")), label)
+            for (t, seed), (s, label) in zip(cells, tasks)
+        ]
     runs: dict[str, list[float]] = {t: [] for t in texts}
     shifts: dict[str, list[float]] = {t: [] for t in texts}
     tta: dict[str, dict[str, list[float]]] = {t: {k: [] for k in TTA_KEYS} for t in texts}
