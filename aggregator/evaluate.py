@@ -222,6 +222,14 @@ def evaluation_table(reports: list[dict[str, Any]]) -> Any:
     return table
 
 
+TTA_OPTION = click.option(
+    "--tta",
+    is_flag=True,
+    help="average each crop's emotion over nine placements of its eye band (test-time "
+    "averaging: steadier across cameras and detectors, nine times the compute)",
+)
+
+
 @click.command()
 @click.option(
     "--checkpoint",
@@ -256,12 +264,7 @@ def evaluation_table(reports: list[dict[str, Any]]) -> Any:
     help="score only the test side of each set's split (its own, else by person), as training",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="split seed, as in training")
-@click.option(
-    "--tta",
-    is_flag=True,
-    help="average each crop's emotion over nine placements of its eye band (test-time "
-    "averaging: steadier across cameras and detectors, nine times the compute)",
-)
+@TTA_OPTION
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
 def evaluate(
@@ -434,12 +437,7 @@ def prediction_line(pred: Prediction, top: int = 3) -> str:
     default=None,
     help="save each frame with the face box, eye band and label drawn, as DIR/<name>.jpg",
 )
-@click.option(
-    "--tta",
-    is_flag=True,
-    help="average each crop's emotion over nine placements of its eye band (test-time "
-    "averaging: steadier across cameras and detectors, nine times the compute)",
-)
+@TTA_OPTION
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
 def predict(

@@ -461,18 +461,20 @@ def _build_images(
         meta["files_per_angle"] = listed
     if any(it.role for it in kept):
         meta[SPLIT_ROLE] = np.array([it.role or "" for it in kept], dtype=str)
-    images = (
-        np.stack(crops)
-        if crops
-        else np.zeros((0, crop.channels, crop.height, crop.width), dtype=np.uint8)
-    )
     return EmotionDataset(
         name=f"{fmt}:{root.name}",
-        images=images,
+        images=_stack(crops, crop),
         labels=np.array([it.label for it in kept], dtype=np.int64),
         subjects=np.array([it.subject for it in kept], dtype=str) if has_subjects else None,
         meta=meta,
     )
+
+
+def _stack(crops: list[np.ndarray], crop: CropConfig) -> np.ndarray:
+    """The crops as one (N, C, H, W) array; an empty one of that shape when there are none."""
+    if crops:
+        return np.stack(crops)
+    return np.zeros((0, crop.channels, crop.height, crop.width), dtype=np.uint8)
 
 
 def fer2013_crop(face48: np.ndarray, crop: CropConfig) -> np.ndarray:
@@ -519,14 +521,9 @@ def _build_fer2013(
         roles = _usage_roles(path, usage)
         if roles is not None:
             meta[SPLIT_ROLE] = roles
-    images = (
-        np.stack(crops)
-        if crops
-        else np.zeros((0, crop.channels, crop.height, crop.width), dtype=np.uint8)
-    )
     return EmotionDataset(
         name=f"fer2013:{path.stem}",
-        images=images,
+        images=_stack(crops, crop),
         labels=np.array(labels, dtype=np.int64),
         subjects=None,
         meta=meta,

@@ -352,18 +352,7 @@ class SegmentRuntime(DeviceRuntime):
             ]
         step = r.step
         self._learn(out, y)
-        assert h_in.grad is not None
-        replies = [
-            self._reply(
-                msg,
-                MsgType.SMASHED,
-                {"step": step, "direction": "backward"},
-                {"grad": self._wire(h_in.grad)},
-            )
-        ]
-        if r.step == r.steps:
-            replies.append(self._update(msg))
-        return replies
+        return self._send_back(msg, h_in, step)
 
     def _on_gradients(self, msg: Message) -> list[Message]:
         r = self.round
@@ -386,7 +375,13 @@ class SegmentRuntime(DeviceRuntime):
         r.step += 1
         if h_in is None:  # the first segment: on to the next batch
             return [self._forward_first(msg)]
-        assert h_in.grad is not None
+        return self._send_back(msg, h_in, step)
+
+    def _send_back(self, msg: Message, h_in: torch.Tensor, step: int) -> list[Message]:
+        """Step `step`'s gradient of the hidden state that came in, to the device before; and
+        this segment's update once its last step is done."""
+        r = self.round
+        assert r is not None and h_in.grad is not None
         replies = [
             self._reply(
                 msg,
