@@ -38,13 +38,13 @@ from typing import Annotated, Any, Literal
 
 import click
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from splitfed.algorithms.base import ClientUpdate, Strategy
 from splitfed.algorithms.cnn import SplitCNN
 from splitfed.checkpoint import load_state, save_checkpoint
 from splitfed.client import CLIENT_PREFIX
-from splitfed.cliutil import user_errors
+from splitfed.cliutil import broker_options, broker_overrides, user_errors
 from splitfed.config import AggregationConfig, TrainConfig
 from splitfed.errors import UserError
 from splitfed.metrics import write_json
@@ -79,6 +79,7 @@ from splitfed.wire import (
     encode,
     weights_spec,
 )
+from splitfed.yaml_config import load_yaml_config
 
 log = logging.getLogger("aggregator.fed_server")
 
@@ -606,16 +607,7 @@ class FedServer:
 @click.command("fed-server")
 @click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
               help="mqtt[s]://HOST:PORT of the broker the main server uses")  # fmt: skip
-@click.option("--prefix", default="splitfed", show_default=True, help="MQTT topic prefix")
-@click.option("--run-id", default="default", show_default=True, help="run id in the topics")
-@click.option("--username", help="MQTT user name (the ACL example's: fed-server)")
-@click.option(
-    "--password-file", help="file with the MQTT password (relative: $CREDENTIALS_DIRECTORY)"
-)
-@click.option("--tls-ca", help="CA certificate (PEM) of the broker, for mqtts://")
-@click.option("--tls-cert", help="the fed server's certificate (PEM), for mutual TLS")
-@click.option("--tls-key", help="the private key (PEM) of --tls-cert")
-@click.option("--protocol", type=click.Choice(["auto", "5", "3.1.1"]), default="auto")
+@broker_options("the fed server's", " (the ACL example's: fed-server)")
 @click.option(
     "--checkpoint-dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -647,16 +639,7 @@ def fed_server(**kw: Any) -> None:
     setup_logging(kw["verbose"])
     if kw["threads"]:
         torch.set_num_threads(kw["threads"])
-    try:
-        mqtt_cfg = MqttSettings.model_validate({
-            "prefix": kw["prefix"], "run_id": kw["run_id"], "username": kw["username"],
-            "password_file": kw["password_file"], "protocol": kw["protocol"],
-            "tls": {"ca_file": kw["tls_ca"], "cert_file": kw["tls_cert"],
-                    "key_file": kw["tls_key"]},
-        })  # fmt: skip
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise UserError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    mqtt_cfg = load_yaml_config(MqttSettings, None, broker_overrides(kw, under=""))
     settings = mqtt_cfg.link_settings(kw["broker"])
     server = FedServer(
         settings, mqtt_cfg.prefix, mqtt_cfg.run_id, kw["checkpoint_dir"],

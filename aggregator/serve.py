@@ -37,7 +37,7 @@ from aggregator.serve_config import (
 )
 from aggregator.serve_io import ServeAlgorithmIO, ServeIO
 from splitfed.checkpoint import checkpoint_file, planned_rounds, read_model_config
-from splitfed.cliutil import user_errors
+from splitfed.cliutil import broker_options, broker_overrides, user_errors
 from splitfed.config import DEFAULT_ROUNDS, SFLV2_ORDERS, TrainConfig
 from splitfed.defences import DEFAULT_HELP, DEFENCES, DefenceConfig, default_defence, get_defence
 from splitfed.errors import UserError
@@ -191,15 +191,7 @@ class Dashboard:
     show_default=True,
     help="people in a synthetic --eval-data",
 )
-@click.option("--prefix", help="MQTT topic prefix [default: splitfed]")
-@click.option("--run-id", help="run id in the topics [default: default]")
-@click.option("--username", help="MQTT user name")
-@click.option(
-    "--password-file", help="file with the MQTT password (relative: $CREDENTIALS_DIRECTORY)"
-)
-@click.option("--tls-ca", help="CA certificate (PEM) of the broker, for mqtts://")
-@click.option("--tls-cert", help="the aggregator's certificate (PEM), for mutual TLS")
-@click.option("--tls-key", help="the private key (PEM) of --tls-cert")
+@broker_options("the aggregator's")
 @click.option(
     "--broker-users",
     help="embedded broker: file of USER:HASH logins (python -m splitfed.broker add-user)",
@@ -218,7 +210,6 @@ class Dashboard:
     type=click.Path(path_type=Path, dir_okay=False),
     help="only these client ids (one a line, # comments) may join and train",
 )
-@click.option("--protocol", type=click.Choice(["auto", "5", "3.1.1"]), help="MQTT version [auto]")
 @click.option(
     "--presence-grace", type=float, help="seconds a last will waits for the agent to reconnect [5]"
 )
@@ -317,14 +308,7 @@ def serve(
     overrides = {
         "broker.url": kw["broker"],
         "broker.listen": kw["listen"],
-        "broker.prefix": kw["prefix"],
-        "broker.run_id": kw["run_id"],
-        "broker.username": kw["username"],
-        "broker.password_file": kw["password_file"],
-        "broker.protocol": kw["protocol"],
-        "broker.tls.ca_file": kw["tls_ca"],
-        "broker.tls.cert_file": kw["tls_cert"],
-        "broker.tls.key_file": kw["tls_key"],
+        **broker_overrides(kw),
         "broker.users_file": kw["broker_users"],
         "broker.insecure": True if kw["insecure"] else None,
         "broker.shared_group": kw["shared_group"],

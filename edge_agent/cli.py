@@ -23,7 +23,7 @@ import click
 import numpy as np
 
 from edge_agent.config import AgentConfig, load_config
-from splitfed.cliutil import plain_logging, user_errors
+from splitfed.cliutil import broker_options, broker_overrides, plain_logging, user_errors
 from splitfed.errors import UserError
 from splitfed.mqtt import LinkSettings
 
@@ -44,14 +44,7 @@ def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
     o = {
         "client_id": kw.get("client_id"),
         "broker.url": kw.get("broker"),
-        "broker.prefix": kw.get("prefix"),
-        "broker.run_id": kw.get("run_id"),
-        "broker.protocol": kw.get("protocol"),
-        "broker.username": kw.get("username"),
-        "broker.password_file": kw.get("password_file"),
-        "broker.tls.ca_file": kw.get("tls_ca"),
-        "broker.tls.cert_file": kw.get("tls_cert"),
-        "broker.tls.key_file": kw.get("tls_key"),
+        **broker_overrides(kw),
         "camera.source": kw.get("camera"),
         "state_dir": kw.get("state_dir"),
         "data.dataset": kw.get("dataset"),
@@ -110,18 +103,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
     "--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT [default: mqtt://127.0.0.1:1883]"
 )
 @click.option("--client-id", help="this device's id, e.g. client-00 (letters, digits, _ and -)")
-@click.option("--prefix", help="MQTT topic prefix [default: splitfed]")
-@click.option("--run-id", help="training run id [default: default]")
-@click.option(
-    "--protocol", type=click.Choice(["auto", "5", "3.1.1"]), help="MQTT version [default: auto]"
-)
-@click.option("--username", help="MQTT user name [default: none, or the one in the broker URL]")
-@click.option(
-    "--password-file", help="file with the MQTT password (relative: in $CREDENTIALS_DIRECTORY)"
-)
-@click.option("--tls-ca", help="CA certificate (PEM) of the broker, for mqtts://")
-@click.option("--tls-cert", help="this device's certificate (PEM), for mutual TLS")
-@click.option("--tls-key", help="the private key (PEM) of --tls-cert")
+@broker_options("this device's")
 @click.option(
     "--role",
     type=click.Choice(["client", "owner", "segment"]),
