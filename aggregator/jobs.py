@@ -3,11 +3,19 @@
 A run is seeded and runs on a fixed number of torch threads, so where it runs changes none of
 its numbers: `compare --jobs 2` gives the table of `--jobs 1` in about half the time on two
 cores (tests/core/test_jobs.py holds it). Each run keeps its own progress bar either way.
+
+A worker lives no longer than the command: killed (`kill`, systemd's stop, a session's end), the
+command runs no clean-up, and without a watch its workers would train on, orphaned, to the end
+of their runs.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
@@ -40,39 +48,64 @@ def run_tasks(
     if jobs <= 1 or len(tasks) <= 1:
         with progress:
             return [run_one(ds, spec, folds, on_rounds[i]) for i, (spec, _) in enumerate(tasks)]
-    # Spawned, not forked: a fork of a process whose torch thread pools are up can hang.
+    # Spawned, not forked: a fork of a process whose torch thread pools are up can hang. The
+    # rounds' queue reaches the workers as they start (no manager process to outlive us).
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager, progress:
-        rounds = manager.Queue()
+    rounds = ctx.Queue()
+    with progress:
         with ProcessPoolExecutor(
             max_workers=min(jobs, len(tasks)),
             mp_context=ctx,
             initializer=_start_worker,
-            initargs=(threads, verbose),
+            initargs=(threads, verbose, rounds),
         ) as pool:
             futures = [
-                pool.submit(_run_task, ds, spec, folds, i, rounds)
-                for i, (spec, _) in enumerate(tasks)
+                pool.submit(_run_task, ds, spec, folds, i) for i, (spec, _) in enumerate(tasks)
             ]
             pending: set[Future[dict[str, Any]]] = set(futures)
             while pending:
                 _, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                while not rounds.empty():
-                    i, row = rounds.get()
-                    on_rounds[i](row)
-            return [f.result() for f in futures]  # a run's exception surfaces here
+                _drain(rounds, on_rounds)
+        _drain(rounds, on_rounds)  # the workers have exited: their last rounds are in
+    return [f.result() for f in futures]  # a run's exception surfaces here
 
 
-def _start_worker(threads: int, verbose: bool) -> None:
+def _drain(rounds: Any, on_rounds: list[Any]) -> None:
+    while True:
+        try:
+            i, row = rounds.get_nowait()
+        except queue.Empty:
+            return
+        on_rounds[i](row)
+
+
+_rounds: Any = None  # in a worker: the queue its runs report their rounds on
+
+
+def _start_worker(threads: int, verbose: bool, rounds: Any) -> None:
+    global _rounds
+    _rounds = rounds
+    _exit_with_parent()
     setup_logging(verbose)
     quiet_simulation(verbose)
     set_threads(threads)
 
 
-def _run_task(
-    ds: EmotionDataset, spec: SimSpec, folds: int | None, index: int, rounds: Any
-) -> dict[str, Any]:
+def _exit_with_parent() -> None:
+    """End this worker the moment the process that started it ends, however it ended."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)  # the parent is gone: nobody is left to take this worker's results
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _run_task(ds: EmotionDataset, spec: SimSpec, folds: int | None, index: int) -> dict[str, Any]:
     def on_round(row: dict[str, Any]) -> None:
-        rounds.put((index, {k: row[k] for k in ("train_loss", "test_accuracy")}))
+        _rounds.put((index, {k: row[k] for k in ("train_loss", "test_accuracy")}))
 
     return run_one(ds, spec, folds, on_round)
