@@ -4,9 +4,9 @@ A run is seeded and runs on a fixed number of torch threads, so where it runs ch
 its numbers: `compare --jobs 2` gives the table of `--jobs 1` in about half the time on two
 cores (tests/core/test_jobs.py holds it). Each run keeps its own progress bar either way.
 
-A worker lives no longer than the command: killed (`kill`, systemd's stop, a session's end), the
-command runs no clean-up, and without a watch its workers would train on, orphaned, to the end
-of their runs.
+A worker lives no longer than the command (`exit_with_parent`, which `serve --workers` uses too):
+killed (`kill`, a session's end), the command runs no clean-up, and without a watch its workers
+would train on, orphaned, to the end of their runs.
 """
 
 from __future__ import annotations
@@ -85,21 +85,21 @@ _rounds: Any = None  # in a worker: the queue its runs report their rounds on
 def _start_worker(threads: int, verbose: bool, rounds: Any) -> None:
     global _rounds
     _rounds = rounds
-    _exit_with_parent()
+    exit_with_parent()
     setup_logging(verbose)
     quiet_simulation(verbose)
     set_threads(threads)
 
 
-def _exit_with_parent() -> None:
-    """End this worker the moment the process that started it ends, however it ended."""
+def exit_with_parent() -> None:
+    """End this spawned process the moment the process that started it ends, however it ended."""
     parent = multiprocessing.parent_process()
     if parent is None:
         return
 
     def watch() -> None:
         multiprocessing.connection.wait([parent.sentinel])
-        os._exit(1)  # the parent is gone: nobody is left to take this worker's results
+        os._exit(1)  # the parent is gone: nobody is left to take this process's results
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 

@@ -124,8 +124,10 @@ def _child(
     synth_identities: int,
 ) -> None:
     """A spawned worker of one host (a fresh interpreter: logging is set up again)."""
+    from aggregator.jobs import exit_with_parent
     from aggregator.options import setup_logging
 
+    exit_with_parent()  # rank 0 gone (killed), the group cannot go on without it
     setup_logging(verbose)
     _run_rank(cfg, rank, world_size, master, eval_data_format, synth_identities)
 

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from aggregator.cli import main
+from tests.procfs import HAS_PROC, children, still_running
 
 SMALL = ["--synth-identities", "8", "--rounds", "2", "--batch-size", "16"]
 RUNS = {"centralized": "centralized", "sflv1 x2": "sflv1-2", "sl x2": "sl-2"}
@@ -40,28 +41,7 @@ def test_parallel_runs_equal_sequential_runs(tmp_path: Path) -> None:
     assert [r.split(",")[0] for r in rows] == ["centralized", "sflv1", "sl"]
 
 
-def _children(pid: int) -> dict[int, str]:
-    """The live processes whose parent is `pid`, with their command lines (Linux /proc)."""
-    out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().decode()
-        except (OSError, IndexError, ValueError):
-            continue  # gone while we looked
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # an orphan's zombie waits for a reaper that a container may lack
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+@pytest.mark.skipif(not HAS_PROC, reason="reads /proc (Linux)")
 def test_killing_the_command_ends_its_workers(tmp_path: Path) -> None:
     """SIGKILL leaves the command no clean-up at all; its workers must not train on orphaned."""
     args = ["compare", "--algos", "centralized,sflv1", "--clients", "2", "--synth-identities",
@@ -77,17 +57,14 @@ def test_killing_the_command_ends_its_workers(tmp_path: Path) -> None:
         workers: dict[int, str] = {}
         while len(workers) < 2 and time.monotonic() < deadline:
             assert cmd.poll() is None, "compare ended before its workers started"
-            workers = {p: c for p, c in _children(cmd.pid).items() if "spawn_main" in c}
+            workers = {p: c for p, c in children(cmd.pid).items() if "spawn_main" in c}
             time.sleep(0.2)
-        assert len(workers) >= 2, _children(cmd.pid)
-        helpers = _children(cmd.pid)  # the workers and multiprocessing's resource tracker
+        assert len(workers) >= 2, children(cmd.pid)
+        helpers = children(cmd.pid)  # the workers and multiprocessing's resource tracker
     finally:
         cmd.kill()
         cmd.wait()
-    deadline = time.monotonic() + 30
-    while any(_alive(p) for p in helpers) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = {p: c for p, c in helpers.items() if _alive(p)}
+    left = still_running(helpers, 30)
     for p in left:  # do not leave them running after a failure either
         os.kill(p, signal.SIGKILL)
     assert not left, left

@@ -7,6 +7,8 @@ of one worker): the same seeded batches, the same averages in the same client or
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -21,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from splitfed.distributed import owner
 from splitfed.mqtt import LinkSettings, MqttTransport
 from splitfed.transport import Incoming
+from tests.procfs import HAS_PROC, children, still_running
 
 from .fed import Mosquitto, Procs, agent_cmd, read_metrics, retained_topics, serve_cmd
 from .test_e2e import FINAL_FIELDS, ROUND_FIELDS
@@ -201,3 +204,27 @@ def test_a_late_agent_whose_join_was_lost_is_homed_and_trains_from_the_next_roun
         assert r["dropped"] == [], metrics["rounds"]
     retained = retained_topics(mosquitto.url)
     assert retained[f"splitfed/{run_id}/{late}/assign"] == f"{owner(late, 2)}/2".encode()
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="reads /proc (Linux)")
+def test_killing_rank_0_ends_the_other_workers(
+    mosquitto: Mosquitto, procs: Procs, tmp_path: Path
+) -> None:
+    """SIGKILL of `serve --workers 2` leaves rank 1 nobody to train with: it ends too, at once,
+    not when its collectives time out."""
+    out = tmp_path / "out"
+    cmd = serve_cmd(out, mosquitto.url, "sflv1", CLIENTS, 2, "killed", "--workers", "2")
+    serve = procs.start("killed", cmd)
+    deadline = time.monotonic() + 120
+    workers: dict[int, str] = {}
+    while not workers and time.monotonic() < deadline:
+        procs.check_alive("killed")
+        workers = {p: c for p, c in children(serve.pid).items() if "spawn_main" in c}
+        time.sleep(0.2)
+    assert workers, procs.logs()
+    helpers = children(serve.pid)
+    procs.kill("killed")
+    left = still_running(helpers, 30)
+    for p in left:  # do not leave them running after a failure either
+        os.kill(p, signal.SIGKILL)
+    assert not left, left

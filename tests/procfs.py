@@ -1,0 +1,47 @@
+"""A process's children and whether a process still runs, read from Linux's /proc.
+
+For the tests that kill a command and then look for what it left running. An orphan that has
+ended stays a zombie until a reaper takes it, which a container's first process may never do:
+a zombie counts as ended.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+HAS_PROC = Path("/proc/self/stat").exists()
+
+
+def _stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, parent, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def children(pid: int) -> dict[int, str]:
+    """The running processes whose parent is `pid`, with their command lines."""
+    out = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            state, parent = _stat(entry.name)[:2]
+            if int(parent) == pid and state != "Z":
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+                out[int(entry.name)] = cmdline.decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue  # gone while we looked
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return _stat(pid)[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def still_running(pids: dict[int, str], timeout: float) -> dict[int, str]:
+    """Those of `pids` that still run after waiting up to `timeout` seconds for all to end."""
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return {p: c for p, c in pids.items() if alive(p)}
