@@ -4,7 +4,7 @@
 `aggregator serve` and N `edge-agent` processes (synthetic data) train over a real Mosquitto on
 127.0.0.1 while faults drawn from a seeded RNG hit them: agents `kill -9`ed and started again,
 one broker restart, one aggregator `kill -9` followed by the same command (which resumes from
-its checkpoint), and hostile publishers (tests/mqtt/hostile.py, separate processes) sending
+its checkpoint), and hostile publishers (tests/mqtt/hostile/, separate processes) sending
 every class of hostile message for the whole run. A thread reads the aggregator's checkpoint
 the whole time and counts every read that fails. Then the same run without faults, for the
 accuracy to compare with. Each run is killed whole at its hard deadline (`--seconds`, exit

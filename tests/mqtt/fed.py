@@ -305,7 +305,7 @@ def read_metrics(out: Path) -> dict[str, Any]:
 
 
 def hostile_target(run_id: str, prefix: str = "splitfed") -> Target:
-    """What tests/mqtt/hostile.py needs to attack run `run_id` (the default model's shapes)."""
+    """What tests/mqtt/hostile/ needs to attack run `run_id` (the default model's shapes)."""
     model = ModelConfig()
     client, _ = build_split_model(model, 0)
     spec = weights_spec(state_to_numpy(client), CLIENT_PREFIX)

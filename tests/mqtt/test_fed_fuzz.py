@@ -1,4 +1,4 @@
-"""Hostile FED_ROUND and FED_PUBLISHED (tests/mqtt/hostile.py) to their receivers, in-process.
+"""Hostile FED_ROUND and FED_PUBLISHED (tests/mqtt/hostile/) to their receivers, in-process.
 
 Each class of `FED_SERVER_CLASSES` goes through the fed server's receive path (`_on_message`,
 its inbox, `dispatch`: what its network thread and loop do), each of `MAIN_FED_CLASSES`

@@ -1,7 +1,7 @@
 """A real federation takes over 10,000 hostile messages in 24 classes and finishes its run.
 
 `aggregator serve` and two `edge-agent`s run as processes over Mosquitto; hostile publishers
-(`tests/mqtt/hostile.py`, also processes) send every class while the aggregator waits for the
+(`tests/mqtt/hostile/`, also processes) send every class while the aggregator waits for the
 agents, then, once the round runs, replays of the agents' real traffic and junk on the agents'
 own topics. Nothing crashes, the round completes with both agents, and metrics.json counts each
 class under the reason it was refused for.
