@@ -107,13 +107,13 @@ OTHER_CAMERAS=recipe=other-cameras
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
     centralized:1:16:16:rounds=80,centralized:1:16:16:$OTHER_CAMERAS:rounds=80,centralized:1:16:16:$OTHER_CAMERAS \
     2>/dev/null; echo '```'; } > $B/shift_80.md
-# The recipe's SFLV1 and SFLV2 at two devices on seeds 0 and 1 and at five on seed 0 (paired with
+# The recipe's SFLV1 and SFLV2 at two and at five devices on seeds 0 and 1 (paired with
 # the centralized recipe cells of shift_80 and recipe_s1 by hand), and seed 1 centralized against
 # the default and against the recipe without the blur.
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
     sflv1:2:16:16:split=1:$OTHER_CAMERAS,sflv2:2:16:16:lockstep:split=1:$OTHER_CAMERAS 2>/dev/null; echo '```'; } \
     > $B/recipe_fed.md
-want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0 --jobs "$(nproc)" \
+want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 0,1 --jobs "$(nproc)" \
     sflv1:5:16:16:split=1:$OTHER_CAMERAS,sflv2:5:16:16:lockstep:split=1:$OTHER_CAMERAS 2>/dev/null; echo '```'; } \
     > $B/recipe_fed5.md
 want shift && { echo '```'; $PY scripts/probe_cells.py --seeds 1 --jobs "$(nproc)" \
@@ -190,7 +190,7 @@ section() {  # section TITLE FILE: a "## TITLE" header over FILE, without the fi
     section "Forty epochs at two and five devices, seeds 0 to 2 (\`scripts/probe_cells.py\`)" $B/epochs_two_five.md
     section "Every jitter with the blur at 80 and 160 epochs, seed 0 (\`scripts/probe_cells.py\`)" $B/shift_80.md
     section "The other-cameras recipe at two devices, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/recipe_fed.md
-    section "The other-cameras recipe at five devices, seed 0 (\`scripts/probe_cells.py\`)" $B/recipe_fed5.md
+    section "The other-cameras recipe at five devices, seeds 0 and 1 (\`scripts/probe_cells.py\`)" $B/recipe_fed5.md
     section "The other-cameras recipe, with and without the blur, seed 1 (\`scripts/probe_cells.py\`)" $B/recipe_s1.md
     section "Eighty epochs at ten devices, seed 0 (\`scripts/probe_cells.py\`)" $B/epochs_ten_80.md
     section "Test-time averaging in offline live inference: cost per frame (\`scripts/bench_live_tta.py\`)" $B/live_tta.md
