@@ -32,7 +32,8 @@ cell's paired difference from the FIRST cell (put centralized first): the mean o
 its standard error, for the test set and for the domain-shift proxy (`shift`), because on a few
 hundred test pictures a fold's own noise is several points and only paired differences over
 many runs can tell one point from zero. Each cell also prints its accuracy on every single
-perturbation of the proxy (`splitfed.data.shift.PERTURBATIONS`), averaged over the folds, and
+perturbation of the proxy (`splitfed.data.shift.PERTURBATIONS`), averaged over the folds, the
+first round whose mean test accuracy reaches 95 % of its final (`bench_recipe.rounds_to`), and
 at the end, for every cell, what test-time averaging (`splitfed.data.tta`) changes in domain and
 on the proxy, paired with the same models without it. The table prints when every cell is done;
 `--out DIR` also keeps each fold's metrics.json as the fold ends
@@ -195,7 +196,7 @@ def main() -> int:
         print(
             f"{label}: test {100 * r['test_mean']:.1f} ± {100 * r['test_std']:.1f} % "
             f"shift {100 * r['shift']:.1f} % folds {[round(100 * f, 1) for f in folds]} "
-            f"shift folds {shifted}",
+            f"shift folds {shifted} rounds to 95 % {r['rounds_to_95']}",
             flush=True,
         )
         print(f"  by perturbation: {by_perturbation(m['folds'])}", flush=True)
