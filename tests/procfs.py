@@ -7,7 +7,10 @@ a zombie counts as ended.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HAS_PROC = Path("/proc/self/stat").exists()
@@ -39,9 +42,25 @@ def alive(pid: int) -> bool:
         return False
 
 
-def still_running(pids: dict[int, str], timeout: float) -> dict[int, str]:
-    """Those of `pids` that still run after waiting up to `timeout` seconds for all to end."""
+def spawned(pid: int, count: int, timeout: float, check: Callable[[], None]) -> dict[int, str]:
+    """`pid`'s multiprocessing children once `count` of them run, or those running when
+    `timeout` seconds have passed; `check()` runs at every look (to fail at once if `pid` ended)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        check()
+        found = {p: c for p, c in children(pid).items() if "spawn_main" in c}
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def left_running(pids: dict[int, str], timeout: float) -> dict[int, str]:
+    """Those of `pids` still running after waiting up to `timeout` seconds for all to end. Each
+    is then killed, so that a failing test leaves nothing behind."""
     deadline = time.monotonic() + timeout
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return {p: c for p, c in pids.items() if alive(p)}
+    left = {p: c for p, c in pids.items() if alive(p)}
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    return left

@@ -4,18 +4,15 @@ end with the command."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from aggregator.cli import main
-from tests.procfs import HAS_PROC, children, still_running
+from tests.procfs import HAS_PROC, children, left_running, spawned
 
 SMALL = ["--synth-identities", "8", "--rounds", "2", "--batch-size", "16"]
 RUNS = {"centralized": "centralized", "sflv1 x2": "sflv1-2", "sl x2": "sl-2"}
@@ -52,19 +49,16 @@ def test_killing_the_command_ends_its_workers(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+    def running() -> None:
+        assert cmd.poll() is None, "compare ended before its workers started"
+
     try:
-        deadline = time.monotonic() + 120
-        workers: dict[int, str] = {}
-        while len(workers) < 2 and time.monotonic() < deadline:
-            assert cmd.poll() is None, "compare ended before its workers started"
-            workers = {p: c for p, c in children(cmd.pid).items() if "spawn_main" in c}
-            time.sleep(0.2)
+        workers = spawned(cmd.pid, 2, 120, running)
         assert len(workers) >= 2, children(cmd.pid)
         helpers = children(cmd.pid)  # the workers and multiprocessing's resource tracker
     finally:
         cmd.kill()
         cmd.wait()
-    left = still_running(helpers, 30)
-    for p in left:  # do not leave them running after a failure either
-        os.kill(p, signal.SIGKILL)
+    left = left_running(helpers, 30)
     assert not left, left

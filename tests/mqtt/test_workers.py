@@ -7,8 +7,6 @@ of one worker): the same seeded batches, the same averages in the same client or
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import threading
 import time
@@ -23,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from splitfed.distributed import owner
 from splitfed.mqtt import LinkSettings, MqttTransport
 from splitfed.transport import Incoming
-from tests.procfs import HAS_PROC, children, still_running
+from tests.procfs import HAS_PROC, children, left_running, spawned
 
 from .fed import Mosquitto, Procs, agent_cmd, read_metrics, retained_topics, serve_cmd
 from .test_e2e import FINAL_FIELDS, ROUND_FIELDS
@@ -215,16 +213,9 @@ def test_killing_rank_0_ends_the_other_workers(
     out = tmp_path / "out"
     cmd = serve_cmd(out, mosquitto.url, "sflv1", CLIENTS, 2, "killed", "--workers", "2")
     serve = procs.start("killed", cmd)
-    deadline = time.monotonic() + 120
-    workers: dict[int, str] = {}
-    while not workers and time.monotonic() < deadline:
-        procs.check_alive("killed")
-        workers = {p: c for p, c in children(serve.pid).items() if "spawn_main" in c}
-        time.sleep(0.2)
+    workers = spawned(serve.pid, 1, 120, lambda: procs.check_alive("killed"))
     assert workers, procs.logs()
     helpers = children(serve.pid)
     procs.kill("killed")
-    left = still_running(helpers, 30)
-    for p in left:  # do not leave them running after a failure either
-        os.kill(p, signal.SIGKILL)
+    left = left_running(helpers, 30)
     assert not left, left
