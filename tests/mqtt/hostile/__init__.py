@@ -15,7 +15,7 @@ model's shapes come from a JSON spec file written by the test (`write_spec`).
 from __future__ import annotations
 
 from .agent import AGENT_REASONS, AGENT_U_REASONS, AGENT_U_RUN_REASONS
-from .base import Target, read_spec, write_spec
+from .base import Target, write_spec
 from .classes import (
     ALL_CLASSES,
     CLASSES,
@@ -24,10 +24,10 @@ from .classes import (
     U_CLASSES,
     HostileClass,
 )
-from .publish import publish, read_pairs, write_pairs
+from .publish import write_pairs
 
 __all__ = [
     "AGENT_REASONS", "AGENT_U_REASONS", "AGENT_U_RUN_REASONS", "ALL_CLASSES", "CLASSES",
-    "FED_SERVER_CLASSES", "HostileClass", "MAIN_FED_CLASSES", "Target", "U_CLASSES", "publish",
-    "read_pairs", "read_spec", "write_pairs", "write_spec",
+    "FED_SERVER_CLASSES", "HostileClass", "MAIN_FED_CLASSES", "Target", "U_CLASSES", "write_pairs",
+    "write_spec",
 ]  # fmt: skip
