@@ -20,6 +20,7 @@ from aggregator.options import (
     data_options,
     defence_options,
     evaluation_options,
+    jobs_option,
     load_data,
     make_aggregation,
     make_configs,
@@ -72,6 +73,7 @@ def with_recipe(rounds: int | None, kw: dict[str, Any]) -> tuple[int, dict[str, 
     default=Path("runs/simulate"),
     show_default=True,
 )
+@jobs_option
 @evaluation_options
 @defence_options
 @data_options
@@ -83,6 +85,7 @@ def simulate(
     out_dir: Path,
     folds: int | None,
     shift: bool,
+    parallel: int,
     **kw: Any,
 ) -> None:
     """Run one algorithm in-process on the same code the MQTT deployment runs."""
@@ -103,7 +106,7 @@ def simulate(
         frames=kw["frames"], segments=kw["segments"],
     )  # fmt: skip
     label = f"{algo} x{clients}"
-    [metrics] = run_tasks(ds, [(spec, label)], folds, 1, kw["threads"], kw["verbose"])
+    [metrics] = run_tasks(ds, [(spec, label)], folds, parallel, kw["threads"], kw["verbose"])
     print_table([metrics])
     print_shift([metrics])
     where = "fold-*/" if folds else ""
@@ -123,15 +126,7 @@ def simulate(
     default=Path("runs/compare"),
     show_default=True,
 )
-@click.option(
-    "--jobs",
-    "parallel",
-    type=click.IntRange(1, 64, clamp=True),
-    default=1,
-    show_default=True,
-    help="runs at once, each in its own process with --threads torch threads; the numbers "
-    "are those of --jobs 1 (on 2 cores, --jobs 2 takes about half the time)",
-)
+@jobs_option
 @evaluation_options
 @compare_defence_options
 @data_options

@@ -142,7 +142,9 @@ def main() -> int:
         action="store_true",
         help="the anti-aliased network, pretraining included (ModelConfig.antialias) [off]",
     )
-    ap.add_argument("--jobs", type=int, default=1, help="cells at once, one process each")
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="runs (a cell's folds) at once, one process each"
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/bench/recipe"))
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -3,7 +3,7 @@
 
 The script that printed BENCHMARKS.md's "Sixteen averages a round" table and its probes: the
 matrix's set (40 synthetic people x 3 pictures an emotion), recipe inputs (per-crop, camera
-0.5), 20 epochs unless a cell says, 5 folds by person, two cells at a time through the
+0.5), 20 epochs unless a cell says, 5 folds by person, two folds at a time through the
 product's job pool.
 Each cell is ALGO:CLIENTS:BATCH:SYNCS[:ORDER[:SERVER_LR]] (ORDER "-" keeps interleaving; a
 SERVER_LR, a number, `auto` (the number of copies averaged) or `sqrt` (its square root), runs

@@ -89,6 +89,35 @@ def combine_folds(folds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def fold_specs(spec: SimSpec, folds: int) -> list[SimSpec]:
+    """`spec` once per fold, fold i's people held out, each writing to `out_dir/fold-i`.
+
+    The folds are independent runs (each seeded by the spec), so they may run one after
+    another or side by side (`--jobs`) with the same numbers."""
+    if folds < 2:
+        raise UserError(f"--folds takes 2 or more, got {folds}")
+    if spec.split not in (None, "subject"):
+        raise UserError(
+            f"--folds splits by person; it cannot be combined with --split {spec.split}"
+        )
+    return [
+        replace(
+            spec,
+            split=fold_split(i, folds),  # type: ignore[arg-type]
+            out_dir=spec.out_dir / f"fold-{i + 1}" if spec.out_dir is not None else None,
+        )
+        for i in range(folds)
+    ]
+
+
+def finish_folds(spec: SimSpec, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The folds' runs combined, and written to spec.out_dir."""
+    metrics = combine_folds(runs)
+    if spec.out_dir is not None:
+        write_outputs(metrics, spec.out_dir)
+    return metrics
+
+
 def cross_validate(
     data: EmotionDataset,
     spec: SimSpec,
@@ -99,21 +128,5 @@ def cross_validate(
 
     Each fold's run goes to `out_dir/fold-i`; the combined metrics.json to `out_dir`.
     """
-    if folds < 2:
-        raise UserError(f"--folds takes 2 or more, got {folds}")
-    if spec.split not in (None, "subject"):
-        raise UserError(
-            f"--folds splits by person; it cannot be combined with --split {spec.split}"
-        )
-    runs: list[dict[str, Any]] = []
-    for i in range(folds):
-        sub = replace(
-            spec,
-            split=fold_split(i, folds),  # type: ignore[arg-type]
-            out_dir=spec.out_dir / f"fold-{i + 1}" if spec.out_dir is not None else None,
-        )
-        runs.append(simulate(data, sub, on_round))
-    metrics = combine_folds(runs)
-    if spec.out_dir is not None:
-        write_outputs(metrics, spec.out_dir)
-    return metrics
+    runs = [simulate(data, sub, on_round) for sub in fold_specs(spec, folds)]
+    return finish_folds(spec, runs)

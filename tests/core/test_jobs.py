@@ -38,6 +38,31 @@ def test_parallel_runs_equal_sequential_runs(tmp_path: Path) -> None:
     assert [r.split(",")[0] for r in rows] == ["centralized", "sflv1", "sl"]
 
 
+def _simulate_folds(out: Path, jobs: int) -> dict:
+    args = ["simulate", "--algo", "sflv1", "--clients", "2", *SMALL, "--folds", "3",
+            "--jobs", str(jobs), "--out", str(out)]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_folds_run_side_by_side_with_the_numbers_of_one_after_another(tmp_path: Path) -> None:
+    """With --folds each fold is a run of its own: --jobs spreads one run's folds over the
+    processes, and the folds, their combination and the files are those of --jobs 1."""
+    one = _simulate_folds(tmp_path / "one", 1)
+    two = _simulate_folds(tmp_path / "two", 2)
+    assert len(two["folds"]) == 3
+    for a, b in zip(one["folds"], two["folds"]):
+        assert a["data"]["split"] == b["data"]["split"]
+        assert [r["train_loss"] for r in a["rounds"]] == [r["train_loss"] for r in b["rounds"]]
+        assert a["final"] == b["final"]
+    assert one["cv"] == two["cv"] and one["final"] == two["final"]
+    assert [f["data"]["split"] for f in two["folds"]] == ["fold:1/3", "fold:2/3", "fold:3/3"]
+    for i in (1, 2, 3):
+        kept = json.loads((tmp_path / "two" / f"fold-{i}" / "metrics.json").read_text())
+        assert kept["final"] == two["folds"][i - 1]["final"]
+
+
 @pytest.mark.skipif(not HAS_PROC, reason="reads /proc (Linux)")
 def test_killing_the_command_ends_its_workers(tmp_path: Path) -> None:
     """SIGKILL leaves the command no clean-up at all; its workers must not train on orphaned."""
