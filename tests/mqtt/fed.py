@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,13 +291,24 @@ class Tap:
         self.client.loop_stop()
 
 
-def retained_topics(url: str, wait: float = 1.5) -> dict[str, bytes]:
-    """What a newcomer gets on `#` right after subscribing: only the retained messages."""
-    tap = Tap(url, "retained")
-    time.sleep(wait)
-    msgs = tap.snapshot()
-    tap.close()
-    return {t: p for t, p, retained, _ in msgs if retained}
+def retained_topics(
+    url: str, wait: float = 1.5, want: Iterable[str] = (), timeout: float = 30.0
+) -> dict[str, bytes]:
+    """What a newcomer gets on `#` right after subscribing: only the retained messages.
+
+    With `want`, looks again (a new subscriber each time, up to `timeout` s) until every topic
+    named is there: on a loaded machine a retained message published just before may reach the
+    broker after a look has subscribed, and then arrives as a live message, not a retained one.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        tap = Tap(url, "retained")
+        time.sleep(wait)
+        msgs = tap.snapshot()
+        tap.close()
+        got = {t: p for t, p, retained, _ in msgs if retained}
+        if all(t in got for t in want) or time.monotonic() > deadline:
+            return got
 
 
 def read_metrics(out: Path) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def test_two_workers_equal_one_and_simulate(
     assert metrics["comm"]["rejected_messages"] == 0, metrics["comm"]
     assert metrics["comm"]["transport_dropped"] == 0, metrics["comm"]
     assert_same(metrics, reference(algo, clients=CLIENTS), "simulate")
-    retained = retained_topics(mosquitto.url)
+    retained = retained_topics(mosquitto.url, want=[f"splitfed/{run_id}/{c}/assign" for c in IDS])
     for c in IDS:  # every agent's home, retained for a restarted worker or agent
         assert retained[f"splitfed/{run_id}/{c}/assign"] == f"{owner(c, 2)}/2".encode()
     assert (out / "checkpoint").is_dir()
@@ -129,11 +129,13 @@ def test_worker_transport_takes_only_its_agents_and_pins_their_topics(
         pub.publish("splitfed/shard/late/status", b"online", qos=1, retain=True)
         assert _until(lambda: "splitfed/shard/late/up" in t.link.subscriptions)
         t.announce()
-        retained = retained_topics(mosquitto.url, 1.0)
+        status = "splitfed/shard/aggregator-w1/status"
+        assigns = ["splitfed/shard/a1/assign", "splitfed/shard/late/assign"]
+        retained = retained_topics(mosquitto.url, 1.0, want=[status, *assigns])
         assert retained["splitfed/shard/a1/assign"] == b"1/2"
         assert retained["splitfed/shard/late/assign"] == b"1/2"
         assert "splitfed/shard/b1/assign" not in retained
-        assert retained["splitfed/shard/aggregator-w1/status"].startswith(b"online ")
+        assert retained[status].startswith(b"online ")
         assert "splitfed/shard/aggregator/status" not in retained  # rank 0's, not rank 1's
         got.clear()
         pub.publish("splitfed/shard/a1/up", b"step", qos=1)
@@ -200,7 +202,7 @@ def test_a_late_agent_whose_join_was_lost_is_homed_and_trains_from_the_next_roun
     assert late not in metrics["rounds"][0]["clients"]
     for r in metrics["rounds"]:  # the re-announce dropped nobody from a round
         assert r["dropped"] == [], metrics["rounds"]
-    retained = retained_topics(mosquitto.url)
+    retained = retained_topics(mosquitto.url, want=[f"splitfed/{run_id}/{late}/assign"])
     assert retained[f"splitfed/{run_id}/{late}/assign"] == f"{owner(late, 2)}/2".encode()
 
 
